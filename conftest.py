@@ -1,0 +1,1 @@
+# Root conftest: makes the repository importable first, so tests run against this checkout's eventful_kernels.

@@ -1,0 +1,142 @@
+// CPU gather/scatter of token rows and attention-map columns. Pure data movement: kernels copy by element
+// size, so one instantiation serves float32 (4 bytes) and float16/bfloat16 (2 bytes).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "eventful/checks.h"
+
+namespace eventful {
+namespace {
+
+// Row shapes: x [B, H, N, D] (4d view), index [B, K]. Checks shared by gather_rows and scatter_rows_.
+void check_rows(const at::Tensor& x, const char* xname, const at::Tensor& index) {
+  check_rank(x, xname, 3, 4);
+  check_float(x, xname);
+  check_index_meta(index, "index", x.size(0), x, xname);
+}
+
+template <typename elem_t, typename index_t>
+void copy_rows(const at::Tensor& src4, const at::Tensor& dst4, const at::Tensor& index, bool gather) {
+  // gather: dst[b,h,k,:] = src[b,h,index[b,k],:]; scatter: dst[b,h,index[b,k],:] = src[b,h,k,:]
+  const int64_t B = src4.size(0), H = src4.size(1), D = src4.size(3), K = index.size(1);
+  const elem_t* sp = reinterpret_cast<const elem_t*>(src4.data_ptr());
+  elem_t* dp = reinterpret_cast<elem_t*>(dst4.data_ptr());
+  const index_t* ip = index.data_ptr<index_t>();
+  const auto ss = src4.strides(), ds = dst4.strides();
+  const int64_t is0 = index.stride(0), is1 = index.stride(1);
+  const bool dense_rows = ss[3] == 1 && ds[3] == 1;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+  at::parallel_for(0, B * H * K, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t k = r % K, bh = r / K, h = bh % H, b = bh / H;
+      const int64_t tok = static_cast<int64_t>(ip[b * is0 + k * is1]);
+      const int64_t srow = gather ? tok : k, drow = gather ? k : tok;
+      const elem_t* s = sp + b * ss[0] + h * ss[1] + srow * ss[2];
+      elem_t* d = dp + b * ds[0] + h * ds[1] + drow * ds[2];
+      if (dense_rows) {
+        std::memcpy(d, s, sizeof(elem_t) * D);
+      } else {
+        for (int64_t j = 0; j < D; ++j) d[j * ds[3]] = s[j * ss[3]];
+      }
+    }
+  });
+}
+
+template <typename elem_t, typename index_t>
+void copy_cols(const at::Tensor& src4, const at::Tensor& dst4, const at::Tensor& index, bool gather) {
+  // gather: dst[b,h,m,k] = src[b,h,m,index[b,k]]; scatter: dst[b,h,m,index[b,k]] = src[b,h,m,k]
+  const int64_t B = src4.size(0), H = src4.size(1), M = src4.size(2), K = index.size(1);
+  const elem_t* sp = reinterpret_cast<const elem_t*>(src4.data_ptr());
+  elem_t* dp = reinterpret_cast<elem_t*>(dst4.data_ptr());
+  const index_t* ip = index.data_ptr<index_t>();
+  const auto ss = src4.strides(), ds = dst4.strides();
+  const int64_t is0 = index.stride(0), is1 = index.stride(1);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, B * H * M, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t m = r % M, bh = r / M, h = bh % H, b = bh / H;
+      const index_t* irow = ip + b * is0;
+      const elem_t* s = sp + b * ss[0] + h * ss[1] + m * ss[2];
+      elem_t* d = dp + b * ds[0] + h * ds[1] + m * ds[2];
+      if (gather) {
+        for (int64_t k = 0; k < K; ++k) d[k * ds[3]] = s[static_cast<int64_t>(irow[k * is1]) * ss[3]];
+      } else {
+        for (int64_t k = 0; k < K; ++k) d[static_cast<int64_t>(irow[k * is1]) * ds[3]] = s[k * ss[3]];
+      }
+    }
+  });
+}
+
+
+#define EVENTFUL_DISPATCH_COPY(FN, x, index, ...)                                             \
+  do {                                                                                        \
+    const bool two_byte = (x).element_size() == 2;                                            \
+    if ((index).scalar_type() == at::kLong) {                                                 \
+      two_byte ? FN<uint16_t, int64_t>(__VA_ARGS__) : FN<uint32_t, int64_t>(__VA_ARGS__);     \
+    } else {                                                                                  \
+      two_byte ? FN<uint16_t, int32_t>(__VA_ARGS__) : FN<uint32_t, int32_t>(__VA_ARGS__);     \
+    }                                                                                         \
+  } while (0)
+
+at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& index) {
+  check_rows(x, "x", index);
+  const at::Tensor x4 = as_4d(x);
+  check_index_values_cpu(index, "index", x4.size(2), /*unique=*/false);
+  at::Tensor y4 = at::empty({x4.size(0), x4.size(1), index.size(1), x4.size(3)}, x.options());
+  if (y4.numel() > 0) EVENTFUL_DISPATCH_COPY(copy_rows, x, index, x4, y4, index, true);
+  return x.dim() == 3 ? y4.squeeze(1) : y4;
+}
+
+void scatter_rows_cpu(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) {
+  check_rows(dst, "dst", index);
+  check_same_dtype(src, "src", dst, "dst");
+  check_same_device(src, "src", dst, "dst");
+  TORCH_CHECK(src.dim() == dst.dim(), "eventful: argument 'src' must have the rank of 'dst' (", dst.dim(),
+              "), got shape ", src.sizes());
+  const at::Tensor d4 = as_4d(dst), s4 = as_4d(src);
+  check_size(s4, "src", 0, d4.size(0), "the batch size of 'dst'");
+  check_size(s4, "src", 1, d4.size(1), "the head count of 'dst'");
+  check_size(s4, "src", 2, index.size(1), "K, the number of ids in 'index'");
+  check_size(s4, "src", 3, d4.size(3), "the feature size of 'dst'");
+  check_writable(dst, "dst");
+  check_index_values_cpu(index, "index", d4.size(2), /*unique=*/true);
+  if (s4.numel() > 0) EVENTFUL_DISPATCH_COPY(copy_rows, dst, index, s4, d4, index, false);
+}
+
+at::Tensor gather_cols_cpu(const at::Tensor& x, const at::Tensor& index) {
+  check_rows(x, "x", index);
+  const at::Tensor x4 = as_4d(x);
+  check_index_values_cpu(index, "index", x4.size(3), /*unique=*/false);
+  at::Tensor y4 = at::empty({x4.size(0), x4.size(1), x4.size(2), index.size(1)}, x.options());
+  if (y4.numel() > 0) EVENTFUL_DISPATCH_COPY(copy_cols, x, index, x4, y4, index, true);
+  return x.dim() == 3 ? y4.squeeze(1) : y4;
+}
+
+void scatter_cols_cpu(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) {
+  check_rows(dst, "dst", index);
+  check_same_dtype(src, "src", dst, "dst");
+  check_same_device(src, "src", dst, "dst");
+  TORCH_CHECK(src.dim() == dst.dim(), "eventful: argument 'src' must have the rank of 'dst' (", dst.dim(),
+              "), got shape ", src.sizes());
+  const at::Tensor d4 = as_4d(dst), s4 = as_4d(src);
+  check_size(s4, "src", 0, d4.size(0), "the batch size of 'dst'");
+  check_size(s4, "src", 1, d4.size(1), "the head count of 'dst'");
+  check_size(s4, "src", 2, d4.size(2), "the row count of 'dst'");
+  check_size(s4, "src", 3, index.size(1), "K, the number of ids in 'index'");
+  check_writable(dst, "dst");
+  check_index_values_cpu(index, "index", d4.size(3), /*unique=*/true);
+  if (s4.numel() > 0) EVENTFUL_DISPATCH_COPY(copy_cols, dst, index, s4, d4, index, false);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(eventful, CPU, m) {
+  m.impl("gather_rows", &gather_rows_cpu);
+  m.impl("scatter_rows_", &scatter_rows_cpu);
+  m.impl("gather_cols", &gather_cols_cpu);
+  m.impl("scatter_cols_", &scatter_cols_cpu);
+}
+
+}  // namespace eventful

@@ -1,0 +1,89 @@
+// Argument checks shared by every backend, so each rejects bad input with the same message and before
+// touching any state. Metadata checks (rank, shape, dtype, device) are device-agnostic; index *value* checks
+// (range, uniqueness) run on the host for CPU tensors (check_index_values_cpu) and inside kernels on CUDA.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace eventful {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(is_supported_float(t.scalar_type()), "eventful: argument '", name,
+              "' must be float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+inline void check_rank(const at::Tensor& t, const char* name, int64_t lo, int64_t hi) {
+  TORCH_CHECK(t.dim() >= lo && t.dim() <= hi, "eventful: argument '", name, "' must have rank ",
+              (lo == hi ? std::to_string(lo) : std::to_string(lo) + " or " + std::to_string(hi)), ", got shape ",
+              t.sizes());
+}
+
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), "eventful: argument '", name, "' is on ", t.device(), " but '", ref_name,
+              "' is on ", ref.device());
+}
+
+inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "eventful: argument '", name, "' has dtype ", t.scalar_type(),
+              " but '", ref_name, "' has dtype ", ref.scalar_type());
+}
+
+inline void check_size(const at::Tensor& t, const char* name, int64_t dim, int64_t expected, const std::string& what) {
+  TORCH_CHECK(t.size(dim) == expected, "eventful: argument '", name, "' has size ", t.size(dim), " at dim ", dim,
+              " but ", what, " is ", expected, " (shape ", t.sizes(), ")");
+}
+
+// A mutated state tensor must not overlap itself, or writes through different indices would alias.
+inline void check_writable(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "eventful: argument '", name,
+              "' is written in place and must not have internal overlap (e.g. an expanded tensor)");
+}
+
+// index: [B, K], int32 or int64, same device as `like`.
+inline void check_index_meta(const at::Tensor& index, const char* name, int64_t batch, const at::Tensor& like,
+                             const char* like_name) {
+  TORCH_CHECK(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt, "eventful: argument '", name,
+              "' must be int32 or int64, got ", index.scalar_type());
+  TORCH_CHECK(index.dim() == 2, "eventful: argument '", name, "' must have shape [B, K], got ", index.sizes());
+  check_size(index, name, 0, batch, "the batch size of '" + std::string(like_name) + "'");
+  check_same_device(index, name, like, like_name);
+}
+
+// Host-side value check for CPU indices: every entry in [0, n); if `unique`, no row repeats an id.
+inline void check_index_values_cpu(const at::Tensor& index, const char* name, int64_t n, bool unique) {
+  if (index.numel() == 0) return;
+  const at::Tensor idx = index.to(at::kLong).contiguous();
+  const int64_t* p = idx.data_ptr<int64_t>();
+  const int64_t rows = idx.size(0), k = idx.size(1);
+  std::vector<uint8_t> seen;
+  if (unique) seen.resize(static_cast<size_t>(n));
+  for (int64_t b = 0; b < rows; ++b) {
+    const int64_t* row = p + b * k;
+    if (unique) std::fill(seen.begin(), seen.end(), uint8_t(0));
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t v = row[j];
+      TORCH_CHECK_INDEX(v >= 0 && v < n, "eventful: argument '", name, "' holds ", v, " at [", b, ", ", j,
+                        "], out of range [0, ", n, ")");
+      if (unique) {
+        TORCH_CHECK(!seen[v], "eventful: argument '", name, "' repeats token id ", v, " in row ", b,
+                    " (ids must be distinct)");
+        seen[v] = 1;
+      }
+    }
+  }
+}
+
+// Rows view: [B, N, D] -> [B, 1, N, D]; [B, H, N, D] unchanged. Always a view.
+inline at::Tensor as_4d(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(1) : t; }
+
+}  // namespace eventful

@@ -1,0 +1,123 @@
+"""Typed wrappers over ``torch.ops.eventful`` plus fake (meta) kernels so ``torch.compile`` and opcheck trace them.
+
+Semantics of every op: :mod:`eventful_kernels.reference`. Shapes: ``x [B, N, D]`` or ``[B, H, N, D]``,
+``index [B, K]`` int32/int64 shared over heads. In-place ops (trailing ``_``) return the tensor they mutate.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.eventful
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``y[b, (h,) k] = x[b, (h,) index[b, k]]``: ``[B,(H,)N,D]`` -> ``[B,(H,)K,D]``."""
+    return _ops.gather_rows(x, index)
+
+
+def scatter_rows_(dst: Tensor, index: Tensor, src: Tensor) -> Tensor:
+    """``dst[b, (h,) index[b, k]] = src[b, (h,) k]`` in place (ids in a row must be distinct)."""
+    _ops.scatter_rows_(dst, index, src)
+    return dst
+
+
+def gather_cols(x: Tensor, index: Tensor) -> Tensor:
+    """``y[b, (h,) m, k] = x[b, (h,) m, index[b, k]]``: ``[B,(H,)M,N]`` -> ``[B,(H,)M,K]``."""
+    return _ops.gather_cols(x, index)
+
+
+def scatter_cols_(dst: Tensor, index: Tensor, src: Tensor) -> Tensor:
+    """``dst[b, (h,) m, index[b, k]] = src[b, (h,) m, k]`` in place (ids in a row must be distinct)."""
+    _ops.scatter_cols_(dst, index, src)
+    return dst
+
+
+def token_gate(c: Tensor, ref: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Top-k gate on ``||c - ref||_2``: returns ``(index [B,k] int64 ascending, c_sel [B,k,D])``; ``ref[index] = c_sel``."""
+    return _ops.token_gate(c, ref, k)
+
+
+def token_gate_threshold(c: Tensor, ref: Tensor, threshold: float, capacity: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Tokens with ``||c - ref||_2 > threshold``, at most ``capacity`` (largest kept), no host sync.
+
+    Returns ``(index [B,capacity] int64, count [B] int64, c_sel [B,capacity,D])``; entries past ``count[b]`` are
+    ``-1`` / zero rows. ``ref`` is updated at the selected tokens.
+    """
+    return _ops.token_gate_threshold(c, ref, threshold, capacity)
+
+
+def token_delta_gate(
+    c: Tensor, ref: Tensor, k: int = -1, index: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Delta gate: ``(index, c_sel, e_sel = c_sel - ref_old[index])``; ``index`` given forces the selection."""
+    return _ops.token_delta_gate(c, ref, k, index)
+
+
+def qk_update_(logits: Tensor, q: Tensor, k: Tensor, index_q: Tensor, index_k: Tensor, scale: float) -> Tensor:
+    """Recompute rows ``index_q`` and columns ``index_k`` of ``logits [B,H,Nq,Nk] = q @ k^T * scale`` in place."""
+    _ops.qk_update_(logits, q, k, index_q, index_k, scale)
+    return logits
+
+
+def av_delta_update_(out: Tensor, a_new: Tensor, a_ref: Tensor, v_new: Tensor, v_ref: Tensor, index: Tensor) -> Tensor:
+    """``out += a_new[...,S] @ v_new[S] - a_ref[...,S] @ v_ref[S]``, then ``a_ref[...,S]``/``v_ref[S]`` refreshed."""
+    _ops.av_delta_update_(out, a_new, a_ref, v_new, v_ref, index)
+    return out
+
+
+# ---- fake kernels: output metadata only, so torch.compile / opcheck / meta tensors trace every op ----
+
+@torch.library.register_fake("eventful::gather_rows")
+def _gather_rows_fake(x, index):
+    return x.new_empty((*x.shape[:-2], index.shape[1], x.shape[-1]))
+
+
+@torch.library.register_fake("eventful::gather_cols")
+def _gather_cols_fake(x, index):
+    return x.new_empty((*x.shape[:-1], index.shape[1]))
+
+
+@torch.library.register_fake("eventful::scatter_rows_")
+def _scatter_rows_fake(dst, index, src):
+    return None
+
+
+@torch.library.register_fake("eventful::scatter_cols_")
+def _scatter_cols_fake(dst, index, src):
+    return None
+
+
+@torch.library.register_fake("eventful::token_gate")
+def _token_gate_fake(c, ref, k):
+    b, _, d = c.shape
+    return c.new_empty((b, k), dtype=torch.long), c.new_empty((b, k, d))
+
+
+@torch.library.register_fake("eventful::token_gate_threshold")
+def _token_gate_threshold_fake(c, ref, threshold, capacity):
+    b, _, d = c.shape
+    return (
+        c.new_empty((b, capacity), dtype=torch.long),
+        c.new_empty((b,), dtype=torch.long),
+        c.new_empty((b, capacity, d)),
+    )
+
+
+@torch.library.register_fake("eventful::token_delta_gate")
+def _token_delta_gate_fake(c, ref, k, index=None):
+    b, _, d = c.shape
+    kk = index.shape[1] if index is not None else k
+    return c.new_empty((b, kk), dtype=torch.long), c.new_empty((b, kk, d)), c.new_empty((b, kk, d))
+
+
+@torch.library.register_fake("eventful::qk_update_")
+def _qk_update_fake(logits, q, k, index_q, index_k, scale):
+    return None
+
+
+@torch.library.register_fake("eventful::av_delta_update_")
+def _av_delta_update_fake(out, a_new, a_ref, v_new, v_ref, index):
+    return None

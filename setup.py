@@ -1,0 +1,42 @@
+"""Build eventful_kernels._C: the CPU C++ ops always; CUDA kernels when a CUDA build of torch and nvcc exist.
+
+EVENTFUL_CUDA=1 forces the CUDA build (fails without a toolkit), EVENTFUL_CUDA=0 disables it; unset = auto.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("EVENTFUL_CUDA", "").strip()
+    if flag in ("0", "1"):
+        return flag == "1"
+    import torch
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _extension():
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-fopenmp"]
+    kwargs = dict(
+        include_dirs=[os.path.join(ROOT, "csrc", "include")],
+        extra_link_args=["-fopenmp"],
+    )
+    if _want_cuda():
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]}
+        return cpp_extension.CUDAExtension("eventful_kernels._C", sources, **kwargs)
+    kwargs["extra_compile_args"] = {"cxx": cxx}
+    return cpp_extension.CppExtension("eventful_kernels._C", sources, **kwargs)
+
+
+setup(
+    packages=find_packages(include=["eventful_kernels", "eventful_kernels.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
