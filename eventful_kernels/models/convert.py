@@ -1,0 +1,64 @@
+"""Convert a timm ViT into an :class:`EventfulModel` that shares its weights.
+
+Supported: timm ``VisionTransformer`` (every block global -> ``EventfulBlock``) and ``VisionTransformerSAM``
+(``samvit_*``: windowed blocks -> ``EventfulTokenwiseBlock``, global blocks -> ``EventfulBlock``).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+from torch import nn
+
+from ..nn import EventfulBlock, EventfulTokenwiseBlock
+from ._timm import import_timm
+from .eventful_model import EventfulModel
+from .policy import Budget, make_policy
+
+
+def model_family(model: nn.Module) -> str:
+    """``"vit"`` for timm ``VisionTransformer``, ``"sam"`` for ``VisionTransformerSAM``; TypeError otherwise."""
+    timm = import_timm()
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+    if isinstance(model, VisionTransformerSAM):
+        return "sam"
+    if isinstance(model, timm.models.vision_transformer.VisionTransformer):
+        return "vit"
+    raise TypeError(
+        f"convert: model must be a timm VisionTransformer or VisionTransformerSAM, got {type(model).__name__}"
+    )
+
+
+def _check_block(block: nn.Module, i: int) -> None:
+    attn = getattr(block, "attn", None)
+    needed = ("norm1", "attn", "norm2", "mlp")
+    if attn is None or not all(hasattr(block, a) for a in needed) or not hasattr(attn, "qkv"):
+        raise TypeError(
+            f"convert: block {i} ({type(block).__name__}) is not a standard pre-norm ViT block "
+            "(needs norm1, attn.qkv, attn.proj, norm2, mlp)"
+        )
+
+
+def convert(model: nn.Module, policy: Optional[Budget] = None, backend: str = "ops") -> EventfulModel:
+    """Wrap ``model``'s blocks in eventful blocks; returns an :class:`EventfulModel` sharing every weight.
+
+    ``model`` itself is left unchanged (still the dense model) except that both are put in eval mode.
+    ``policy``: an int (top-r tokens), a float (fraction of tokens) or a policy; default all tokens (r = N).
+    """
+    family = model_family(model)
+    pol = make_policy(1.0 if policy is None else policy)
+    blocks = []
+    for i, block in enumerate(model.blocks):
+        _check_block(block, i)
+        windowed = family == "sam" and getattr(block, "window_size", 0) > 0
+        cls = EventfulTokenwiseBlock if windowed else EventfulBlock
+        blocks.append(cls(block, pol, backend=backend))
+    # Shallow copy with its own child table: the copy gets eventful blocks, the original keeps its dense ones;
+    # every other submodule (patch embedding, norms, head, neck) is the same object in both.
+    twin = copy.copy(model)
+    twin._modules = dict(model._modules)
+    twin.blocks = nn.Sequential(*blocks)
+    if hasattr(twin, "grad_checkpointing"):
+        twin.grad_checkpointing = False
+    return EventfulModel(twin, pol, dense=model, family=family, backend=backend)

@@ -1,0 +1,1 @@
+"""Video demo / benchmark support: decoding (PyAV), dense vs eventful runs, plots."""
