@@ -63,6 +63,8 @@ class Run:
 def create_model(name: str, seed: int = 0, checkpoint: Optional[str] = None, **kwargs) -> torch.nn.Module:
     """A timm model by name, randomly initialized with ``seed`` (no downloads), or loaded from ``checkpoint``."""
     timm = import_timm()
+    if name.startswith("samvit") and "global_pool" not in kwargs:
+        kwargs["global_pool"] = ""  # SAM image encoder output: the neck feature map [B, C, H/16, W/16], not pooled
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
     if checkpoint:

@@ -1,0 +1,85 @@
+"""Video decoding and the eventful-video CLI end to end on a tiny model and a few frames of the sample video."""
+import json
+import os
+import tomllib
+
+import pytest
+import torch
+
+from eventful_kernels import cli
+from eventful_kernels.video.decode import fit_frame, normalize, read_frames, sample_video
+from eventful_kernels.video.runner import parse_schedule
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 10}
+
+
+def test_sample_videos_decode():
+    frames = read_frames(sample_video("bigbuckbunny"), 48, max_frames=3)
+    assert frames.shape == (3, 3, 48, 48) and frames.dtype == torch.uint8
+    assert frames.float().std() > 10  # real picture content, not a blank frame
+    assert not torch.equal(frames[0], frames[2])
+    bikes = read_frames(sample_video("bikes"), 40, max_frames=2)
+    assert bikes.shape == (2, 3, 40, 40)
+    with pytest.raises(ValueError, match="name"):
+        sample_video("nope")
+
+
+def test_fit_frame_resizes_short_side_and_center_crops():
+    img = torch.zeros(3, 20, 60, dtype=torch.uint8)
+    img[:, :, 20:40] = 200  # the middle third: what a center crop of the 10x30 resize keeps
+    out = fit_frame(img, 10)
+    assert out.shape == (3, 10, 10)
+    assert out[:, :, 2:8].min() == 200
+    x = normalize(out, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert x.dtype == torch.float32
+    torch.testing.assert_close(x[0, 5, 5], torch.tensor((200 / 255 - 0.5) / 0.25))
+
+
+def test_parse_schedule():
+    assert parse_schedule("0:1.0,10:N/4,5:49") == {0: 1.0, 5: 49, 10: 0.25}
+    with pytest.raises(ValueError, match="frame 0"):
+        parse_schedule("3:0.5")
+    with pytest.raises(ValueError, match="FRAME:BUDGET"):
+        parse_schedule("0")
+
+
+def test_console_script_declared():
+    meta = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))
+    assert meta["project"]["scripts"]["eventful-video"] == "eventful_kernels.cli:main"
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli.main([
+        "--model", "vit_small_patch16_224", "--model-kwargs", json.dumps(TINY_VIT), "--frames", "5",
+        "--budgets", "N,N/4,3", "--schedule", "0:1.0,2:0.25", "--threads", "1", "--out", str(out), "--quiet",
+    ])
+    assert rc == 0
+    res = json.load(open(out / "result.json"))
+    assert res["tokens"] == 17 and res["frames"] == 5 and res["input_size"] == 32 and res["threads"] == 1
+    assert len(res["dense"]["ms_per_frame"]) == 5
+    by = {b["budget"]: b for b in res["budgets"]}
+    assert set(by) == {"N", "N/4", "3"}
+    assert [by[k]["tokens"] for k in ("N", "N/4", "3")] == [17, 4, 3]
+    dense_gf = res["dense"]["gflops_mean"]
+    assert dense_gf > 0
+    # r = N: same output as dense (fp32 tolerance); reduced budgets: fewer GFLOPs, ideal speedup > 1
+    assert by["N"]["rel_error_max"] < 1e-4 and by["N"]["top1_agreement"] == 1.0
+    for k in ("N/4", "3"):
+        b = by[k]
+        assert b["gflops_mean"] < dense_gf and b["ideal_speedup"] > 1.0
+        assert b["gflops_per_frame"][0] > b["gflops_per_frame"][1]  # flush is dense
+        assert b["ideal_speedup"] == pytest.approx(dense_gf / b["gflops_mean"])
+        assert b["speedup"] > 0 and b["efficiency"] == pytest.approx(b["speedup"] / b["ideal_speedup"])
+        assert all(ms > 0 for ms in b["ms_per_frame"]) and len(b["ms_per_frame"]) == 5
+    assert by["3"]["gflops_mean"] < by["N/4"]["gflops_mean"]
+    sched = res["schedule"]
+    gf = sched["gflops_per_frame"]
+    assert gf[1] == pytest.approx(by["N"]["gflops_per_frame"][1]) and gf[3] == pytest.approx(by["N/4"]["gflops_per_frame"][3])
+    assert sched["budget_per_frame"] == ["1.0", "1.0", "0.25", "0.25", "0.25"]
+    for name in ("per_frame.png", "speedup.png", "schedule.png"):
+        data = open(out / name, "rb").read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    text = capsys.readouterr().out
+    assert "dense timm" in text and "r=N/4" in text and "result.json" in text
