@@ -96,7 +96,7 @@ def test_set_budget_mid_stream(kind):
         macs.append(ev_ops.macs_last_frame())
         if t in (0, 1, 6, 7):  # r = N: every token refreshed, so the model is exact again from frame 6 on
             torch.testing.assert_close(y, dense(x), **TOL)
-    assert macs[0] == macs[1] == macs[6] == macs[7]
+    assert macs[1] == macs[6] == macs[7]  # frame 0 is the flush (dense attention), counted differently
     assert macs[2] == macs[3] < macs[4] == macs[5] < macs[1]
     assert isinstance(ev_ops.policy, TopK) and ev_ops.policy.k(n) == n
 
@@ -171,10 +171,10 @@ def test_bad_input_and_budgets():
         ev(torch.randn(3, 32, 32))
     with pytest.raises(ValueError, match="frames"):
         ev(torch.randn(1, 4, 32, 32))
-    for bad, exc in [(0, ValueError), (-3, ValueError), (0.0, ValueError), (1.5, ValueError), ("4", TypeError),
-                     (True, TypeError)]:
-        with pytest.raises(exc, match="budget"):
+    for bad in (-3, 1.5, -0.1, "4", True, None, [2]):
+        with pytest.raises(ValueError, match="budget"):
             ev.set_budget(bad)
+    assert isinstance(ev.policy, TopFraction) and ev.policy.f == 0.5  # unchanged by the failed calls
     with pytest.raises(TypeError, match="VisionTransformer"):
         convert(torch.nn.Linear(3, 3))
 
@@ -186,3 +186,7 @@ def test_make_and_parse_budget():
     assert make_policy(pol) is pol
     assert parse_budget("N") == 1.0 and parse_budget("N/4") == 0.25 and parse_budget("1/8") == 0.125
     assert parse_budget("0.5") == 0.5 and parse_budget("49") == 49 and isinstance(parse_budget("49"), int)
+    with pytest.raises(ValueError, match="budget"):
+        parse_budget("N/0")
+    with pytest.raises(ValueError, match="budget"):
+        parse_budget("lots")

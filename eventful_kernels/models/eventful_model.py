@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import counting
-from ..nn import EventfulBlock, EventfulTokenwiseBlock, set_backend
+from ..nn import EventfulBlock, EventfulTokenwiseBlock, set_backend, set_policy
 from .macs import OutsideMacCounter
 from .policy import Budget, make_policy
 
@@ -58,10 +58,8 @@ class EventfulModel(nn.Module):
     def set_budget(self, budget: Budget) -> None:
         """Change the per-block budget from the next frame on: int tokens, float fraction, or a policy object."""
         pol = make_policy(budget)
+        set_policy(self.model, pol)
         self.policy = pol
-        for m in self.model.modules():
-            if m is not self and hasattr(m, "policy"):
-                m.policy = pol
 
     def set_backend(self, backend: str) -> None:
         """Switch every eventful module to ``"ops"`` (fused kernels) or ``"reference"`` (pure PyTorch)."""

@@ -61,7 +61,7 @@ def _block_macs(block: nn.Module, x: torch.Tensor) -> int:
     from .. import counting
 
     batch, dim = x.shape[0], x.shape[-1]
-    n_tokens = x[0, ..., 0].numel()
+    n_tokens = tuple(x.shape[1:3]) if x.dim() == 4 else x.shape[1]  # SAM layout [B, H, W, D]: the grid
     mlp_ratio = block.mlp.fc1.out_features / dim
     window = getattr(block, "window_size", 0) or None
     return batch * counting.dense_block_macs(n_tokens, dim, block.attn.num_heads, mlp_ratio, window=window)

@@ -45,8 +45,10 @@ def speedup(result: Dict, path: str) -> None:
     xs = range(len(budgets))
     fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(11, 4.5))
     w = 0.38
-    ax_s.bar([x - w / 2 for x in xs], [b["ideal_speedup"] for b in budgets], w, label="ideal (GFLOP ratio)")
-    ax_s.bar([x + w / 2 for x in xs], [b["speedup"] for b in budgets], w, label="measured")
+    ideal = ax_s.bar([x - w / 2 for x in xs], [b["ideal_speedup"] for b in budgets], w, label="ideal (GFLOP ratio)")
+    meas = ax_s.bar([x + w / 2 for x in xs], [b["speedup"] for b in budgets], w, label="measured")
+    ax_s.bar_label(ideal, fmt="%.2f", fontsize=7)
+    ax_s.bar_label(meas, fmt="%.2f", fontsize=7)
     ax_s.axhline(1.0, color="k", lw=0.8)
     ax_s.set_xticks(list(xs), labels, rotation=20)
     ax_s.set_ylabel("speedup vs dense timm (steady state)")
