@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. '0:1.0,10:0.25'")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--backend", default="ops", choices=("ops", "reference"))
+    p.add_argument("--device", default="cpu", help="torch device for both models (cpu, cuda)")
     p.add_argument("--out", default="eventful-video-out", help="output directory for result.json and PNGs")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -75,6 +76,7 @@ def run(args: argparse.Namespace) -> Dict:
     schedule = runner.parse_schedule(args.schedule) if args.schedule else None
 
     model = runner.create_model(args.model, args.seed, args.checkpoint, **json.loads(args.model_kwargs))
+    model = model.to(args.device)
     size, mean, std = runner.input_spec(model)
     path = sample_video(args.video) if args.video in ("bigbuckbunny", "bikes") else args.video
     frames = read_frames(path, size, args.frames)
@@ -109,6 +111,7 @@ def run(args: argparse.Namespace) -> Dict:
         "frames": n_frames,
         "threads": args.threads,
         "backend": args.backend,
+        "device": args.device,
         "torch_version": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "timing": "steady state: median over frames 1.., frame 0 (flush / warm-up) excluded",

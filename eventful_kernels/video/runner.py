@@ -92,14 +92,20 @@ def _timed(fn, x):
     return y, (time.perf_counter() - t0) * 1e3
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def run_dense(model, frames: torch.Tensor, mean, std, tick: Callable[[], None] = lambda: None) -> Tuple[Run, int]:
-    """Dense timm model over ``frames [T,3,H,W]`` uint8, one frame (B = 1) at a time. Returns (run, tokens)."""
+    """Dense timm model over ``frames [T,3,H,W]`` uint8, one frame (B = 1) at a time, on the model's device.
+    Returns (run, tokens per block)."""
+    device = _device(model)
     counter = DenseMacCounter(model)
     run = Run("dense")
     n_tokens = None
     with torch.no_grad():
         for frame in frames:
-            x = normalize(frame[None], mean, std)
+            x = normalize(frame[None], mean, std).to(device)
             with counter.counting():
                 y, ms = _timed(model, x)
             n_tokens = n_tokens or counter.n_tokens
@@ -130,11 +136,12 @@ def run_eventful(
     ev.reset()
     run = Run(label)
     current = None
+    device = _device(ev)
     for t, frame in enumerate(frames):
         if t in schedule:
             current = schedule[t]
             ev.set_budget(make_policy(current))
-        x = normalize(frame[None], mean, std)
+        x = normalize(frame[None], mean, std).to(device)
         y, ms = _timed(ev, x)
         run.ms.append(ms)
         run.gflops.append(2 * ev.macs_last_frame() / 1e9)
