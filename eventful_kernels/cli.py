@@ -20,7 +20,13 @@ import torch
 def build_parser() -> argparse.ArgumentParser:
     from .video.runner import MODELS
 
-    p = argparse.ArgumentParser(prog="eventful-video", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="eventful-video",
+        description="Dense timm ViT vs its eventful twin (same weights) on a real video, at several budgets: "
+        "ms/frame, GFLOPs/frame, speedup vs ideal, output deviation; writes result.json and PNG plots.",
+        epilog="example: eventful-video --model vit_base_patch16_224 --frames 24 --budgets N,N/2,N/4,N/8 "
+        "--schedule 0:1.0,12:0.25",
+    )
     p.add_argument("--model", default="vit_base_patch16_224", help=f"timm model name; tested: {', '.join(MODELS)}")
     p.add_argument("--model-kwargs", default="{}", help="JSON dict passed to timm.create_model (e.g. tiny test configs)")
     p.add_argument("--checkpoint", default=None, help="timm-format weights (.safetensors or state-dict file); "
