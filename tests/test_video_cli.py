@@ -14,6 +14,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 10}
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = torch.get_num_threads()  # the CLI sets torch's thread count for the whole process
+    yield
+    torch.set_num_threads(before)
+
+
 def test_sample_videos_decode():
     frames = read_frames(sample_video("bigbuckbunny"), 48, max_frames=3)
     assert frames.shape == (3, 3, 48, 48) and frames.dtype == torch.uint8
