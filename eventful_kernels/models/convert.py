@@ -58,6 +58,9 @@ def convert(model: nn.Module, policy: Optional[Budget] = None, backend: str = "o
     # every other submodule (patch embedding, norms, head, neck) is the same object in both.
     twin = copy.copy(model)
     twin._modules = dict(model._modules)
+    for name, value in vars(model).items():  # own hook tables too, so hooks added to one do not fire on the other
+        if name.endswith("hooks") and isinstance(value, dict):
+            setattr(twin, name, type(value)(value))
     twin.blocks = nn.Sequential(*blocks)
     if hasattr(twin, "grad_checkpointing"):
         twin.grad_checkpointing = False
