@@ -79,6 +79,16 @@ def as_rank(shape, rank):
     return (B, N, D) if rank == 3 else (B, H, N, D)
 
 
+@pytest.mark.skipif(os.environ.get("EVENTFUL_BACKEND_CUDA", "").lower() == "triton", reason="Triton serves CUDA")
+@pytest.mark.parametrize("name", ["gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "token_gate"])
+def test_cuda_kernel_is_the_cpp_one(name):
+    # The tests below must exercise csrc/cuda: the extension has to be built with CUDA (setup.py does so when
+    # torch has CUDA and nvcc exists, or with EVENTFUL_CUDA=1).
+    dump = torch._C._dispatch_dump(f"eventful::{name}")
+    cuda_line = [line for line in dump.splitlines() if line.startswith("CUDA:")]
+    assert cuda_line and "csrc/cuda/" in cuda_line[0], dump
+
+
 # ---------------------------------------------------------------------------------------------------- gathers
 
 

@@ -1,6 +1,7 @@
 // Host entry points of the CUDA kernels (defined in csrc/cuda/*.cu). They take already-checked tensors, launch on
-// the current stream of the tensors' device and never synchronize. Argument checking happens in the op files
-// (csrc/cuda/*.cpp) with the shared checks of eventful/checks.h.
+// the current stream of the tensors' device and never synchronize (check_index_values_cuda, last, is the one
+// host-side check that does). Argument checking happens in the op files (csrc/cuda/*_ops.cpp) with the shared
+// checks of eventful/checks.h.
 #pragma once
 
 #include <ATen/core/TensorBase.h>
