@@ -240,6 +240,16 @@ def test_token_gate_matches_reference(dtype, layout):
             _check_gate(c, ref, k)
 
 
+def test_token_gate_many_tokens_grid_stride():
+    # 300k one-feature tokens: more than one grid of the score kernel (grid-stride loop), and many exactly equal
+    # scores (repeated float values), which must go to the lower id.
+    gen = _gen(14)
+    c = torch.randn(1, 300_000, 1, generator=gen).to(DEV)
+    c[0, 5] = 3.0
+    c[0, 1000:2000] = 3.0  # ~800 tokens score above 3, so k = 1500 cuts through this block of 1001 exact ties
+    _check_gate(c, torch.zeros_like(c), 1500)
+
+
 def test_token_gate_k_equals_n_and_zero():
     gen = _gen(8)
     c = torch.randn(3, 20, 16, generator=gen).to(DEV)
