@@ -257,7 +257,7 @@ def test_token_delta_gate_strided_and_strided_index(layout_c, layout_ref):
 def test_token_gate_threshold(dtype, shape, integer):
     n, d = shape[1], shape[2]
     # thresholds below every score, at exact integer scores (strict '>' must exclude them), and in between
-    thresholds = [-1.0, 0.0, 2.0, 3.0, 0.75 * math.sqrt(2.0 * d), 1e6]
+    thresholds = [-1e300, -1.0, 0.0, 2.0, 3.0, 0.75 * math.sqrt(2.0 * d), 1e6, 1e300]  # 1e300: beyond float32
     for cap in sorted({0, 1, n // 2, n, n + 3}):
         for thr in thresholds:
             c, ref = make_pair(shape, dtype, integer, seed=cap)

@@ -15,6 +15,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "eventful/checks.h"
 
 namespace eventful {
@@ -60,10 +64,10 @@ inline float key_score(uint64_t key) {
   return s;
 }
 
-// Sum of squared differences of one token row, accumulated in float32. The contiguous path keeps kLanes
-// independent partial sums so the compiler vectorizes it without reassociating a single accumulator.
+// Sum of squared differences of one token row, accumulated in float32. Portable path: kLanes independent partial
+// sums, so the compiler vectorizes it without reassociating a single accumulator.
 template <typename scalar_t>
-float row_sq_dist(const scalar_t* c, int64_t cs, const scalar_t* r, int64_t rs, int64_t D) {
+float row_sq_dist_generic(const scalar_t* c, int64_t cs, const scalar_t* r, int64_t rs, int64_t D) {
   constexpr int kLanes = 16;
   float acc[kLanes] = {};
   int64_t j = 0;
@@ -85,6 +89,62 @@ float row_sq_dist(const scalar_t* c, int64_t cs, const scalar_t* r, int64_t rs, 
   return s + tail;
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define EVENTFUL_GATE_AVX2 1
+// AVX2/FMA/F16C path for dense rows, chosen at run time (the extension is built for baseline x86-64): 8 elements
+// per step converted to float32 in registers (fp16 via F16C, bf16 by a 16-bit shift).
+#define EVENTFUL_AVX2 __attribute__((target("avx2,fma,f16c")))
+EVENTFUL_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+EVENTFUL_AVX2 inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+EVENTFUL_AVX2 inline __m256 load8(const c10::BFloat16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+template <typename scalar_t>
+EVENTFUL_AVX2 float row_sq_dist_avx2(const scalar_t* c, const scalar_t* r, int64_t D) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= D; j += 16) {
+    const __m256 d0 = _mm256_sub_ps(load8(c + j), load8(r + j));
+    const __m256 d1 = _mm256_sub_ps(load8(c + j + 8), load8(r + j + 8));
+    acc0 = _mm256_fmadd_ps(d0, d0, acc0);
+    acc1 = _mm256_fmadd_ps(d1, d1, acc1);
+  }
+  if (j + 8 <= D) {
+    const __m256 d0 = _mm256_sub_ps(load8(c + j), load8(r + j));
+    acc0 = _mm256_fmadd_ps(d0, d0, acc0);
+    j += 8;
+  }
+  const __m256 acc = _mm256_add_ps(acc0, acc1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  float s = _mm_cvtss_f32(h);
+  for (; j < D; ++j) {
+    const float d = static_cast<float>(c[j]) - static_cast<float>(r[j]);
+    s += d * d;
+  }
+  return s;
+}
+
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+}
+#endif
+
+template <typename scalar_t>
+inline float row_sq_dist(const scalar_t* c, int64_t cs, const scalar_t* r, int64_t rs, int64_t D, bool fast) {
+#ifdef EVENTFUL_GATE_AVX2
+  if (fast) return row_sq_dist_avx2(c, r, D);
+#endif
+  return row_sq_dist_generic(c, cs, r, rs, D);
+}
+
 // keys[b * N + n] = make_key(score(b, n), n) for every token, in parallel over tokens.
 template <typename scalar_t>
 void compute_keys(const at::Tensor& c, const at::Tensor& ref, std::vector<uint64_t>& keys) {
@@ -92,11 +152,16 @@ void compute_keys(const at::Tensor& c, const at::Tensor& ref, std::vector<uint64
   const scalar_t* cp = c.const_data_ptr<scalar_t>();
   const scalar_t* rp = ref.const_data_ptr<scalar_t>();
   const auto cst = c.strides(), rst = ref.strides();
+  bool fast = false;  // dense rows on an AVX2 machine
+#ifdef EVENTFUL_GATE_AVX2
+  fast = cst[2] == 1 && rst[2] == 1 && cpu_has_avx2();
+#endif
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
   at::parallel_for(0, B * N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / N, n = t % N;
-      const float sq = row_sq_dist(cp + b * cst[0] + n * cst[1], cst[2], rp + b * rst[0] + n * rst[1], rst[2], D);
+      const float sq =
+          row_sq_dist(cp + b * cst[0] + n * cst[1], cst[2], rp + b * rst[0] + n * rst[1], rst[2], D, fast);
       keys[t] = make_key(std::sqrt(sq), n);
     }
   });
@@ -264,8 +329,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_gate_threshold_cpu(const at
   check_gate_inputs(c, ref);
   TORCH_CHECK_VALUE(capacity >= 0, "eventful: argument 'capacity' must be >= 0, got ", capacity);
   TORCH_CHECK_VALUE(std::isfinite(threshold), "eventful: argument 'threshold' must be finite, got ", threshold);
-  // The reference compares float32 scores with the threshold in float32 (torch type promotion).
-  const float thr = static_cast<float>(threshold);
+  // The reference compares float32 scores with the threshold in float32 (torch type promotion); beyond the float
+  // range it becomes +-inf (spelled out: an out-of-range double -> float conversion is undefined in C++).
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const float thr = std::abs(threshold) <= std::numeric_limits<float>::max() ? static_cast<float>(threshold)
+                    : threshold > 0                                           ? kInf
+                                                                              : -kInf;
   std::vector<uint64_t> keys = scores_of(c, ref);
   auto sel = select_threshold(keys, c.size(0), c.size(1), thr, capacity, c.options());
   auto moved = move_selected(c, ref, std::get<0>(sel), /*want_e=*/false);
