@@ -1,0 +1,94 @@
+"""Runtime switches shared by the Triton kernels: interpreter mode, launch-device check, index value check.
+
+``EVENTFUL_CHECK_INDEX=0`` skips the index value check (one host sync per op that takes a user index). The kernels
+still mask every id outside ``[0, N)``, so a bad index can never write out of bounds; with the check off such ids
+are dropped silently (gathers give zero rows) and duplicate ids give an unspecified one of the written values.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _checks
+
+INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+CHECK_INDEX_VALUES: bool = os.environ.get("EVENTFUL_CHECK_INDEX", "1").strip() != "0"
+
+next_pow2 = triton.next_power_of_2
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def require_launchable(t: Tensor) -> None:
+    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1)."""
+    if t.device.type == "cuda" or (t.device.type == "cpu" and INTERPRET):
+        return
+    raise RuntimeError(
+        f"eventful.triton: cannot run on {t.device} tensors"
+        + (" (CPU tensors need TRITON_INTERPRET=1 set before triton is imported)" if t.device.type == "cpu" else "")
+    )
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 products follow torch's matmul setting (IEEE unless TF32 is allowed), like the reference's ``@``."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
+        return "tf32"
+    return "ieee"
+
+
+def dot_upcast(dtype: torch.dtype) -> bool:
+    """The interpreter's tl.dot multiplies bf16 as raw integers; upcasting to fp32 first is exact (bf16 products
+    and fp32 accumulation are what the GPU's bf16 dot computes too)."""
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def soft_bf16(dtype: torch.dtype) -> bool:
+    """The interpreter rounds fp32 -> bf16 towards zero; kernels then round to nearest even by hand (as the GPU's
+    cvt.rn does and torch's ``.to(bfloat16)`` does), so interpreted results match the reference bit for bit."""
+    return INTERPRET and dtype == torch.bfloat16
+
+
+@triton.jit
+def cast_out(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """``x.to(dtype)`` with round-to-nearest-even; SOFT_BF16 does the bf16 rounding with integer ops."""
+    if SOFT_BF16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _validate_index_kernel(idx_ptr, seen_ptr, flag_ptr, K, n, stride_b, stride_k,
+                           UNIQUE: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    ks = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    km = ks < K
+    ids = tl.load(idx_ptr + b * stride_b + ks * stride_k, mask=km, other=0).to(tl.int64)
+    ok = (ids >= 0) & (ids < n)
+    bad = km & ~ok
+    if UNIQUE:
+        old = tl.atomic_add(seen_ptr + b * n + ids, 1, mask=km & ok)
+        bad = bad | (km & ok & (old > 0))
+    tl.atomic_max(flag_ptr, tl.max(bad.to(tl.int32), 0))
+
+
+def check_index_values(index: Tensor, name: str, n: int, unique: bool) -> None:
+    """Every id of ``index [B, K]`` in ``[0, n)`` (and distinct per row if ``unique``), checked before any write."""
+    if not CHECK_INDEX_VALUES or index.numel() == 0:
+        return
+    b, k = index.shape
+    block = min(next_pow2(k), 1024)
+    flag = torch.zeros(1, dtype=torch.int32, device=index.device)
+    seen = torch.zeros((b, n) if unique else (1,), dtype=torch.int32, device=index.device)
+    _validate_index_kernel[(b, cdiv(k, block))](
+        index, seen, flag, k, n, index.stride(0), index.stride(1), UNIQUE=unique, BLOCK=block)
+    if int(flag.item()) != 0:
+        _checks.raise_index_error(index, name, n, unique)
