@@ -68,6 +68,7 @@ def cast_out(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
 @triton.jit
 def _validate_index_kernel(idx_ptr, seen_ptr, flag_ptr, K, n, stride_b, stride_k,
                            UNIQUE: tl.constexpr, BLOCK: tl.constexpr):
+    # flag = 1 if any id is outside [0, n) or (UNIQUE) repeats within its row; seen is a zeroed [B, n] scratch.
     b = tl.program_id(0).to(tl.int64)
     ks = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     km = ks < K
@@ -80,15 +81,24 @@ def _validate_index_kernel(idx_ptr, seen_ptr, flag_ptr, K, n, stride_b, stride_k
     tl.atomic_max(flag_ptr, tl.max(bad.to(tl.int32), 0))
 
 
-def check_index_values(index: Tensor, name: str, n: int, unique: bool) -> None:
-    """Every id of ``index [B, K]`` in ``[0, n)`` (and distinct per row if ``unique``), checked before any write."""
-    if not CHECK_INDEX_VALUES or index.numel() == 0:
+def check_index_values(*checks) -> None:
+    """Value check of one or more indices, each given as ``(index [B, K], name, n, unique)``: every id in
+    ``[0, n)`` (and distinct per row if ``unique``). One zero-fill, one tiny kernel per index and ONE host sync for
+    all of them, before any write; on failure the first bad index (in argument order) raises the C++ message."""
+    checks = [c for c in checks if c[0].numel() > 0]
+    if not CHECK_INDEX_VALUES or not checks:
         return
-    b, k = index.shape
-    block = min(next_pow2(k), 1024)
-    flag = torch.zeros(1, dtype=torch.int32, device=index.device)
-    seen = torch.zeros((b, n) if unique else (1,), dtype=torch.int32, device=index.device)
-    _validate_index_kernel[(b, cdiv(k, block))](
-        index, seen, flag, k, n, index.stride(0), index.stride(1), UNIQUE=unique, BLOCK=block)
-    if int(flag.item()) != 0:
-        _checks.raise_index_error(index, name, n, unique)
+    sizes = [c[0].size(0) * c[2] if c[3] else 0 for c in checks]
+    scratch = torch.zeros(len(checks) + sum(sizes), dtype=torch.int32, device=checks[0][0].device)
+    offset = len(checks)
+    for slot, ((index, _, n, unique), size) in enumerate(zip(checks, sizes)):
+        b, k = index.shape
+        block = min(next_pow2(k), 1024)
+        seen = scratch[offset:offset + size] if unique else scratch
+        _validate_index_kernel[(b, cdiv(k, block))](
+            index, seen, scratch[slot:slot + 1], k, n, index.stride(0), index.stride(1), UNIQUE=unique, BLOCK=block)
+        offset += size
+    flags = scratch[:len(checks)].tolist()  # the host sync
+    for flag, (index, name, n, unique) in zip(flags, checks):
+        if flag:
+            _checks.raise_index_error(index, name, n, unique)

@@ -176,8 +176,7 @@ def qk_update_(logits: Tensor, q: Tensor, k: Tensor, index_q: Tensor, index_k: T
     C.check_writable(logits, "logits")
     require_launchable(logits)
     Nq, Nk = logits.size(-2), logits.size(-1)
-    check_index_values(index_q, "index_q", Nq, unique=False)
-    check_index_values(index_k, "index_k", Nk, unique=False)
+    check_index_values((index_q, "index_q", Nq, False), (index_k, "index_k", Nk, False))
     l4, q4, k4 = _as4(logits), _as4(q), _as4(k)
     B, H, _, Dh = q4.shape
     Kq, Kk = index_q.size(1), index_k.size(1)
@@ -219,7 +218,7 @@ def av_delta_update_(out: Tensor, a_new: Tensor, a_ref: Tensor, v_new: Tensor, v
     for name, t in (("out", out), ("a_ref", a_ref), ("v_ref", v_ref)):
         C.check_writable(t, name)
     require_launchable(out)
-    check_index_values(index, "index", N, unique=True)
+    check_index_values((index, "index", N, True))
     o4, an4, ar4, vn4, vr4 = (_as4(t) for t in (out, a_new, a_ref, v_new, v_ref))
     B, H = o4.size(0), o4.size(1)
     K = index.size(1)

@@ -219,7 +219,7 @@ def token_delta_gate(c: Tensor, ref: Tensor, k: int = -1, index: Optional[Tensor
         C.check_index_meta(index, "index", B, c, "c")
     require_launchable(c)
     if index is not None:
-        check_index_values(index, "index", N, unique=True)
+        check_index_values((index, "index", N, True))
         index = index.to(torch.int64, memory_format=torch.contiguous_format, copy=True)
     elif k == 0:
         index = torch.empty((B, 0), dtype=torch.int64, device=c.device)

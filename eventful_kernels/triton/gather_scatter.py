@@ -133,14 +133,14 @@ def _check_scatter(dst: Tensor, index: Tensor, src: Tensor, cols: bool) -> None:
         C.check_size(s4, "src", 2, index.size(1), "K, the number of ids in 'index'")
         C.check_size(s4, "src", 3, d4.size(3), "the feature size of 'dst'")
     C.check_writable(dst, "dst")
-    check_index_values(index, "index", d4.size(3) if cols else d4.size(2), unique=True)
+    check_index_values((index, "index", d4.size(3) if cols else d4.size(2), True))
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """``y[b, (h,) k] = x[b, (h,) index[b, k]]``: ``x [B,(H,)N,D]`` -> ``y [B,(H,)K,D]`` contiguous."""
     _check_x(x, "x", index)
     require_launchable(x)
-    check_index_values(index, "index", x.size(-2), unique=False)
+    check_index_values((index, "index", x.size(-2), False))
     y = x.new_empty((*x.shape[:-2], index.size(1), x.size(-1)))
     copy_rows(x, y, index, x.size(-2), src_indexed=True, dst_indexed=False)
     return y
@@ -158,7 +158,7 @@ def gather_cols(x: Tensor, index: Tensor) -> Tensor:
     """``y[b, (h,) m, k] = x[b, (h,) m, index[b, k]]``: ``x [B,(H,)M,N]`` -> ``y [B,(H,)M,K]`` contiguous."""
     _check_x(x, "x", index)
     require_launchable(x)
-    check_index_values(index, "index", x.size(-1), unique=False)
+    check_index_values((index, "index", x.size(-1), False))
     y = x.new_empty((*x.shape[:-1], index.size(1)))
     copy_cols(x, y, index, x.size(-1), src_indexed=True, dst_indexed=False)
     return y
