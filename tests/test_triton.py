@@ -412,6 +412,7 @@ def _bad_cases(device):
         ("delta index batch", gate_state, lambda s: T.token_delta_gate(s["c"], s["ref"], -1, ok[:, None]), RuntimeError, "'index' must have shape [B, K]"),
         ("qk oob q", attn_state, lambda s: qk(s, oob, ok)(), IndexError, "'index_q' holds 6"),
         ("qk oob k", attn_state, lambda s: qk(s, ok, neg)(), IndexError, "'index_k' holds -1"),
+        ("qk both oob", attn_state, lambda s: qk(s, oob, neg)(), IndexError, "'index_q' holds 6"),
         ("qk head dim", attn_state, lambda s: qk(s, ok, ok, k=s["k"][..., :8])(), RuntimeError, "'k' has size 8 at dim 3 but the head dim of 'q' is 16"),
         ("qk k dtype", attn_state, lambda s: qk(s, ok, ok, k=s["k"].half())(), RuntimeError, "'k' has dtype Half but 'q'"),
         ("qk rank", attn_state, lambda s: qk(s, ok, ok, q=s["q"][:, 0])(), RuntimeError, "'q' must have the rank of 'logits'"),
@@ -441,6 +442,18 @@ def test_bad_input_raises_and_leaves_state_unchanged(case):
     assert str(info.value).startswith("eventful: argument '")
     for k, v in state.items():
         _assert_same(v, before[k])
+
+
+def test_duplicate_far_apart_in_a_long_index_is_caught():
+    """K > the check kernel's block (1024): the repeat is seen across programs through the shared scratch."""
+    g = _gen(13)
+    dst = _randn((1, 3000, 2), torch.float32, g)
+    before = dst.clone()
+    idx = torch.randperm(3000, generator=g)[:2500]
+    idx[2400] = idx[5]
+    with pytest.raises(RuntimeError, match=f"repeats token id {int(idx[5])} in row 0"):
+        T.scatter_rows_(dst, idx[None].to(DEVICE), _randn((1, 2500, 2), torch.float32, g))
+    _assert_same(dst, before)
 
 
 @pytest.mark.parametrize("name", ["gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_"])

@@ -83,19 +83,19 @@ def jobs(all_configs: bool):
         yield (f"gate select threshold={thr}", gates._select_kernel,
                {"s_ptr": "fp32", "kth_ptr": "fp32", "idx_ptr": "i64", "count_ptr": "i64"},
                {"HAS_THRESHOLD": thr, "BLOCK_N": 2048}, 8, 3)
-    for fl, torch_dtype in FLOATS.items():
+    head_dims = (16, 64, 128) if all_configs else (64,)  # BLOCK_D = head dim rounded up to a power of 2
+    for fl in FLOATS:
         precisions = ("ieee", "tf32") if fl == "fp32" else ("ieee",)
-        for prec in precisions:
+        for prec, bd in ((p, bd) for p in precisions for bd in head_dims):
+            common = {"IS_F32": fl == "fp32", "PREC": prec, "UPCAST": False, "SOFT_BF16": False, "BLOCK_D": bd}
             for cfg in _autotune_configs(attention._qk_update_kernel, all_configs):
-                yield (f"qk_update {fl} {prec} {cfg.kwargs}", attention._qk_update_kernel,
+                yield (f"qk_update {fl} {prec} d={bd} {cfg.kwargs} w={cfg.num_warps}", attention._qk_update_kernel,
                        {"l_ptr": fl, "q_ptr": fl, "k_ptr": fl, "iq_ptr": "i64", "ik_ptr": "i32"},
-                       {**cfg.kwargs, "IS_F32": fl == "fp32", "PREC": prec, "UPCAST": False, "SOFT_BF16": False,
-                        "BLOCK_D": 64}, cfg.num_warps, cfg.num_stages)
+                       {**cfg.kwargs, **common}, cfg.num_warps, cfg.num_stages)
             for cfg in _autotune_configs(attention._av_delta_kernel, all_configs):
-                yield (f"av_delta {fl} {prec} {cfg.kwargs}", attention._av_delta_kernel,
+                yield (f"av_delta {fl} {prec} d={bd} {cfg.kwargs} w={cfg.num_warps}", attention._av_delta_kernel,
                        {"o_ptr": fl, "an_ptr": fl, "ar_ptr": fl, "vn_ptr": fl, "vr_ptr": fl, "idx_ptr": "i64"},
-                       {**cfg.kwargs, "IS_F32": fl == "fp32", "PREC": prec, "UPCAST": False, "SOFT_BF16": False,
-                        "BLOCK_D": 64}, cfg.num_warps, cfg.num_stages)
+                       {**cfg.kwargs, **common}, cfg.num_warps, cfg.num_stages)
 
 
 def main(argv) -> int:

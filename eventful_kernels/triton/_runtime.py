@@ -6,6 +6,7 @@ are dropped silently (gathers give zero rows) and duplicate ids give an unspecif
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -33,6 +34,18 @@ def require_launchable(t: Tensor) -> None:
         f"eventful.triton: cannot run on {t.device} tensors"
         + (" (CPU tensors need TRITON_INTERPRET=1 set before triton is imported)" if t.device.type == "cpu" else "")
     )
+
+
+def on_device(fn):
+    """Run ``fn`` with its first tensor argument's CUDA device current (Triton launches on the current device)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, Tensor)), None)
+        if t is None or t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+            return fn(*args, **kwargs)
+        with torch.cuda.device(t.device):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -20,18 +20,20 @@ from torch import Tensor
 
 from . import _checks as C
 from ._runtime import (INTERPRET, cast_out, cdiv, check_index_values, dot_precision, dot_upcast, next_pow2,
-                       require_launchable, soft_bf16)
+                       on_device, require_launchable, soft_bf16)
 from .gather_scatter import copy_cols, copy_rows
 
 
 def _configs(cuda_configs, interp_config):
-    """Several configs autotuned on a GPU; one fixed config under the interpreter (no benchmarking there)."""
+    """Several configs autotuned on a GPU; one fixed config under the interpreter (no benchmarking there).
+    Every CUDA config must compile for sm_90 (tests/triton_compile_check.py --all-configs): the autotuner does not
+    skip configs that crash the compiler (e.g. BLOCK_N=128 with 4 warps in Triton 3.7)."""
     return [interp_config] if INTERPRET else cuda_configs
 
 
 _QK_CONFIGS = _configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-     for bm, bn, w, s in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (32, 64, 4, 2)]],
+     for bm, bn, w, s in [(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (32, 64, 4, 2)]],
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}))
 
 
@@ -157,6 +159,7 @@ def _check_heads(t: Tensor, name: str, like: Tensor, like_name: str) -> None:
     C.check_size(t4, name, 1, l4.size(1), f"the head count of '{like_name}'")
 
 
+@on_device
 def qk_update_(logits: Tensor, q: Tensor, k: Tensor, index_q: Tensor, index_k: Tensor, scale: float) -> Tensor:
     """Recompute rows ``index_q`` and columns ``index_k`` of ``logits [B,H,Nq,Nk] = q @ k^T * scale`` in place.
 
@@ -196,6 +199,7 @@ def qk_update_(logits: Tensor, q: Tensor, k: Tensor, index_q: Tensor, index_k: T
     return logits
 
 
+@on_device
 def av_delta_update_(out: Tensor, a_new: Tensor, a_ref: Tensor, v_new: Tensor, v_ref: Tensor, index: Tensor) -> Tensor:
     """``out += a_new[...,S] @ v_new[S] - a_ref[...,S] @ v_ref[S]`` (float32), then ``a_ref[...,S] = a_new[...,S]``
     and ``v_ref[S] = v_new[S]``. ``out [B,H,M,d]``, ``a_* [B,H,M,N]``, ``v_* [B,H,N,d]``, ``index [B,K]`` distinct

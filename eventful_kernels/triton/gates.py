@@ -21,7 +21,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _checks as C
-from ._runtime import INTERPRET, cast_out, cdiv, check_index_values, next_pow2, require_launchable, soft_bf16
+from ._runtime import (INTERPRET, cast_out, cdiv, check_index_values, next_pow2, on_device, require_launchable,
+                       soft_bf16)
 
 
 @triton.jit
@@ -173,6 +174,7 @@ def _gate_copy(c: Tensor, ref: Tensor, index: Tensor, with_e: bool) -> Tuple[Ten
     return c_sel, e_sel
 
 
+@on_device
 def token_gate(c: Tensor, ref: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """Top-k gate: ``(index [B,k] int64 ascending, c_sel [B,k,D])`` on ``||c - ref||_2``; ``ref[index] = c_sel``."""
     _check_gate(c, ref)
@@ -185,6 +187,7 @@ def token_gate(c: Tensor, ref: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     return index, c_sel
 
 
+@on_device
 def token_gate_threshold(c: Tensor, ref: Tensor, threshold: float, capacity: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Tokens with ``||c - ref||_2 > threshold``, at most ``capacity`` (largest kept, ties -> lower id), no host sync.
 
@@ -205,6 +208,7 @@ def token_gate_threshold(c: Tensor, ref: Tensor, threshold: float, capacity: int
     return index, count, c_sel
 
 
+@on_device
 def token_delta_gate(c: Tensor, ref: Tensor, k: int = -1, index: Optional[Tensor] = None
                      ) -> Tuple[Tensor, Tensor, Tensor]:
     """Delta gate: ``(index [B,K] int64, c_sel, e_sel = c_sel - ref_old[index])`` (``[B,K,D]``); ``ref[index] = c_sel``.

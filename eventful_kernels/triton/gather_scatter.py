@@ -7,13 +7,12 @@ One kernel per layout serves gather, scatter and indexed copy (``dst[idx] = src[
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import _checks as C
-from ._runtime import INTERPRET, cdiv, check_index_values, next_pow2, require_launchable
+from ._runtime import INTERPRET, cdiv, check_index_values, next_pow2, on_device, require_launchable
 
 
 @triton.jit
@@ -136,6 +135,7 @@ def _check_scatter(dst: Tensor, index: Tensor, src: Tensor, cols: bool) -> None:
     check_index_values((index, "index", d4.size(3) if cols else d4.size(2), True))
 
 
+@on_device
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """``y[b, (h,) k] = x[b, (h,) index[b, k]]``: ``x [B,(H,)N,D]`` -> ``y [B,(H,)K,D]`` contiguous."""
     _check_x(x, "x", index)
@@ -146,6 +146,7 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     return y
 
 
+@on_device
 def scatter_rows_(dst: Tensor, index: Tensor, src: Tensor) -> Tensor:
     """``dst[b, (h,) index[b, k]] = src[b, (h,) k]`` in place (ids in a row distinct); returns ``dst``."""
     _check_scatter(dst, index, src, cols=False)
@@ -154,6 +155,7 @@ def scatter_rows_(dst: Tensor, index: Tensor, src: Tensor) -> Tensor:
     return dst
 
 
+@on_device
 def gather_cols(x: Tensor, index: Tensor) -> Tensor:
     """``y[b, (h,) m, k] = x[b, (h,) m, index[b, k]]``: ``x [B,(H,)M,N]`` -> ``y [B,(H,)M,K]`` contiguous."""
     _check_x(x, "x", index)
@@ -164,6 +166,7 @@ def gather_cols(x: Tensor, index: Tensor) -> Tensor:
     return y
 
 
+@on_device
 def scatter_cols_(dst: Tensor, index: Tensor, src: Tensor) -> Tensor:
     """``dst[b, (h,) m, index[b, k]] = src[b, (h,) m, k]`` in place (ids in a row distinct); returns ``dst``."""
     _check_scatter(dst, index, src, cols=True)
