@@ -150,7 +150,10 @@ def _select(scores: Tensor, k: int, width: int, thresholded: bool) -> Tuple[Tens
     B, N = scores.shape
     index = torch.empty((B, width), dtype=torch.int64, device=scores.device)
     count = torch.empty((B,), dtype=torch.int64, device=scores.device)
-    kth = torch.topk(scores, k, dim=1, largest=True, sorted=True).values[:, k - 1].contiguous()
+    if k == N:  # everything ranks (scores are >= 0 or NaN; -1 marks "below threshold"): skip the topk
+        kth = torch.full((B,), -1.0, dtype=torch.float32, device=scores.device)
+    else:
+        kth = torch.topk(scores, k, dim=1, largest=True, sorted=True).values[:, k - 1].contiguous()
     block_n = min(next_pow2(N), 1024 if INTERPRET else 2048)
     _select_kernel[(B,)](scores, kth, index, count, N, k, width,
                          HAS_THRESHOLD=thresholded, BLOCK_N=block_n, num_warps=8 if block_n >= 2048 else 4)
