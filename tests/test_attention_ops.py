@@ -82,6 +82,7 @@ QK_SHAPES = [  # B, H, Nq, Nk, d, Kq, Kk
     (3, 2, 10, 13, 5, 0, 13),  # rows none, columns all
     (1, 4, 33, 65, 16, 33, 1),
     (2, 2, 70, 300, 12, 20, 64),  # several row/column tiles per head
+    (2, 2, 4, 5, 0, 2, 3),  # d = 0: selected entries become 0
 ]
 
 
@@ -94,7 +95,7 @@ def test_qk_update_matches_reference(shape, index_dtype, dtype):
     q, k = randn((b, h, nq, d), dtype, gen), randn((b, h, nk, d), dtype, gen)
     logits = randn((b, h, nq, nk), dtype, gen)
     iq, ik = make_index(b, nq, kq, index_dtype, gen), make_index(b, nk, kk, index_dtype, gen)
-    check_qk(logits, q, k, iq, ik, d**-0.5)
+    check_qk(logits, q, k, iq, ik, max(d, 1) ** -0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -122,6 +123,8 @@ def test_qk_update_strided_inputs(dtype):
     wide = randn((b, h, n, n + 7), dtype, gen)[..., :n]
     q_strided = randn((b, h, n, 2 * d), dtype, gen)[..., ::2]
     check_qk(wide, q_strided, k, iq, ik, 0.25)
+    # Broadcast (stride-0) read-only inputs.
+    check_qk(wide, q[:, :1].expand(b, h, n, d), k[:, :, :1].expand(b, h, n, d), iq, ik, 0.25)
 
 
 @settings(max_examples=40, deadline=None)
@@ -245,6 +248,8 @@ AV_SHAPES = [  # B, H, M, N, d, K
     (2, 2, 9, 9, 4, 0),  # K = 0
     (2, 2, 7, 7, 6, 7),  # K = N
     (1, 2, 300, 90, 16, 40),  # several row tiles per head
+    (2, 2, 0, 5, 3, 2),  # M = 0: only v_ref changes
+    (2, 2, 4, 5, 0, 2),  # d = 0: only a_ref changes
 ]
 
 
@@ -286,6 +291,9 @@ def test_av_delta_update_strided_inputs(dtype):
     for out in (randn((b, n, h, d), dtype, gen).transpose(1, 2),  # unit stride along d, row stride h*d
                 randn((b, h, d, n), torch.float32, gen).transpose(-1, -2)):  # float32, d not unit-stride
         check_av(out, a_new, a_ref, v_new, v_ref, index)
+    # Broadcast (stride-0) read-only inputs.
+    out = randn((b, h, n, d), dtype, gen)
+    check_av(out, a_new[:, :1].expand(b, h, n, n), a_ref, v_new[:, :, :1].expand(b, h, n, d), v_ref, index)
 
 
 @settings(max_examples=40, deadline=None)
@@ -365,3 +373,14 @@ def test_av_delta_update_out_aliasing_v_new_rejected():
     with pytest.raises(RuntimeError, match="'out'.*'v_new'"):
         ops.av_delta_update_(**args)
     assert torch.equal(args["out"], before)
+
+
+def test_ops_under_inference_mode():
+    """Worker threads do not inherit inference mode; the kernels must still write inference tensors in place."""
+    gen = torch.Generator().manual_seed(10)
+    with torch.inference_mode():
+        q, k = randn((2, 2, 70, 8), torch.float32, gen), randn((2, 2, 70, 8), torch.float32, gen)
+        logits = randn((2, 2, 70, 70), torch.float32, gen)
+        iq, ik = make_index(2, 70, 20, torch.int64, gen), make_index(2, 70, 30, torch.int64, gen)
+        check_qk(logits, q, k, iq, ik, 0.5)
+        check_av(*av_state(2, 2, 70, 70, 8, torch.float32, torch.float32, gen), ik)

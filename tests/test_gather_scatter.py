@@ -136,12 +136,17 @@ def test_strided_inputs_and_outputs(rank, dtype):
         assert not xs.is_contiguous()
         assert torch.equal(ops.gather_rows(xs, index), reference.gather_rows(x, index))
         assert torch.equal(ops.gather_cols(xs, index[:, :3] % d), reference.gather_cols(x, index[:, :3] % d))
+    xb = x[:1].expand(x.shape)  # broadcast (stride-0) input
+    assert torch.equal(ops.gather_rows(xb, index), reference.gather_rows(xb.contiguous(), index))
+    assert torch.equal(ops.gather_cols(xb, index[:, :3] % d), reference.gather_cols(xb.contiguous(), index[:, :3] % d))
     src_rows = randn((*lead_dims, k, d), dtype, gen)
     src_cols = randn((*lead_dims, n, k), dtype, gen)
     dst_cols_base = randn((*lead_dims, n, 2 * d), dtype, gen)
     for dst in strided_variants(x, gen):
         for src in strided_variants(src_rows, gen):
             check_scatter(ops.scatter_rows_, reference.scatter_rows_, dst, index, src)
+    check_scatter(ops.scatter_rows_, reference.scatter_rows_, x, index, src_rows[:1].expand(src_rows.shape))
+    check_scatter(ops.scatter_cols_, reference.scatter_cols_, dst_cols_base, index, src_cols[:1].expand(src_cols.shape))
     for dst in strided_variants(dst_cols_base, gen):
         for src in strided_variants(src_cols, gen):
             check_scatter(ops.scatter_cols_, reference.scatter_cols_, dst, index, src)

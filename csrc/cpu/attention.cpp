@@ -8,12 +8,19 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "eventful/checks.h"
 
 namespace eventful {
 namespace {
+
+// Dispatch over the three supported element types only (arguments are checked before dispatch).
+#define EVENTFUL_DISPATCH_FLOATS(TYPE, NAME, ...)                                                      \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                            \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                         \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 constexpr int64_t kAhead = 2;  // rows of prefetch distance for the column scatter
 
@@ -169,7 +176,7 @@ void qk_update_cpu(const at::Tensor& logits, const at::Tensor& q, const at::Tens
                    const at::Tensor& index_k, double scale) {
   check_qk(logits, q, k, index_q, index_k);
   if (logits.numel() == 0 || index_q.numel() + index_k.numel() == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "qk_update_", [&] {
+  EVENTFUL_DISPATCH_FLOATS(logits.scalar_type(), "qk_update_", [&] {
     qk_update_impl<scalar_t>(logits, q, k, index_q, index_k, static_cast<float>(scale));
   });
 }
@@ -290,7 +297,7 @@ void av_delta_update_cpu(const at::Tensor& out, const at::Tensor& a_new, const a
                          const at::Tensor& v_new, const at::Tensor& v_ref, const at::Tensor& index) {
   check_av(out, a_new, a_ref, v_new, v_ref, index);
   if (index.numel() == 0 || a_new.size(0) * a_new.size(1) == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a_new.scalar_type(), "av_delta_update_", [&] {
+  EVENTFUL_DISPATCH_FLOATS(a_new.scalar_type(), "av_delta_update_", [&] {
     if (out.scalar_type() == at::kFloat) {
       av_delta_update_impl<scalar_t, float>(out, a_new, a_ref, v_new, v_ref, index);
     } else {
