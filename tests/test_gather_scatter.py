@@ -36,11 +36,6 @@ def clone_layout(t):
     return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage().clone(), t.storage_offset(), t.shape, t.stride())
 
 
-def lead(shape):
-    """(B,) or (B, H) leading dims of a rank-3 / rank-4 shape spec."""
-    return shape[:-2]
-
-
 # Shapes: leading dims (B,) or (B, H), then N (token / column count), D (feature or row count), K.
 SHAPES = [
     ((1,), 8, 5, 3),

@@ -149,6 +149,8 @@ void qk_update_impl(const at::Tensor& logits, const at::Tensor& q, const at::Ten
     const float* ksp = ks.const_data_ptr<float>();
     const int64_t q0 = qf.stride(0), q1 = qf.stride(1), q2 = qf.stride(2);
     const int64_t rt = std::clamp<int64_t>(16384 / Kk, 16, 256), tiles = (Nq + rt - 1) / rt;
+    // Whole-row prefetch pays when the columns hit most cache lines of a row (>= 1 selected id per line on average).
+    const bool prefetch_rows = l3 == 1 && Kk * static_cast<int64_t>(64 / sizeof(out_t)) >= Nk;
     at::parallel_for(0, B * H * tiles, 1, [&](int64_t lo, int64_t hi) {
       std::vector<float> buf(rt * Kk);
       for (int64_t t = lo; t < hi; ++t) {
@@ -158,7 +160,7 @@ void qk_update_impl(const at::Tensor& logits, const at::Tensor& q, const at::Ten
         for (int64_t i = 0; i < r; ++i) {
           const float* src = buf.data() + i * Kk;
           out_t* dst = lp + b * l0 + h * l1 + (m0 + i) * l2;
-          if (l3 == 1 && m0 + i + kAhead < Nq) {
+          if (prefetch_rows && m0 + i + kAhead < Nq) {
             // Scattered stores defeat the hardware prefetcher; fetch the row kAhead rows ahead as a whole.
             const out_t* ahead = dst + kAhead * l2;
             for (int64_t n = 0; n < Nk; n += 64 / sizeof(out_t)) __builtin_prefetch(ahead + n, 1, 3);
