@@ -1,0 +1,61 @@
+"""Per-frame operation counts (multiply-accumulates, MACs) of eventful modules and of the dense baseline.
+
+Counted: linear layers ``K*in*out`` per stream, QK^T rows/columns ``H*(Kq*N + N*Kk)*d``, A·V delta
+``2*H*N*K*d``, dense attention ``2*H*N*N*d`` (QK^T + A·V; per window for windowed attention). Not counted:
+normalisation, softmax, activations, residual adds, gate scores, the rel-pos bias. GFLOPs = 2 * MACs / 1e9.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+from torch import nn
+
+from .nn.backend import EventfulModule
+
+
+def count_macs(module: nn.Module) -> int:
+    """MACs of the last frame: ``last_macs`` summed over the outermost eventful modules in ``module``.
+
+    An eventful module's ``last_macs`` already includes its eventful children (a block counts its gates, buffers
+    and attention), so the walk does not descend into eventful modules.
+    """
+    if isinstance(module, EventfulModule):
+        return int(module.last_macs)
+    return sum(count_macs(m) for m in module.children())
+
+
+def linear_macs_per_token(module: nn.Module) -> int:
+    """``sum(in_features * out_features)`` over the ``nn.Linear`` layers in ``module`` (itself included)."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def dense_block_macs(
+    n_tokens: Union[int, Tuple[int, int]], dim: int, heads: int, mlp_ratio: float, window: Optional[int] = None
+) -> int:
+    """MACs of one dense ViT block on one stream of ``n_tokens`` tokens.
+
+    ``qkv 3*N*D^2 + attention 2*N*N*D + proj N*D^2 + MLP 2*N*D*int(D*mlp_ratio)``. With ``window = ws``
+    (ViTDet/SAM windowed attention) ``n_tokens`` is the grid ``(H, W)`` (an int must be a square ``H*W``); the grid
+    is padded to multiples of ``ws`` and, as in the dense model, qkv, attention (``2*Np*ws*ws*D``) and proj run on
+    the ``Np = Hp*Wp`` padded tokens while the MLP runs on the ``N`` real tokens.
+    """
+    if dim <= 0 or heads <= 0 or dim % heads:
+        raise ValueError(f"eventful: 'dim' ({dim}) must be a positive multiple of 'heads' ({heads})")
+    hidden = int(dim * mlp_ratio)
+    if isinstance(n_tokens, tuple):
+        gh, gw = n_tokens
+        n = gh * gw
+    else:
+        n = int(n_tokens)
+        gh = gw = None
+    mlp = 2 * n * dim * hidden
+    if not window:
+        return 3 * n * dim * dim + 2 * n * n * dim + n * dim * dim + mlp
+    if gh is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"eventful: windowed 'n_tokens' must be (H, W) or a square, got {n_tokens}")
+        gh = gw = side
+    np_ = (gh + (-gh % window)) * (gw + (-gw % window))
+    return 3 * np_ * dim * dim + 2 * np_ * window * window * dim + np_ * dim * dim + mlp

@@ -1,0 +1,91 @@
+"""Attention cores used by the eventful blocks, over ``Bw`` independent streams (batch x windows).
+
+Inputs are ``q, k, v [Bw, H, T, d]`` (strided views of a qkv buffer are fine); outputs are ``[Bw, T, H*d]`` tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backend import EventfulModule
+from .matmul import MatmulBuffer, MatmulDeltaAccumulator
+from .relpos import DecomposedRelPos
+
+
+class DenseAttention(EventfulModule):
+    """``softmax(q k^T * scale + bias) v`` computed densely every call (the attention of a token-wise block).
+
+    With ``attn`` given, the decomposed rel-pos bias of ``attn`` is added. ``last_macs = 2*Bw*H*T*T*d``.
+    """
+
+    def __init__(self, attn: Optional[nn.Module] = None, backend: str = "ops"):
+        super().__init__(backend)
+        self.rel_pos = DecomposedRelPos(attn, backend) if attn is not None else None
+
+    @torch.no_grad()
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float, grid: Optional[Tuple[int, int]] = None) -> Tensor:
+        bw, h, t, d = q.shape
+        bias = None
+        if self.rel_pos is not None:
+            bias = self.rel_pos.update(q, grid).dense()
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        self.last_macs = 2 * bw * h * t * t * d
+        return o.transpose(1, 2).reshape(bw, t, h * d)
+
+
+class EventfulAttention(EventfulModule):
+    """Eventful attention: logits buffer (QK^T rows/cols, + rel-pos), dense softmax, A·V delta accumulator.
+
+    ``forward(q, k, v, scale, grid, index=None, fill=None) -> [Bw, T, H*d]`` (a view of the accumulator state).
+    The first call (flush) is dense. Afterwards ``index [Bw, K]`` are the tokens whose q/k/v changed: their logit
+    rows and columns are recomputed and their A·V columns delta-updated. ``fill [Bw, K]`` (bool) marks padding slots
+    holding unchanged tokens: their logits are recomputed exactly and their A·V update is neutralised (the stored
+    attention column is kept), so padding does not change the result. ``K = 0`` leaves the output unchanged.
+    ``last_macs`` = the logits buffer's + the accumulator's.
+    """
+
+    def __init__(self, attn: Optional[nn.Module] = None, backend: str = "ops"):
+        super().__init__(backend)
+        self.qk_buffer = MatmulBuffer(backend)
+        self.av_buffer = MatmulDeltaAccumulator(backend)
+        self.rel_pos = DecomposedRelPos(attn, backend) if attn is not None else None
+        self._a: Optional[Tensor] = None
+
+    def _reset_state(self) -> None:
+        self._a = None
+
+    @torch.no_grad()
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        scale: float,
+        grid: Optional[Tuple[int, int]] = None,
+        index: Optional[Tensor] = None,
+        fill: Optional[Tensor] = None,
+    ) -> Tensor:
+        flush = self.av_buffer.out is None
+        if flush:
+            index = fill = None
+        elif index is None:
+            raise ValueError("eventful: argument 'index' is required after the flush call")
+        elif index.shape[1] == 0:
+            self.last_macs = 0
+            return self.av_buffer.tokens
+        bias = self.rel_pos.update(q, grid, index) if self.rel_pos is not None else None
+        logits = self.qk_buffer(q, k, index, index, scale, bias)
+        if self._a is None or self._a.shape != logits.shape or self._a.dtype != logits.dtype:
+            self._a = torch.empty_like(logits)
+        a = torch.softmax(logits, -1, out=self._a)
+        if fill is not None:
+            ops = self.k_ops
+            a_sel = ops.gather_cols(a, index)
+            torch.where(fill[:, None, None, :], ops.gather_cols(self.av_buffer.a_ref, index), a_sel, out=a_sel)
+            ops.scatter_cols_(a, index, a_sel)
+        self.av_buffer(a, v, index)
+        self.last_macs = self.qk_buffer.last_macs + self.av_buffer.last_macs
+        return self.av_buffer.tokens

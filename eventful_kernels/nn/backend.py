@@ -1,0 +1,79 @@
+"""Backend selection and the base class of every stateful eventful module.
+
+A backend is the module that implements the op contract: ``"ops"`` -> :mod:`eventful_kernels.ops`
+(``torch.ops.eventful`` fused kernels), ``"reference"`` -> :mod:`eventful_kernels.reference` (pure PyTorch).
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+from torch import nn
+
+from .. import ops as _ops
+from .. import reference as _reference
+
+BACKENDS = {"ops": _ops, "reference": _reference}
+
+
+def resolve(name: str) -> ModuleType:
+    """Backend name -> module implementing the op contract; ``ValueError`` for an unknown name."""
+    try:
+        return BACKENDS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"eventful: argument 'backend' must be one of {sorted(BACKENDS)}, got {name!r}") from None
+
+
+class EventfulModule(nn.Module):
+    """Base of the stateful eventful modules.
+
+    ``backend`` (settable) picks the op implementation, ``reset()`` forgets the per-stream state (the next call is
+    a flush), ``last_macs`` holds the multiply-accumulates of the last call, summed over the batch (a module's count
+    includes its eventful children). State tensors are plain attributes allocated on first use, on the input's
+    device; after moving a module to another device call ``reset()``.
+    """
+
+    def __init__(self, backend: str = "ops"):
+        super().__init__()
+        self.backend = backend
+        self.last_macs = 0
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        resolve(name)
+        self._backend = name
+
+    @property
+    def k_ops(self) -> ModuleType:
+        """The op implementation of the current backend."""
+        return BACKENDS[self._backend]
+
+    def reset(self) -> None:
+        """Forget all per-stream state of this module and its eventful children."""
+        for m in self.children():
+            _reset_tree(m)
+        self._reset_state()
+        self.last_macs = 0
+
+    def _reset_state(self) -> None:
+        """Clear this module's own state; overridden by stateful subclasses."""
+
+
+def _reset_tree(module: nn.Module) -> None:
+    if isinstance(module, EventfulModule):
+        module.reset()
+    else:
+        for m in module.children():
+            _reset_tree(m)
+
+
+def set_backend(module: nn.Module, name: str) -> nn.Module:
+    """Set ``backend = name`` on every eventful submodule of ``module`` (itself included); returns ``module``."""
+    resolve(name)
+    for m in module.modules():
+        if isinstance(m, EventfulModule):
+            m.backend = name
+    return module

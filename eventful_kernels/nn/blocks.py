@@ -1,0 +1,203 @@
+"""Eventful wrappers of an existing ViT block (timm ``Block`` or ViTDet/SAM ``Block``), sharing its weights.
+
+The wrapped block's modules are called as they are (nothing is copied): ``norm1``, ``attn.qkv``,
+``attn.q_norm``/``attn.k_norm``, ``attn.norm`` (if any), ``attn.proj``, ``ls1``, ``norm2``, ``mlp``, ``ls2``;
+``attn.num_heads`` and ``attn.scale``; ``block.window_size > 0`` selects windowed attention with padding;
+``attn.use_rel_pos`` adds the decomposed rel-pos bias (``attn.rel_pos_h``/``rel_pos_w``). Drop-path/dropout are
+ignored (inference only; put the model in ``eval()``). Input ``[B, N, D]`` tokens or ``[B, H, W, D]`` (ViTDet/SAM
+layout; required for windowed / rel-pos blocks); the output has the input's layout. Rows of B are independent
+streams; the first call after construction or ``reset()`` is a flush (dense).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..counting import linear_macs_per_token
+from .attention import DenseAttention, EventfulAttention
+from .backend import EventfulModule
+from .buffers import TokenBuffer
+from .gates import TokenGate
+from .policies import Policy, as_policy
+from .windows import WindowGrid
+
+
+def _residual(x: Tensor, ls: nn.Module, y: Tensor) -> Tensor:
+    """``x + ls(y)`` without mutating ``y`` (a buffer state); LayerScale is fused as ``addcmul(x, y, gamma)``."""
+    if isinstance(ls, nn.Identity):
+        return x + y
+    gamma = getattr(ls, "gamma", None)
+    if type(ls).__name__ == "LayerScale" and isinstance(gamma, Tensor):
+        return torch.addcmul(x, y, gamma)
+    return x + ls(y.clone())
+
+
+class _EventfulBlockBase(EventfulModule):
+    """Gated, buffered token-wise layers (qkv, projection, MLP) around an attention core set by the subclass."""
+
+    def __init__(self, block: nn.Module, policy: Optional[Policy] = None, backend: str = "ops"):
+        super().__init__(backend)
+        for name in ("norm1", "attn", "norm2", "mlp"):
+            if not hasattr(block, name):
+                raise TypeError(f"eventful: block {type(block).__name__} has no '{name}'; expected a timm ViT/SAM Block")
+        attn = block.attn
+        for name in ("qkv", "proj", "num_heads", "scale"):
+            if not hasattr(attn, name):
+                raise TypeError(f"eventful: block.attn ({type(attn).__name__}) has no '{name}'")
+        self.block = block
+        self.dim = attn.qkv.in_features
+        self.heads = int(attn.num_heads)
+        if attn.qkv.out_features % (3 * self.heads):
+            raise ValueError("eventful: attn.qkv.out_features must be 3 * num_heads * head_dim")
+        self.head_dim = attn.qkv.out_features // (3 * self.heads)
+        self.scale = float(attn.scale)
+        self.window = int(getattr(block, "window_size", 0) or 0)
+        self.use_rel_pos = bool(getattr(attn, "use_rel_pos", False))
+        self._qk_norm = not (
+            isinstance(getattr(attn, "q_norm", nn.Identity()), nn.Identity)
+            and isinstance(getattr(attn, "k_norm", nn.Identity()), nn.Identity)
+        )
+        self._macs_qkv = linear_macs_per_token(attn.qkv)
+        self._macs_proj = linear_macs_per_token(attn.proj)
+        self._macs_mlp = linear_macs_per_token(block.mlp)
+        self._policy = as_policy(policy)
+        self.qkv_gate = TokenGate(self._policy, backend)
+        self.qkv_buffer = TokenBuffer(backend)
+        self.proj_gate = TokenGate(self._policy, backend)
+        self.proj_buffer = TokenBuffer(backend)
+        self.mlp_gate = TokenGate(self._policy, backend)
+        self.mlp_buffer = TokenBuffer(backend)
+        self._grid: Optional[Tuple[int, int]] = None
+        self._windows: Optional[WindowGrid] = None
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, value) -> None:
+        self._policy = as_policy(value)
+        for gate in (self.qkv_gate, self.proj_gate, self.mlp_gate):
+            gate.policy = self._policy
+
+    def _reset_state(self) -> None:
+        self._grid = None
+        self._windows = None
+
+    # ---- token-wise pieces -------------------------------------------------------------------------------
+    def _qkv(self, h: Tensor) -> Tensor:
+        """``attn.qkv`` of normalised tokens ``[B, K, D]`` -> ``[B, K, 3D]`` with q_norm/k_norm applied."""
+        attn = self.block.attn
+        qkv = attn.qkv(h)
+        if self._qk_norm:
+            parts = qkv.view(*qkv.shape[:-1], 3, self.heads, self.head_dim)
+            parts[..., 0, :, :] = attn.q_norm(parts[..., 0, :, :])
+            parts[..., 1, :, :] = attn.k_norm(parts[..., 1, :, :])
+        return qkv
+
+    def _split(self, qkv: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """qkv state ``[B, Ntot, 3D]`` -> q, k, v views ``[Bw, H, T, d]`` (windows on the batch dim)."""
+        b, ntot, _ = qkv.shape
+        nw = self._windows.n_windows if self._windows is not None else 1
+        t = ntot // nw
+        q, k, v = qkv.view(b * nw, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def _attn_grid(self) -> Optional[Tuple[int, int]]:
+        return (self.window, self.window) if self._windows is not None else self._grid
+
+    def _tokens_out(self, o: Tensor, b: int) -> Tensor:
+        """Attention output ``[Bw, T, D]`` -> image-order ``[B, N, D]``."""
+        if self._windows is None:
+            return o
+        return self._windows.unpartition(o.reshape(b, -1, o.shape[-1]))
+
+    # ---- forward ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() not in (3, 4) or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"eventful: argument 'x' must be [B, N, {self.dim}] or [B, H, W, {self.dim}], got "
+                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+            )
+        grid = tuple(x.shape[1:3]) if x.dim() == 4 else None
+        tokens = x.reshape(x.shape[0], -1, self.dim)
+        flush = self.qkv_gate.flushing
+        if flush:
+            if grid is None and (self.window > 0 or self.use_rel_pos):
+                raise ValueError("eventful: windowed / rel-pos blocks need input of shape [B, H, W, D]")
+            self._grid = grid
+            self._windows = WindowGrid(grid[0], grid[1], self.window, x.device) if self.window > 0 else None
+        elif grid != self._grid and (self.window > 0 or self.use_rel_pos):
+            raise ValueError(f"eventful: grid {grid} differs from the stream's {self._grid}; call reset() first")
+        y = self._forward_tokens(tokens, flush)
+        return y.view(x.shape)
+
+    def _forward_tokens(self, x: Tensor, flush: bool) -> Tensor:
+        block, attn = self.block, self.block.attn
+        b = x.shape[0]
+        idx1, x_sel = self.qkv_gate(x)
+        qkv_sel = self._qkv(block.norm1(x_sel))
+        if self._windows is None:
+            qkv = self.qkv_buffer(qkv_sel, None if flush else idx1)
+            wid = None
+        elif flush:
+            pad = self._qkv(x.new_zeros(1, 1, self.dim)).reshape(-1)
+            qkv = self.qkv_buffer(self._windows.partition(qkv_sel, pad), None)
+            wid = None
+        else:
+            wid = self._windows.perm[idx1]
+            qkv = self.qkv_buffer(qkv_sel, wid)
+        q, k, v = self._split(qkv)
+        o = self._tokens_out(self._attend(q, k, v, idx1, wid, flush), b)
+
+        idx2, o_sel = self.proj_gate(o)
+        norm = getattr(attn, "norm", None)
+        if norm is not None and not isinstance(norm, nn.Identity):
+            o_sel = norm(o_sel)
+        x1 = _residual(x, block.ls1 if hasattr(block, "ls1") else nn.Identity(), self.proj_buffer(attn.proj(o_sel), idx2))
+
+        idx3, h_sel = self.mlp_gate(x1)
+        m_sel = block.mlp(block.norm2(h_sel))
+        y = _residual(x1, block.ls2 if hasattr(block, "ls2") else nn.Identity(), self.mlp_buffer(m_sel, idx3))
+        self.last_macs = (
+            b * (idx1.shape[1] * self._macs_qkv + idx2.shape[1] * self._macs_proj + idx3.shape[1] * self._macs_mlp)
+            + self.attention.last_macs
+        )
+        return y
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, idx1: Tensor, wid: Optional[Tensor], flush: bool) -> Tensor:
+        raise NotImplementedError
+
+
+class EventfulTokenwiseBlock(_EventfulBlockBase):
+    """Token-wise layers gated and buffered; attention computed densely over the buffered q/k/v every frame
+    (per window for windowed blocks). ``forward(x) -> y``; ``last_macs`` counts gated linears + dense attention."""
+
+    def __init__(self, block: nn.Module, policy: Optional[Policy] = None, backend: str = "ops"):
+        super().__init__(block, policy, backend)
+        self.attention = DenseAttention(block.attn if self.use_rel_pos else None, backend)
+
+    def _attend(self, q, k, v, idx1, wid, flush):
+        return self.attention(q, k, v, self.scale, self._attn_grid())
+
+
+class EventfulBlock(_EventfulBlockBase):
+    """Token-wise layers and attention eventful: QK^T rows/columns of changed tokens recomputed (plus their
+    rel-pos bias), A·V delta-updated at their columns. Windowed blocks do this per window (one host sync per frame
+    to size the per-window index). With ``r = N`` the block equals the dense block to float tolerance."""
+
+    def __init__(self, block: nn.Module, policy: Optional[Policy] = None, backend: str = "ops"):
+        super().__init__(block, policy, backend)
+        self.attention = EventfulAttention(block.attn if self.use_rel_pos else None, backend)
+
+    def _attend(self, q, k, v, idx1, wid, flush):
+        grid = self._attn_grid()
+        if flush:
+            return self.attention(q, k, v, self.scale, grid)
+        if self._windows is None:
+            return self.attention(q, k, v, self.scale, grid, idx1)
+        index, fill = self._windows.window_index(wid)
+        return self.attention(q, k, v, self.scale, grid, index, fill)

@@ -1,0 +1,61 @@
+"""Token buffer: the full output of a token-wise layer, patched at the selected tokens every frame."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backend import EventfulModule
+from .gates import check_tokens
+
+
+class TokenBuffer(EventfulModule):
+    """``forward(x_sel [B,K,D'], index [B,K] or None) -> full [B,N,D']``.
+
+    Scatters ``x_sel`` into the stored state at ``index`` (in place) and returns the state tensor itself (callers
+    must not mutate it). The flush call (state empty) stores ``x_sel`` as the state (with ``index`` given, the state
+    is filled through it, so any permutation of ``arange(N)`` works); ``n_tokens = K`` of that call.
+    """
+
+    def __init__(self, backend: str = "ops"):
+        super().__init__(backend)
+        self.state: Optional[Tensor] = None
+
+    def _reset_state(self) -> None:
+        self.state = None
+
+    @property
+    def n_tokens(self) -> Optional[int]:
+        return None if self.state is None else self.state.shape[1]
+
+    @torch.no_grad()
+    def forward(self, x_sel: Tensor, index: Optional[Tensor] = None) -> Tensor:
+        check_tokens(x_sel, "x_sel")
+        self.last_macs = 0
+        if index is not None:
+            if not isinstance(index, Tensor) or index.dtype not in (torch.int32, torch.int64) or index.dim() != 2:
+                raise ValueError("eventful: argument 'index' must be an int32/int64 tensor of shape [B, K]")
+            if tuple(index.shape) != tuple(x_sel.shape[:2]):
+                raise ValueError(
+                    f"eventful: argument 'index' has shape {tuple(index.shape)} but 'x_sel' is {tuple(x_sel.shape)}"
+                )
+        if self.state is None:
+            if index is None:
+                self.state = x_sel.detach().clone(memory_format=torch.contiguous_format)
+            else:
+                state = torch.empty_like(x_sel, memory_format=torch.contiguous_format)
+                self.k_ops.scatter_rows_(state, index, x_sel)
+                self.state = state
+            return self.state
+        s = self.state
+        if index is None:
+            raise ValueError("eventful: argument 'index' is required after the flush call")
+        if x_sel.shape[0] != s.shape[0] or x_sel.shape[2] != s.shape[2] or x_sel.dtype != s.dtype or x_sel.device != s.device:
+            raise ValueError(
+                f"eventful: argument 'x_sel' is {tuple(x_sel.shape)} {x_sel.dtype} on {x_sel.device} but the buffer "
+                f"holds {tuple(s.shape)} {s.dtype} on {s.device}; call reset() before starting a new stream"
+            )
+        if index.shape[1]:
+            self.k_ops.scatter_rows_(s, index, x_sel)
+        return s

@@ -1,0 +1,149 @@
+"""Token gates: pick the tokens whose input changed most since they were last selected.
+
+A gate keeps a reference ``ref [B, N, D]`` (the value of each token when it was last selected). The first call after
+construction or ``reset()`` is the *flush*: every token is selected and ``ref`` is filled. Afterwards the policy
+selects on the score ``||c - ref||_2`` and ``ref`` is updated at the selected tokens only (error accumulates in the
+unselected ones until they are picked). Rows of the batch are independent streams, except that a
+:class:`~eventful_kernels.nn.policies.Threshold` policy uses one K for the whole batch (see :class:`TokenGate`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .backend import EventfulModule
+from .policies import Policy, Threshold, as_policy
+
+
+def check_tokens(x: Tensor, name: str) -> None:
+    """``x`` must be a floating ``[B, N, D]`` tensor."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"eventful: argument '{name}' must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"eventful: argument '{name}' must have shape [B, N, D], got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"eventful: argument '{name}' must be floating point, got {x.dtype}")
+
+
+def check_state_match(x: Tensor, name: str, state: Tensor, what: str) -> None:
+    """``x`` must agree with an existing state tensor in shape, dtype and device (else: call ``reset()``)."""
+    if x.shape != state.shape or x.dtype != state.dtype or x.device != state.device:
+        raise ValueError(
+            f"eventful: argument '{name}' is {tuple(x.shape)} {x.dtype} on {x.device} but the {what} holds "
+            f"{tuple(state.shape)} {state.dtype} on {state.device}; call reset() before starting a new stream"
+        )
+
+
+class _GateBase(EventfulModule):
+    def __init__(self, policy: Optional[Policy] = None, backend: str = "ops"):
+        super().__init__(backend)
+        self.policy = as_policy(policy)
+        self.ref: Optional[Tensor] = None
+        self._arange: Optional[Tensor] = None
+
+    def _reset_state(self) -> None:
+        self.ref = None
+
+    @property
+    def flushing(self) -> bool:
+        """True when the next call is a flush (no reference yet)."""
+        return self.ref is None
+
+    def _all_tokens(self, c: Tensor) -> Tensor:
+        """``arange(N)`` expanded to ``[B, N]`` int64 (cached per N and device)."""
+        b, n, _ = c.shape
+        if self._arange is None or self._arange.numel() != n or self._arange.device != c.device:
+            self._arange = torch.arange(n, device=c.device)
+        return self._arange.expand(b, n)
+
+    def _check(self, c: Tensor) -> None:
+        check_tokens(c, "c")
+        if self.ref is not None:
+            check_state_match(c, "c", self.ref, "gate reference")
+
+    def _threshold_index(self, c: Tensor, policy: Threshold) -> Tensor:
+        """Batched threshold rule: K = max over rows of #(score > h) (capped), each row takes its top-K.
+
+        One host sync (K). Computes the float32 scores with the standard composition (an ``[B, N, D]`` temporary).
+        """
+        scores = reference.gate_scores(c, self.ref)
+        cap = policy.capacity_for(c.shape[1])
+        count = (scores > policy.h).sum(-1).clamp_(max=cap)
+        k = int(count.max()) if count.numel() else 0
+        return reference.select_topk(scores, k)
+
+
+class TokenGate(_GateBase):
+    """Top-k / threshold token gate. ``forward(c [B,N,D]) -> (index [B,K] int64 ascending, c_sel [B,K,D])``.
+
+    Top-k policies: ``K = policy.k(N)``, one fused ``token_gate`` call, no host sync. Threshold policy: K is the
+    largest number of above-threshold tokens over the batch (capped by the capacity; one host sync per call) and
+    every row selects its top-K, which contains all of its above-threshold tokens; for ``B = 1`` this is exactly the
+    threshold set (fused ``token_gate_threshold``). At the flush ``c_sel`` is ``c`` itself (not a copy).
+    """
+
+    @torch.no_grad()
+    def forward(self, c: Tensor) -> Tuple[Tensor, Tensor]:
+        self._check(c)
+        self.last_macs = 0
+        if self.ref is None:
+            self.ref = c.detach().clone(memory_format=torch.contiguous_format)
+            return self._all_tokens(c), c
+        policy = self.policy
+        if not isinstance(policy, Threshold):
+            return self.k_ops.token_gate(c, self.ref, policy.k(c.shape[1]))
+        if c.shape[0] == 1:
+            index, count, c_sel = self.k_ops.token_gate_threshold(c, self.ref, policy.h, policy.capacity_for(c.shape[1]))
+            k = int(count[0])
+            return index[:, :k], c_sel[:, :k]
+        index = self._threshold_index(c, policy)
+        c_sel = self.k_ops.gather_rows(c, index)
+        self.k_ops.scatter_rows_(self.ref, index, c_sel)
+        return index, c_sel
+
+
+class TokenDeltaGate(_GateBase):
+    """Delta gate. ``forward(c [B,N,D], index=None) -> (index [B,K], c_sel [B,K,D], e_sel = c_sel - ref_old)``.
+
+    As :class:`TokenGate`, also returning the change ``e_sel`` of each selected token since it was last selected; an
+    explicit ``index [B, K]`` (distinct ids) forces the selection. The reference starts at zero, so the flush
+    returns ``e_sel = c_sel = c`` (a forced index at the flush must select all N tokens).
+    """
+
+    @torch.no_grad()
+    def forward(self, c: Tensor, index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        self._check(c)
+        self.last_macs = 0
+        if index is not None:
+            _check_index(index, c)
+        if self.ref is None:
+            if index is None:
+                self.ref = c.detach().clone(memory_format=torch.contiguous_format)
+                return self._all_tokens(c), c, c
+            if index.shape[1] != c.shape[1]:
+                raise ValueError(
+                    f"eventful: argument 'index' selects {index.shape[1]} of {c.shape[1]} tokens, but the flush "
+                    "(first call after reset) must select all of them"
+                )
+            ref = torch.zeros_like(c, memory_format=torch.contiguous_format)
+            out = self.k_ops.token_delta_gate(c, ref, -1, index)
+            self.ref = ref
+            return out
+        if index is None and isinstance(self.policy, Threshold):
+            index = self._threshold_index(c, self.policy)
+        if index is None:
+            return self.k_ops.token_delta_gate(c, self.ref, self.policy.k(c.shape[1]), None)
+        return self.k_ops.token_delta_gate(c, self.ref, -1, index)
+
+
+def _check_index(index: Tensor, c: Tensor) -> None:
+    if not isinstance(index, Tensor) or index.dtype not in (torch.int32, torch.int64) or index.dim() != 2:
+        raise ValueError("eventful: argument 'index' must be an int32/int64 tensor of shape [B, K]")
+    if index.shape[0] != c.shape[0] or index.device != c.device:
+        raise ValueError(
+            f"eventful: argument 'index' has shape {tuple(index.shape)} on {index.device}, expected [B={c.shape[0]}, K] "
+            f"on {c.device}"
+        )

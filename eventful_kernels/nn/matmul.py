@@ -1,0 +1,151 @@
+"""Stateful attention products: the QK^T logits buffer and the A·V delta accumulator.
+
+Shapes: ``q [B,H,Nq,d]``, ``k, v [B,H,N,d]``, logits / attention ``[B,H,Nq,N]``; ``index [B,K]`` token ids shared
+over heads. Inputs may be strided views (e.g. of a qkv buffer); state tensors are owned, contiguous, updated in place.
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+from torch import Tensor
+
+from .backend import EventfulModule
+
+
+class LogitBias(Protocol):
+    """Additive logit bias (e.g. decomposed relative position) as rows, columns or the dense map."""
+
+    def rows(self, index_q: Tensor) -> Tensor: ...  # [B,H,Kq,N]
+
+    def cols(self, index_k: Tensor) -> Tensor: ...  # [B,H,Nq,Kk]
+
+    def dense(self) -> Tensor: ...  # [B,H,Nq,N]
+
+
+def _check_heads(x: Tensor, name: str) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"eventful: argument '{name}' must be a floating tensor of shape [B, H, N, d]")
+
+
+def _check_index(index: Optional[Tensor], name: str, batch: int) -> None:
+    if index is None:
+        raise ValueError(f"eventful: argument '{name}' is required after the flush call")
+    if index.dtype not in (torch.int32, torch.int64) or index.dim() != 2 or index.shape[0] != batch:
+        raise ValueError(f"eventful: argument '{name}' must be an int32/int64 tensor of shape [B={batch}, K]")
+
+
+class MatmulBuffer(EventfulModule):
+    """QK^T state. ``forward(q, k, index_q, index_k, scale, bias=None) -> logits [B,H,Nq,Nk]`` (the state itself).
+
+    Flush: ``logits = q @ k^T * scale (+ bias.dense())``. Afterwards rows ``index_q`` and columns ``index_k`` are
+    recomputed in place: without a bias by the fused ``qk_update_``; with a bias by row/column products plus
+    ``bias.rows`` / ``bias.cols`` scattered back (the bias of untouched entries is already in the state).
+    ``last_macs``: flush ``B*H*Nq*Nk*d``, update ``B*H*(Kq*Nk + Nq*Kk)*d``.
+    """
+
+    def __init__(self, backend: str = "ops"):
+        super().__init__(backend)
+        self.logits: Optional[Tensor] = None
+
+    def _reset_state(self) -> None:
+        self.logits = None
+
+    @torch.no_grad()
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        index_q: Optional[Tensor],
+        index_k: Optional[Tensor],
+        scale: float,
+        bias: Optional[LogitBias] = None,
+    ) -> Tensor:
+        _check_heads(q, "q")
+        _check_heads(k, "k")
+        b, h, nq, d = q.shape
+        nk = k.shape[2]
+        if k.shape[:2] != q.shape[:2] or k.shape[3] != d or k.dtype != q.dtype:
+            raise ValueError(f"eventful: argument 'k' {tuple(k.shape)} {k.dtype} does not match 'q' {tuple(q.shape)} {q.dtype}")
+        if self.logits is None:
+            logits = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+            if bias is not None:
+                logits.add_(bias.dense())
+            self.logits = logits
+            self.last_macs = b * h * nq * nk * d
+            return logits
+        logits = self.logits
+        if logits.shape != (b, h, nq, nk) or logits.dtype != q.dtype or logits.device != q.device:
+            raise ValueError(
+                f"eventful: q/k give logits {(b, h, nq, nk)} {q.dtype} but the buffer holds {tuple(logits.shape)} "
+                f"{logits.dtype}; call reset() before starting a new stream"
+            )
+        _check_index(index_q, "index_q", b)
+        _check_index(index_k, "index_k", b)
+        kq, kk = index_q.shape[1], index_k.shape[1]
+        self.last_macs = b * h * (kq * nk + nq * kk) * d
+        ops = self.k_ops
+        if bias is None:
+            ops.qk_update_(logits, q, k, index_q, index_k, scale)
+            return logits
+        if kq:
+            rows = torch.matmul(ops.gather_rows(q, index_q), k.transpose(-1, -2)).mul_(scale).add_(bias.rows(index_q))
+            ops.scatter_rows_(logits, index_q, rows)
+        if kk:
+            cols = torch.matmul(q, ops.gather_rows(k, index_k).transpose(-1, -2)).mul_(scale).add_(bias.cols(index_k))
+            ops.scatter_cols_(logits, index_k, cols)
+        return logits
+
+
+class MatmulDeltaAccumulator(EventfulModule):
+    """A·V state. ``forward(a [B,H,M,N], v [B,H,N,d], index [B,K]) -> out [B,H,M,d]`` (a view of the state).
+
+    Flush: ``out = a @ v``; ``a`` and ``v`` are stored (copied) as the references. Afterwards the fused
+    ``av_delta_update_``: ``out += a[..., S] @ v[S] - a_ref[..., S] @ v_ref[S]`` with ``S = index``, then the
+    references are refreshed at ``S`` (invariant ``out == a_ref @ v_ref``). The state is stored token-major
+    (``[B, M, H, d]``), so :attr:`tokens` is a free ``[B, M, H*d]`` view (heads merged, as before a projection).
+    ``last_macs``: flush ``B*H*M*N*d``, update ``2*B*H*M*K*d``.
+    """
+
+    def __init__(self, backend: str = "ops"):
+        super().__init__(backend)
+        self.out: Optional[Tensor] = None  # [B, M, H, d]
+        self.a_ref: Optional[Tensor] = None
+        self.v_ref: Optional[Tensor] = None
+
+    def _reset_state(self) -> None:
+        self.out = self.a_ref = self.v_ref = None
+
+    @property
+    def tokens(self) -> Tensor:
+        """The output as ``[B, M, H*d]`` tokens (a view of the state)."""
+        b, m, h, d = self.out.shape
+        return self.out.view(b, m, h * d)
+
+    @torch.no_grad()
+    def forward(self, a: Tensor, v: Tensor, index: Optional[Tensor] = None) -> Tensor:
+        _check_heads(a, "a")
+        _check_heads(v, "v")
+        b, h, m, n = a.shape
+        d = v.shape[3]
+        if v.shape[:3] != (b, h, n) or v.dtype != a.dtype or v.device != a.device:
+            raise ValueError(f"eventful: argument 'v' {tuple(v.shape)} {v.dtype} does not match 'a' {tuple(a.shape)} {a.dtype}")
+        if self.out is None:
+            out = torch.empty(b, m, h, d, dtype=a.dtype, device=a.device)
+            out.permute(0, 2, 1, 3).copy_(torch.matmul(a, v))
+            self.a_ref = a.detach().clone(memory_format=torch.contiguous_format)
+            self.v_ref = v.detach().clone(memory_format=torch.contiguous_format)
+            self.out = out
+            self.last_macs = b * h * m * n * d
+            return out.permute(0, 2, 1, 3)
+        if self.a_ref.shape != a.shape or self.v_ref.shape != v.shape or self.a_ref.dtype != a.dtype:
+            raise ValueError(
+                f"eventful: a {tuple(a.shape)} / v {tuple(v.shape)} do not match the stored references "
+                f"{tuple(self.a_ref.shape)} / {tuple(self.v_ref.shape)}; call reset() before starting a new stream"
+            )
+        _check_index(index, "index", b)
+        out4 = self.out.permute(0, 2, 1, 3)
+        self.last_macs = 2 * b * h * m * index.shape[1] * d
+        if index.shape[1]:
+            self.k_ops.av_delta_update_(out4, a, self.a_ref, v, self.v_ref, index)
+        return out4

@@ -1,0 +1,120 @@
+"""Token-selection policies shared by the gates of a model.
+
+A policy object is shared by every gate of a model, so mutating it (``policy.r = 64``) changes the cost at the
+next frame. Top-k policies give the selection size with ``policy.k(n_tokens)``; :class:`Threshold` selects the
+tokens whose change exceeds ``h`` (see :class:`eventful_kernels.nn.TokenGate` for the batched rule).
+"""
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import Optional, Union
+
+
+def _check_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+        raise ValueError(f"eventful: argument '{name}' must be an int >= 0, got {value!r}")
+    return int(value)
+
+
+class Policy:
+    """Base class of selection policies."""
+
+    def k(self, n_tokens: int) -> int:
+        raise TypeError(f"eventful: {type(self).__name__} has no fixed top-k size")
+
+
+class TopK(Policy):
+    """Select exactly ``min(r, N)`` tokens per stream."""
+
+    def __init__(self, r: int):
+        self.r = r
+
+    @property
+    def r(self) -> int:
+        return self._r
+
+    @r.setter
+    def r(self, value: int) -> None:
+        self._r = _check_int(value, "r")
+
+    def k(self, n_tokens: int) -> int:
+        return min(self._r, int(n_tokens))
+
+    def __repr__(self) -> str:
+        return f"TopK(r={self._r})"
+
+
+class TopFraction(Policy):
+    """Select ``round(f * N)`` tokens per stream (round half up), at least 1 when ``f > 0``; ``0 <= f <= 1``."""
+
+    def __init__(self, f: float):
+        self.f = f
+
+    @property
+    def f(self) -> float:
+        return self._f
+
+    @f.setter
+    def f(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, Real) or not (0.0 <= float(value) <= 1.0):
+            raise ValueError(f"eventful: argument 'f' must be a float in [0, 1], got {value!r}")
+        self._f = float(value)
+
+    def k(self, n_tokens: int) -> int:
+        n = int(n_tokens)
+        if self._f == 0.0 or n == 0:
+            return 0
+        return min(n, max(1, math.floor(self._f * n + 0.5)))
+
+    def __repr__(self) -> str:
+        return f"TopFraction(f={self._f})"
+
+
+class Threshold(Policy):
+    """Select tokens with ``||c - ref||_2 > h``, at most ``capacity`` per stream (default: all N)."""
+
+    def __init__(self, h: float, capacity: Optional[int] = None):
+        self.h = h
+        self.capacity = capacity
+
+    @property
+    def h(self) -> float:
+        return self._h
+
+    @h.setter
+    def h(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(float(value)):
+            raise ValueError(f"eventful: argument 'h' must be a real number, got {value!r}")
+        self._h = float(value)
+
+    @property
+    def capacity(self) -> Optional[int]:
+        return self._capacity
+
+    @capacity.setter
+    def capacity(self, value: Optional[int]) -> None:
+        self._capacity = None if value is None else _check_int(value, "capacity")
+
+    def capacity_for(self, n_tokens: int) -> int:
+        """Effective capacity for ``n_tokens`` tokens: ``min(capacity, N)``."""
+        n = int(n_tokens)
+        return n if self._capacity is None else min(self._capacity, n)
+
+    def __repr__(self) -> str:
+        return f"Threshold(h={self._h}, capacity={self._capacity})"
+
+
+def as_policy(value: Union[None, int, float, Policy]) -> Policy:
+    """``None`` -> ``TopFraction(1.0)``; int -> ``TopK``; float -> ``TopFraction``; a Policy is returned as is."""
+    if value is None:
+        return TopFraction(1.0)
+    if isinstance(value, Policy):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"eventful: a budget must be an int, float or Policy, got {value!r}")
+    if isinstance(value, Integral):
+        return TopK(int(value))
+    if isinstance(value, Real):
+        return TopFraction(float(value))
+    raise ValueError(f"eventful: a budget must be an int, float or Policy, got {value!r}")

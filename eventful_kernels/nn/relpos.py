@@ -1,0 +1,115 @@
+"""Decomposed relative-position logit bias (MViTv2 / ViTDet / SAM), kept as per-query-row state.
+
+For a query at grid cell ``(qh, qw)`` and a key at ``(kh, kw)`` the bias is ``rel_h[q, kh] + rel_w[q, kw]`` with
+``rel_h[q] = R_h[qh] @ q_vec`` and ``rel_w[q] = R_w[qw] @ q_vec`` (``q_vec`` after q-norm, before the scale). The
+bias depends on the query only, so ``rel_h [B,H,N,Gh]`` / ``rel_w [B,H,N,Gw]`` are stored and recomputed at the
+changed query rows; bias rows/columns for the logits buffer are assembled from them.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backend import EventfulModule
+
+
+def rel_pos_table(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
+    """Relative-position embeddings ``[q_size, k_size, C]`` for the offsets between query and key positions.
+
+    ``rel_pos [L, C]`` is linearly resized to ``2*max(q_size, k_size) - 1`` entries when its length differs; with
+    different sizes the shorter side's coordinates are scaled (the ViTDet/SAM rule).
+    """
+    max_rel_dist = int(2 * max(q_size, k_size) - 1)
+    if rel_pos.shape[0] != max_rel_dist:
+        resized = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=max_rel_dist, mode="linear")
+        resized = resized.reshape(-1, max_rel_dist).permute(1, 0)
+    else:
+        resized = rel_pos
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return resized[relative.long()]
+
+
+class DecomposedRelPos(EventfulModule):
+    """Per-row decomposed rel-pos state for an attention module ``attn`` with ``rel_pos_h`` / ``rel_pos_w``.
+
+    ``update(q [B,H,N,d], grid (Gh, Gw), index_q=None)``: flush / dense (``index_q`` None) computes every row,
+    otherwise only rows ``index_q``. Then ``rows(index_q)``, ``cols(index_k)``, ``dense()`` give the bias as
+    ``[B,H,K,N]``, ``[B,H,N,K]``, ``[B,H,N,N]``. The parameters are read from ``attn`` (not copied).
+    """
+
+    def __init__(self, attn: nn.Module, backend: str = "ops"):
+        super().__init__(backend)
+        self._attn = (attn,)  # a tuple so the wrapped module is not registered twice
+        self.rel_h: Optional[Tensor] = None
+        self.rel_w: Optional[Tensor] = None
+        self._tables: Optional[Tuple[Tensor, Tensor]] = None
+        self._grid: Optional[Tuple[int, int]] = None
+        self._sel: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+
+    def _reset_state(self) -> None:
+        self.rel_h = self.rel_w = None
+        self._tables = self._grid = self._sel = None
+
+    def _make_tables(self, grid: Tuple[int, int], like: Tensor) -> Tuple[Tensor, Tensor]:
+        attn = self._attn[0]
+        gh, gw = grid
+        rh = rel_pos_table(gh, gh, attn.rel_pos_h).to(like.dtype)
+        rw = rel_pos_table(gw, gw, attn.rel_pos_w).to(like.dtype)
+        return rh, rw
+
+    @torch.no_grad()
+    def update(self, q: Tensor, grid: Tuple[int, int], index_q: Optional[Tensor] = None) -> "DecomposedRelPos":
+        b, h, n, d = q.shape
+        gh, gw = grid
+        if gh * gw != n:
+            raise ValueError(f"eventful: grid {grid} does not hold the {n} query tokens")
+        if self._tables is None or self._grid != (gh, gw) or self._tables[0].dtype != q.dtype:
+            self._tables = self._make_tables((gh, gw), q)
+            self._grid = (gh, gw)
+        rh, rw = self._tables
+        self._sel = None
+        if index_q is None or self.rel_h is None:
+            r_q = q.reshape(b, h, gh, gw, d)
+            self.rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).reshape(b, h, n, gh)
+            self.rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).reshape(b, h, n, gw)
+            return self
+        if self.rel_h.shape[:3] != (b, h, n):
+            raise ValueError("eventful: q does not match the stored rel-pos state; call reset()")
+        if index_q.shape[1] == 0:
+            return self
+        ops = self.k_ops
+        idx = index_q.long()
+        q_sel = ops.gather_rows(q, idx)  # [B,H,K,d]
+        sel_h = torch.einsum("bnkc,bkjc->bnkj", q_sel, rh[torch.div(idx, gw, rounding_mode="floor")])
+        sel_w = torch.einsum("bnkc,bkjc->bnkj", q_sel, rw[idx % gw])
+        ops.scatter_rows_(self.rel_h, idx, sel_h)
+        ops.scatter_rows_(self.rel_w, idx, sel_w)
+        self._sel = (index_q, sel_h, sel_w)
+        return self
+
+    def rows(self, index_q: Tensor) -> Tensor:
+        """Bias rows ``[B,H,K,N]`` of the query rows passed to the last :meth:`update`."""
+        if self._sel is None or self._sel[0] is not index_q:
+            raise RuntimeError("eventful: DecomposedRelPos.rows() needs update(q, grid, index_q) with the same index first")
+        _, sel_h, sel_w = self._sel
+        b, h, k, gh = sel_h.shape
+        return (sel_h[..., :, None] + sel_w[..., None, :]).reshape(b, h, k, gh * sel_w.shape[-1])
+
+    def cols(self, index_k: Tensor) -> Tensor:
+        """Bias columns ``[B,H,N,K]`` for key tokens ``index_k`` (every query row)."""
+        gw = self._grid[1]
+        idx = index_k.long()
+        ops = self.k_ops
+        return ops.gather_cols(self.rel_h, torch.div(idx, gw, rounding_mode="floor")).add_(
+            ops.gather_cols(self.rel_w, idx % gw)
+        )
+
+    def dense(self) -> Tensor:
+        """The full bias ``[B,H,N,N]``."""
+        b, h, n, gh = self.rel_h.shape
+        return (self.rel_h[..., :, None] + self.rel_w[..., None, :]).reshape(b, h, n, n)

@@ -1,0 +1,75 @@
+"""Geometry of windowed attention (ViTDet / SAM): an ``H x W`` token grid padded to multiples of the window size
+``ws`` and cut into ``nW`` windows of ``T = ws*ws`` tokens.
+
+Window-major order numbers the padded grid window by window (row-major inside a window), so a ``[B, nW*T, C]``
+tensor in that order is a free ``[B*nW, T, C]`` view. Image order is ``h*W + w`` over the unpadded grid.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+
+class WindowGrid:
+    """Window partition of an ``h x w`` grid with window size ``ws`` (bottom/right padding, as ViTDet/SAM)."""
+
+    def __init__(self, h: int, w: int, ws: int, device: torch.device):
+        if ws <= 0:
+            raise ValueError(f"eventful: window size must be > 0, got {ws}")
+        self.h, self.w, self.ws = h, w, ws
+        self.hp, self.wp = h + (-h % ws), w + (-w % ws)
+        self.nwh, self.nww = self.hp // ws, self.wp // ws
+        self.n_windows = self.nwh * self.nww
+        self.t = ws * ws
+        rows = torch.arange(h, device=device)[:, None]
+        cols = torch.arange(w, device=device)[None, :]
+        win = (rows // ws) * self.nww + cols // ws
+        # perm[image id] = window-major id of the same token
+        self.perm = (win * self.t + (rows % ws) * ws + cols % ws).reshape(-1)
+        real = torch.zeros(self.n_windows * self.t, dtype=torch.int8, device=device)
+        real[self.perm] = 1
+        self.pad_mask = (1 - real).view(self.n_windows, self.t)  # [nW, T] 1 at padding tokens
+        self.n_real = real.view(self.n_windows, self.t).sum(-1)  # [nW]
+
+    @property
+    def padded(self) -> bool:
+        return self.hp != self.h or self.wp != self.w
+
+    def partition(self, x: Tensor, pad: Tensor) -> Tensor:
+        """Image order ``[B, h*w, C]`` -> window-major ``[B, nW*T, C]``; padding tokens take the value ``pad [C]``."""
+        b, _, c = x.shape
+        out = pad.to(x.dtype).reshape(1, 1, c).expand(b, self.n_windows * self.t, c).contiguous()
+        out.index_copy_(1, self.perm, x)
+        return out
+
+    def unpartition(self, y: Tensor) -> Tensor:
+        """Window-major ``[B, nW*T, C]`` -> image order ``[B, h*w, C]`` (one gather; padding dropped)."""
+        return torch.index_select(y, 1, self.perm)
+
+    def window_index(self, wid: Tensor) -> Tuple[Tensor, Tensor]:
+        """Per-window selection from window-major token ids ``wid [B, K]``.
+
+        Returns ``(index [B*nW, Kw] int64 ascending, fill [B*nW, Kw] bool)`` with ``Kw`` the largest number of
+        selected tokens in any window (one host sync). Each window lists its selected tokens; the remaining slots
+        are filled with its lowest-id unselected tokens, marked in ``fill``. A window whose real tokens are all
+        selected also selects its padding tokens (so its attention is refreshed exactly, e.g. at ``r = N``);
+        otherwise padding tokens count as unchanged.
+        """
+        b = wid.shape[0]
+        mask = torch.zeros(b, self.n_windows * self.t, dtype=torch.int8, device=wid.device)
+        mask.scatter_(1, wid.long(), 1)
+        if self.padded:
+            m = mask.view(b, self.n_windows, self.t)
+            full = (m.sum(-1) == self.n_real).to(torch.int8)
+            m.add_(self.pad_mask * full[..., None])
+        mask = mask.view(b * self.n_windows, self.t)
+        kw = int(mask.sum(-1).max()) if wid.shape[1] else 0
+        if kw == 0:
+            empty = torch.empty(b * self.n_windows, 0, dtype=torch.long, device=wid.device)
+            return empty, empty.bool()
+        order = torch.sort(mask, dim=-1, descending=True, stable=True).indices[:, :kw]
+        index = torch.sort(order, dim=-1).values
+        fill = torch.gather(mask, 1, index) == 0
+        return index, fill
