@@ -74,8 +74,9 @@ def test_ops_equal_reference_partial_budget(cfg, cls):
 @pytest.mark.parametrize("cfg", ["vit", "sam_window_relpos_padded"])
 def test_ops_equal_reference_bf16(cfg):
     """bf16 (8-bit mantissa, eps 2^-8 = 0.4%): each path rounds ~10 times per block (linears, softmax, buffers,
-    accumulator) in different orders, so outputs may differ by a few ulps of their magnitude: we allow 3% of the
-    output's max magnitude, and also require the two to be far closer than the r < N approximation error."""
+    accumulator); kernels may accumulate in a different order than the reference, so outputs may differ by a few
+    ulps of their magnitude. We allow 3% of the output's max magnitude: the same block run in bf16 instead of fp32
+    deviates by up to ~2% on this video, so a backend error larger than bf16's own rounding noise still fails."""
     blk, shape = make(cfg)
     blk = blk.to(torch.bfloat16)
     policy = TopFraction(0.3)
@@ -111,15 +112,15 @@ def test_budget_change_mid_stream(cfg, cls, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls", CLASSES)
-@pytest.mark.parametrize("batch", [1, 2])
-def test_threshold_policy(cls, backend, batch):
-    blk, (_, n, d) = make("vit")
-    video = random_video((batch, n, d))
+@pytest.mark.parametrize("cfg,batch", [("vit", 1), ("vit", 2), ("sam_window_relpos_padded", 2)])
+def test_threshold_policy(cfg, cls, backend, batch):
+    blk, shape = make(cfg)
+    video = random_video((batch,) + shape[1:])
     # h = 0: every token drifts a little, so all are selected each frame -> dense
     eb = cls(blk, Threshold(0.0), backend=backend)
     for x in video:
         torch.testing.assert_close(eb(x), blk(x), **FP32)
-    # h huge: nothing after the flush is recomputed; only the residual input changes
+    # h huge: K = 0 after the flush, nothing is recomputed; only the residual input changes
     eb = cls(blk, Threshold(1e9), backend=backend)
     y0 = eb(video[0])
     for x in video[1:]:
