@@ -240,3 +240,28 @@ def test_set_backend_switches_mid_stream():
         if t == 3:
             set_backend(a, "ops")
         torch.testing.assert_close(a(x), b(x), **FP32)
+
+
+def test_failed_flush_leaves_no_state():
+    blk, shape = make("vit")
+    eb = EventfulBlock(blk, TopK(n_tokens(shape)), backend="reference")
+    x = random_video(shape, frames=1)[0]
+    with pytest.raises(RuntimeError):
+        eb(x.double())  # the gate accepts it, the float32 Linear does not
+    assert eb.qkv_gate.flushing and eb.qkv_buffer.state is None
+    torch.testing.assert_close(eb(x), blk(x), **FP32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("cfg", ["vit", "sam_window_relpos_padded"])
+def test_cuda_matches_cpu(cfg, cls, backend):
+    """All state lives on the input's device; CUDA results equal the CPU reference (TF32 off: fp32 tolerance)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    blk, shape = make(cfg)
+    policy = TopFraction(0.3)
+    e_cpu = cls(blk, policy, backend="reference")
+    e_gpu = cls(make(cfg)[0].cuda(), policy, backend=backend)
+    for t, x in enumerate(random_video(shape)):
+        torch.testing.assert_close(e_gpu(x.cuda()).cpu(), e_cpu(x), **FP32, msg=f"frame {t}")
