@@ -28,8 +28,11 @@ def _extension():
         extra_link_args=["-fopenmp"],
     )
     if _want_cuda():
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]}
+        # kernels (*.cu) and the op/registration files that call them (*.cpp); see tools/check_cuda_compile.py
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        # no --use_fast_math: its flush-to-zero / approximate math would make gate scores differ from the
+        # reference's, and top-k ties must be decided exactly as the reference decides them
+        kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3"]}
         return cpp_extension.CUDAExtension("eventful_kernels._C", sources, **kwargs)
     kwargs["extra_compile_args"] = {"cxx": cxx}
     return cpp_extension.CppExtension("eventful_kernels._C", sources, **kwargs)

@@ -1,0 +1,315 @@
+// CUDA kernels moving token rows and attention-map columns, and the index validation kernel.
+// Pure data movement: rows are copied in raw units of up to 16 bytes (one instantiation per unit width serves every
+// float dtype); columns are copied element by element as 2- or 4-byte words.
+#include <ATen/core/TensorBase.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels.h"
+#include "launch.cuh"
+
+namespace eventful {
+namespace cuda {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Rows. Each row task r = (b, h, k) is handled by one group of blockDim.x threads (a warp or a whole block for wide
+// rows, a fraction of a warp for narrow ones); blockDim.y groups per block; grid-stride over the B*H*K row tasks.
+
+// A [B, H, rows, D] operand: byte strides of dims 0-2, s3 = bytes between consecutive copy units of a row.
+struct RowOperand {
+  char* ptr;
+  int64_t s0, s1, s2, s3;
+};
+
+struct RowArgs {
+  RowOperand src, dst, ref;  // ref: kGate only
+  int64_t is0, is1;          // index strides (elements)
+  int64_t H, K, n;           // heads, ids per batch row, token count of the indexed operand
+  int64_t rows, units;       // B*H*K row tasks, copy units per row
+};
+
+constexpr int kBatch = 4;  // copy units a thread loads before storing them
+
+template <typename unit_t, typename index_t, RowMode kMode>
+__global__ void __launch_bounds__(kBlockThreads) copy_rows_kernel(RowArgs a, const index_t* __restrict__ index) {
+  constexpr bool kIndexedSrc = kMode != RowMode::kScatter;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < a.rows; r += step) {
+    const int64_t k = r % a.K, bh = r / a.K, h = bh % a.H, b = bh / a.H;
+    const int64_t tok = static_cast<int64_t>(index[b * a.is0 + k * a.is1]);
+    const bool ok = tok >= 0 && tok < a.n;
+    CUDA_KERNEL_ASSERT_MSG(ok, "eventful: index holds a token id out of range [0, N)");
+    if (!ok) {
+      // Never touch the indexed operand; a gather still defines its output row (zeros).
+      if constexpr (kIndexedSrc) {
+        char* d = a.dst.ptr + b * a.dst.s0 + h * a.dst.s1 + k * a.dst.s2;
+        for (int64_t j = threadIdx.x; j < a.units; j += blockDim.x) *reinterpret_cast<unit_t*>(d + j * a.dst.s3) = unit_t{};
+      }
+      continue;
+    }
+    const int64_t srow = kIndexedSrc ? tok : k, drow = kIndexedSrc ? k : tok;
+    const char* s = a.src.ptr + b * a.src.s0 + h * a.src.s1 + srow * a.src.s2;
+    char* d = a.dst.ptr + b * a.dst.s0 + h * a.dst.s1 + drow * a.dst.s2;
+    char* q = nullptr;
+    if constexpr (kMode == RowMode::kGate) q = a.ref.ptr + b * a.ref.s0 + h * a.ref.s1 + tok * a.ref.s2;
+    // kBatch loads in flight per thread before their stores (the compiler may not reorder them: the operands
+    // could alias as far as it knows). Each unit is loaded and stored by the same thread, so c == ref is safe.
+    for (int64_t j0 = threadIdx.x; j0 < a.units; j0 += kBatch * blockDim.x) {
+      unit_t v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t j = j0 + u * static_cast<int64_t>(blockDim.x);
+        if (j < a.units) v[u] = *reinterpret_cast<const unit_t*>(s + j * a.src.s3);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t j = j0 + u * static_cast<int64_t>(blockDim.x);
+        if (j < a.units) {
+          *reinterpret_cast<unit_t*>(d + j * a.dst.s3) = v[u];
+          if constexpr (kMode == RowMode::kGate) *reinterpret_cast<unit_t*>(q + j * a.ref.s3) = v[u];
+        }
+      }
+    }
+  }
+}
+
+// Can rows of `t` ([B, H, rows, D]) be moved in aligned units of `w` bytes? Needs a unit-stride last dim, rows a
+// whole number of units, and the base and every used stride (dims of size > 1) multiples of w.
+bool unit_ok(const at::TensorBase& t, int64_t w) {
+  const int64_t e = t.element_size();
+  if (t.size(3) != 1 && t.stride(3) != 1) return false;
+  if ((t.size(3) * e) % w != 0) return false;
+  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % w != 0) return false;
+  for (int d = 0; d < 3; ++d) {
+    if (t.size(d) > 1 && (t.stride(d) * e) % w != 0) return false;
+  }
+  return true;
+}
+
+RowOperand row_operand(const at::TensorBase& t, int64_t width) {
+  const int64_t e = t.element_size();
+  char* p = static_cast<char*>(const_cast<void*>(t.const_data_ptr()));
+  // Element-wide units follow the last-dim stride; wider units imply a unit stride (checked by unit_ok).
+  return {p, t.stride(0) * e, t.stride(1) * e, t.stride(2) * e, width == e ? t.stride(3) * e : width};
+}
+
+template <typename unit_t, typename index_t>
+void launch_rows(RowMode mode, dim3 grid, dim3 block, const RowArgs& a, const index_t* index) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  switch (mode) {
+    case RowMode::kGather:
+      copy_rows_kernel<unit_t, index_t, RowMode::kGather><<<grid, block, 0, stream>>>(a, index);
+      break;
+    case RowMode::kScatter:
+      copy_rows_kernel<unit_t, index_t, RowMode::kScatter><<<grid, block, 0, stream>>>(a, index);
+      break;
+    case RowMode::kGate:
+      copy_rows_kernel<unit_t, index_t, RowMode::kGate><<<grid, block, 0, stream>>>(a, index);
+      break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename unit_t>
+void launch_rows_unit(RowMode mode, dim3 grid, dim3 block, const RowArgs& a, const at::TensorBase& index) {
+  if (index.scalar_type() == at::kLong) {
+    launch_rows<unit_t>(mode, grid, block, a, index.const_data_ptr<int64_t>());
+  } else {
+    launch_rows<unit_t>(mode, grid, block, a, index.const_data_ptr<int32_t>());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Columns. A block owns blockDim.x consecutive ids of one batch row (threadIdx.x) and a chunk of that batch's
+// H*M rows (threadIdx.y strides through it): each thread loads its id once and reuses it for every row of the
+// chunk. Along a warp the dense side is contiguous (coalesced); the indexed side hits the same row's columns.
+
+struct Strides4 {
+  int64_t s0, s1, s2, s3;  // elements
+};
+
+struct ColArgs {
+  Strides4 src, dst;
+  int64_t is0, is1;
+  int64_t M, K, n;            // rows per head, ids per batch row, column count of the indexed operand
+  int64_t plane;              // H * M rows per batch row
+  int64_t k_tiles, chunks, chunk_rows, tiles;
+};
+
+template <typename elem_t, typename index_t, bool kGather>
+__global__ void __launch_bounds__(kBlockThreads)
+    copy_cols_kernel(ColArgs a, const elem_t* __restrict__ src, elem_t* __restrict__ dst,
+                     const index_t* __restrict__ index) {
+  // Row step of one thread, as (heads, rows) so the (h, m) walk needs no division per element.
+  const int64_t dh = blockDim.y / a.M, dm = blockDim.y % a.M;
+  for (int64_t t = blockIdx.x; t < a.tiles; t += gridDim.x) {
+    const int64_t kt = t % a.k_tiles, rest = t / a.k_tiles, rc = rest % a.chunks, b = rest / a.chunks;
+    const int64_t k = kt * blockDim.x + threadIdx.x;
+    if (k >= a.K) continue;
+    const int64_t tok = static_cast<int64_t>(index[b * a.is0 + k * a.is1]);
+    const bool ok = tok >= 0 && tok < a.n;
+    CUDA_KERNEL_ASSERT_MSG(ok, "eventful: index holds a token id out of range [0, N)");
+    if (!kGather && !ok) continue;  // a scatter never writes through a bad id
+    const int64_t r0 = rc * a.chunk_rows + threadIdx.y;
+    const int64_t r1 = std::min(rc * a.chunk_rows + a.chunk_rows, a.plane);
+    if (r0 >= r1) continue;
+    const int64_t safe_tok = ok ? tok : 0;
+    const elem_t* s = src + b * a.src.s0 + (kGather ? safe_tok : k) * a.src.s3;
+    elem_t* d = dst + b * a.dst.s0 + (kGather ? k : safe_tok) * a.dst.s3;
+    int64_t h = r0 / a.M, m = r0 % a.M;
+#pragma unroll 4
+    for (int64_t r = r0; r < r1; r += blockDim.y) {
+      elem_t v = elem_t(0);
+      if (ok) v = s[h * a.src.s1 + m * a.src.s2];
+      d[h * a.dst.s1 + m * a.dst.s2] = v;
+      h += dh;
+      m += dm;
+      if (m >= a.M) {
+        m -= a.M;
+        ++h;
+      }
+    }
+  }
+}
+
+template <typename elem_t, bool kGather>
+void launch_cols(dim3 grid, dim3 block, const ColArgs& a, const at::TensorBase& src, const at::TensorBase& dst,
+                 const at::TensorBase& index) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto* s = static_cast<const elem_t*>(src.const_data_ptr());
+  auto* d = static_cast<elem_t*>(dst.mutable_data_ptr());
+  if (index.scalar_type() == at::kLong) {
+    copy_cols_kernel<elem_t, int64_t, kGather><<<grid, block, 0, stream>>>(a, s, d, index.const_data_ptr<int64_t>());
+  } else {
+    copy_cols_kernel<elem_t, int32_t, kGather><<<grid, block, 0, stream>>>(a, s, d, index.const_data_ptr<int32_t>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Index validation: grid-stride over the B*K ids. Range errors keep the smallest flat position, duplicates the
+// smallest b*n+id (both as UINT64_MAX - value under atomicMax, so a zeroed workspace means "no error").
+
+template <typename index_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    index_check_kernel(const index_t* __restrict__ index, int64_t is0, int64_t is1, int64_t K, int64_t n,
+                       int64_t total, int* __restrict__ seen, unsigned long long* __restrict__ err) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += step) {
+    const int64_t b = i / K, j = i % K;
+    const int64_t v = static_cast<int64_t>(index[b * is0 + j * is1]);
+    if (v < 0 || v >= n) {
+      atomicMax(&err[0], ~static_cast<unsigned long long>(i));
+      continue;
+    }
+    if (seen != nullptr && atomicAdd(&seen[b * n + v], 1) != 0) {
+      atomicMax(&err[1], ~static_cast<unsigned long long>(b * n + v));
+    }
+  }
+}
+
+}  // namespace
+
+void copy_rows_cuda(const at::TensorBase& src, const at::TensorBase& dst, const at::TensorBase& index, RowMode mode,
+                    const at::TensorBase& ref) {
+  const int64_t B = index.size(0), K = index.size(1), H = dst.size(1), D = dst.size(3);
+  const int64_t rows = B * H * K;
+  if (rows == 0 || D == 0) return;
+  const c10::cuda::CUDAGuard guard(dst.device());
+  const bool gate = mode == RowMode::kGate;
+  const int64_t esize = dst.element_size();
+  int64_t width = esize;
+  for (const int64_t w : {16, 8, 4}) {
+    if (w > esize && unit_ok(src, w) && unit_ok(dst, w) && (!gate || unit_ok(ref, w))) {
+      width = w;
+      break;
+    }
+  }
+  RowArgs a;
+  a.src = row_operand(src, width);
+  a.dst = row_operand(dst, width);
+  a.ref = gate ? row_operand(ref, width) : RowOperand{nullptr, 0, 0, 0, 0};
+  a.is0 = index.stride(0);
+  a.is1 = index.stride(1);
+  a.H = H;
+  a.K = K;
+  a.n = mode == RowMode::kScatter ? dst.size(2) : src.size(2);
+  a.rows = rows;
+  a.units = D * esize / width;
+  // Threads per row: the units rounded up to a power of two below a warp, to whole warps above, at most a block.
+  const int tx = a.units <= 32 ? pow2_ceil(a.units)
+                               : static_cast<int>(std::min<int64_t>(ceil_div(a.units, 32) * 32, kBlockThreads));
+  const int ty = kBlockThreads / tx;
+  const dim3 block(tx, ty);
+  const dim3 grid(grid_size(ceil_div(rows, ty), tx * ty));
+  switch (width) {
+    case 16: launch_rows_unit<CopyUnit<16>::type>(mode, grid, block, a, index); break;
+    case 8: launch_rows_unit<CopyUnit<8>::type>(mode, grid, block, a, index); break;
+    case 4: launch_rows_unit<CopyUnit<4>::type>(mode, grid, block, a, index); break;
+    default: launch_rows_unit<CopyUnit<2>::type>(mode, grid, block, a, index); break;
+  }
+}
+
+void copy_cols_cuda(const at::TensorBase& src, const at::TensorBase& dst, const at::TensorBase& index, bool gather) {
+  const int64_t B = index.size(0), K = index.size(1), H = dst.size(1), M = dst.size(2);
+  const int64_t plane = H * M;
+  if (B == 0 || K == 0 || plane == 0) return;
+  const c10::cuda::CUDAGuard guard(dst.device());
+  ColArgs a;
+  a.src = {src.stride(0), src.stride(1), src.stride(2), src.stride(3)};
+  a.dst = {dst.stride(0), dst.stride(1), dst.stride(2), dst.stride(3)};
+  a.is0 = index.stride(0);
+  a.is1 = index.stride(1);
+  a.M = M;
+  a.K = K;
+  a.n = gather ? src.size(3) : dst.size(3);
+  a.plane = plane;
+  const int tx = K >= 32 ? 32 : pow2_ceil(K);
+  const int ty = kBlockThreads / tx;
+  a.k_tiles = ceil_div(K, tx);
+  // Split each batch row's H*M rows into chunks so that about two waves of blocks cover the work.
+  const int64_t target = 2 * static_cast<int64_t>(sm_count()) * kBlocksPerSm;
+  const int64_t want = std::clamp<int64_t>(ceil_div(target, B * a.k_tiles), 1, ceil_div(plane, ty));
+  a.chunk_rows = ceil_div(plane, want);
+  a.chunks = ceil_div(plane, a.chunk_rows);
+  a.tiles = B * a.k_tiles * a.chunks;
+  const dim3 block(tx, ty);
+  const dim3 grid(grid_size(a.tiles));
+  const bool two_byte = dst.element_size() == 2;
+  if (gather) {
+    two_byte ? launch_cols<uint16_t, true>(grid, block, a, src, dst, index)
+             : launch_cols<uint32_t, true>(grid, block, a, src, dst, index);
+  } else {
+    two_byte ? launch_cols<uint16_t, false>(grid, block, a, src, dst, index)
+             : launch_cols<uint32_t, false>(grid, block, a, src, dst, index);
+  }
+}
+
+int64_t index_check_workspace_size(int64_t batch, int64_t n, bool unique) {
+  return 2 + (unique ? ceil_div(batch * n, 2) : 0);  // two int64 flags, then one int32 counter per (b, id)
+}
+
+void index_check_cuda(const at::TensorBase& index, int64_t n, bool unique, const at::TensorBase& workspace) {
+  const int64_t B = index.size(0), K = index.size(1), total = B * K;
+  if (total == 0) return;
+  const c10::cuda::CUDAGuard guard(index.device());
+  auto* err = static_cast<unsigned long long*>(workspace.mutable_data_ptr());
+  int* seen = unique ? reinterpret_cast<int*>(err + 2) : nullptr;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(grid_size(ceil_div(total, kBlockThreads)));
+  if (index.scalar_type() == at::kLong) {
+    index_check_kernel<int64_t><<<grid, kBlockThreads, 0, stream>>>(index.const_data_ptr<int64_t>(), index.stride(0),
+                                                                   index.stride(1), K, n, total, seen, err);
+  } else {
+    index_check_kernel<int32_t><<<grid, kBlockThreads, 0, stream>>>(index.const_data_ptr<int32_t>(), index.stride(0),
+                                                                   index.stride(1), K, n, total, seen, err);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace cuda
+}  // namespace eventful

@@ -1,0 +1,107 @@
+// CUDA gather_rows, scatter_rows_, gather_cols, scatter_cols_ (semantics: eventful_kernels/reference.py).
+// Metadata checks are the shared ones (same order and messages as csrc/cpu/gather_scatter.cpp). Index values:
+//  - gathers never synchronize: the kernels guard every id (device assert, no out-of-bounds access);
+//  - scatters validate range and uniqueness with a small kernel and read back one 16-byte flag (a host sync)
+//    before writing anything, so a bad index raises a clear error and leaves dst unchanged. This makes the scatters
+//    unsuitable for CUDA-graph capture; gathers are capturable.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "eventful/checks.h"
+#include "kernels.h"
+
+namespace eventful {
+namespace cuda {
+
+void check_index_values_cuda(const at::TensorBase& index_base, const char* name, int64_t n, bool unique) {
+  const at::Tensor index(index_base);
+  if (index.numel() == 0) return;
+  const int64_t B = index.size(0), K = index.size(1);
+  const at::Tensor ws = at::zeros({index_check_workspace_size(B, n, unique)}, index.options().dtype(at::kLong));
+  index_check_cuda(index, n, unique, ws);
+  const at::Tensor flags = ws.narrow(0, 0, 2).cpu();  // the one device-to-host read
+  const uint64_t bad = static_cast<uint64_t>(flags.const_data_ptr<int64_t>()[0]);
+  const uint64_t dup = static_cast<uint64_t>(flags.const_data_ptr<int64_t>()[1]);
+  if (bad != 0) {
+    const int64_t pos = static_cast<int64_t>(~bad), b = pos / K, j = pos % K;
+    const int64_t v = index.select(0, b).select(0, j).item<int64_t>();  // error path only
+    TORCH_CHECK_INDEX(false, "eventful: argument '", name, "' holds ", v, " at [", b, ", ", j, "], out of range [0, ",
+                      n, ")");
+  }
+  if (dup != 0) {
+    const int64_t key = static_cast<int64_t>(~dup), b = key / n, v = key % n;
+    TORCH_CHECK(false, "eventful: argument '", name, "' repeats token id ", v, " in row ", b,
+                " (ids must be distinct)");
+  }
+}
+
+namespace {
+
+void check_rows(const at::Tensor& x, const char* xname, const at::Tensor& index) {
+  check_rank(x, xname, 3, 4);
+  check_float(x, xname);
+  check_index_meta(index, "index", x.size(0), x, xname);
+}
+
+void check_scatter_src(const at::Tensor& dst, const at::Tensor& src) {
+  check_same_dtype(src, "src", dst, "dst");
+  check_same_device(src, "src", dst, "dst");
+  TORCH_CHECK(src.dim() == dst.dim(), "eventful: argument 'src' must have the rank of 'dst' (", dst.dim(),
+              "), got shape ", src.sizes());
+}
+
+at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& index) {
+  check_rows(x, "x", index);
+  const at::Tensor x4 = as_4d(x);
+  at::Tensor y4 = at::empty({x4.size(0), x4.size(1), index.size(1), x4.size(3)}, x.options());
+  copy_rows_cuda(x4, y4, index, RowMode::kGather);
+  return x.dim() == 3 ? y4.squeeze(1) : y4;
+}
+
+void scatter_rows_cuda(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) {
+  check_rows(dst, "dst", index);
+  check_scatter_src(dst, src);
+  const at::Tensor d4 = as_4d(dst), s4 = as_4d(src);
+  check_size(s4, "src", 0, d4.size(0), "the batch size of 'dst'");
+  check_size(s4, "src", 1, d4.size(1), "the head count of 'dst'");
+  check_size(s4, "src", 2, index.size(1), "K, the number of ids in 'index'");
+  check_size(s4, "src", 3, d4.size(3), "the feature size of 'dst'");
+  check_writable(dst, "dst");
+  check_index_values_cuda(index, "index", d4.size(2), /*unique=*/true);
+  copy_rows_cuda(s4, d4, index, RowMode::kScatter);
+}
+
+at::Tensor gather_cols_cuda(const at::Tensor& x, const at::Tensor& index) {
+  check_rows(x, "x", index);
+  const at::Tensor x4 = as_4d(x);
+  at::Tensor y4 = at::empty({x4.size(0), x4.size(1), x4.size(2), index.size(1)}, x.options());
+  copy_cols_cuda(x4, y4, index, /*gather=*/true);
+  return x.dim() == 3 ? y4.squeeze(1) : y4;
+}
+
+void scatter_cols_cuda(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) {
+  check_rows(dst, "dst", index);
+  check_scatter_src(dst, src);
+  const at::Tensor d4 = as_4d(dst), s4 = as_4d(src);
+  check_size(s4, "src", 0, d4.size(0), "the batch size of 'dst'");
+  check_size(s4, "src", 1, d4.size(1), "the head count of 'dst'");
+  check_size(s4, "src", 2, d4.size(2), "the row count of 'dst'");
+  check_size(s4, "src", 3, index.size(1), "K, the number of ids in 'index'");
+  check_writable(dst, "dst");
+  check_index_values_cuda(index, "index", d4.size(3), /*unique=*/true);
+  copy_cols_cuda(s4, d4, index, /*gather=*/false);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(eventful, CUDA, m) {
+  m.impl("gather_rows", &gather_rows_cuda);
+  m.impl("scatter_rows_", &scatter_rows_cuda);
+  m.impl("gather_cols", &gather_cols_cuda);
+  m.impl("scatter_cols_", &scatter_cols_cuda);
+}
+
+}  // namespace cuda
+}  // namespace eventful

@@ -1,0 +1,44 @@
+// Host entry points of the CUDA kernels (defined in csrc/cuda/*.cu). They take already-checked tensors, launch on
+// the current stream of the tensors' device and never synchronize (check_index_values_cuda, last, is the one
+// host-side check that does). Argument checking happens in the op files (csrc/cuda/*_ops.cpp) with the shared
+// checks of eventful/checks.h.
+#pragma once
+
+#include <ATen/core/TensorBase.h>
+
+#include <cstdint>
+
+namespace eventful {
+namespace cuda {
+
+enum class RowMode {
+  kGather,   // dst[b, h, k] = src[b, h, index[b, k]]
+  kScatter,  // dst[b, h, index[b, k]] = src[b, h, k]
+  kGate,     // dst[b, h, k] = src[b, h, index[b, k]] and ref[b, h, index[b, k]] = the same row
+};
+
+// Row copy over 4-d views [B, H, rows, D] (gather_rows, scatter_rows_, token_gate). index [B, K] int32/int64;
+// ref only for kGate (shape of src). Token ids outside [0, N) trip a device assert; the row is skipped (gather
+// destinations get zeros), never accessed out of bounds.
+void copy_rows_cuda(const at::TensorBase& src, const at::TensorBase& dst, const at::TensorBase& index, RowMode mode,
+                    const at::TensorBase& ref = at::TensorBase());
+
+// Column copy over 4-d views [B, H, M, cols] (gather_cols, scatter_cols_):
+//   gather: dst[b, h, m, k] = src[b, h, m, index[b, k]];  scatter: dst[b, h, m, index[b, k]] = src[b, h, m, k].
+void copy_cols_cuda(const at::TensorBase& src, const at::TensorBase& dst, const at::TensorBase& index, bool gather);
+
+// Validates index [B, K] against [0, n) (and distinct ids per row if `unique`) into `workspace`, a zeroed int64
+// tensor of index_check_workspace_size(...) elements: workspace[0] = UINT64_MAX - (first bad flat position b*K+j),
+// workspace[1] = UINT64_MAX - (smallest b*n+id repeated in row b); 0 = no error.
+int64_t index_check_workspace_size(int64_t batch, int64_t n, bool unique);
+void index_check_cuda(const at::TensorBase& index, int64_t n, bool unique, const at::TensorBase& workspace);
+
+// keys[b, n] (int64, contiguous [B, N]) = gate key of ||c[b, n] - ref[b, n]||_2 (float32), see gate_key().
+void gate_keys_cuda(const at::TensorBase& c, const at::TensorBase& ref, const at::TensorBase& keys);
+
+// Range (and uniqueness) check of a CUDA index with one device-to-host read of a 16-byte flag; throws the same
+// errors as check_index_values_cpu. Defined in gather_scatter.cpp.
+void check_index_values_cuda(const at::TensorBase& index, const char* name, int64_t n, bool unique);
+
+}  // namespace cuda
+}  // namespace eventful

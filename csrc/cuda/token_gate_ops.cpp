@@ -1,0 +1,74 @@
+// CUDA token_gate (semantics: eventful_kernels/reference.py): one kernel computes every token's selection key from
+// c and ref (float32 ||c - ref||_2, no N x D temporary), at::topk on the [B, N] int64 keys picks the k best
+// (unique keys, so equal scores go to the lower id exactly as the reference's stable sort), at::sort puts the ids
+// in ascending order, and one kernel copies the selected rows of c into c_sel and into ref. No host sync.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include "eventful/checks.h"
+#include "kernels.h"
+
+namespace eventful {
+namespace cuda {
+namespace {
+
+// Same checks and messages as the CPU gate (csrc/cpu/token_gate.cpp).
+void check_gate_inputs(const at::Tensor& c, const at::Tensor& ref) {
+  check_rank(c, "c", 3, 3);
+  check_float(c, "c");
+  check_rank(ref, "ref", 3, 3);
+  check_same_dtype(ref, "ref", c, "c");
+  check_same_device(ref, "ref", c, "c");
+  check_size(ref, "ref", 0, c.size(0), "the batch size of 'c'");
+  check_size(ref, "ref", 1, c.size(1), "the token count of 'c'");
+  check_size(ref, "ref", 2, c.size(2), "the feature size of 'c'");
+  check_writable(ref, "ref");
+  TORCH_CHECK(c.size(1) < std::numeric_limits<int32_t>::max(), "eventful: argument 'c' has ", c.size(1),
+              " tokens; at most 2^31 - 2 are supported");
+}
+
+void check_k(int64_t k, int64_t n) {
+  TORCH_CHECK_VALUE(k >= 0 && k <= n, "eventful: argument 'k' must satisfy 0 <= k <= N = ", n,
+                    " (tokens in 'c'), got ", k);
+}
+
+// index [B, k] int64, ascending: the k tokens with the largest scores (ties -> lower id).
+at::Tensor select_topk(const at::Tensor& c, const at::Tensor& ref, int64_t k) {
+  const int64_t B = c.size(0), N = c.size(1);
+  const auto long_opts = c.options().dtype(at::kLong);
+  if (B == 0 || k == 0) return at::empty({B, k}, long_opts);
+  if (k == N) return at::arange(N, long_opts).expand({B, N}).contiguous();  // every token; scores not needed
+  const at::Tensor keys = at::empty({B, N}, long_opts);
+  gate_keys_cuda(c, ref, keys);
+  const at::Tensor picked = std::get<1>(at::topk(keys, k, /*dim=*/1, /*largest=*/true, /*sorted=*/false));
+  return std::get<0>(at::sort(picked, /*dim=*/1));
+}
+
+std::tuple<at::Tensor, at::Tensor> token_gate_cuda(const at::Tensor& c, const at::Tensor& ref, int64_t k) {
+  check_gate_inputs(c, ref);
+  check_k(k, c.size(1));
+  const at::Tensor index = select_topk(c, ref, k);
+  at::Tensor c_sel = at::empty({c.size(0), k, c.size(2)}, c.options());
+  const at::Tensor c4 = c.unsqueeze(1), r4 = ref.unsqueeze(1), s4 = c_sel.unsqueeze(1);
+  const bool same = c.data_ptr() == ref.data_ptr() && c.strides() == ref.strides();
+  if (c.is_alias_of(ref) && !same) {
+    // c and ref share memory differently: gather everything before writing ref (as the reference does).
+    copy_rows_cuda(c4, s4, index, RowMode::kGather);
+    copy_rows_cuda(s4, r4, index, RowMode::kScatter);
+  } else {
+    // Each element is read from c and written to c_sel and ref by the same thread (safe even if c is ref).
+    copy_rows_cuda(c4, s4, index, RowMode::kGate, r4);
+  }
+  return {index, c_sel};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(eventful, CUDA, m) { m.impl("token_gate", &token_gate_cuda); }
+
+}  // namespace cuda
+}  // namespace eventful
