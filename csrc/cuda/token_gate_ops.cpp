@@ -16,26 +16,6 @@ namespace eventful {
 namespace cuda {
 namespace {
 
-// Same checks and messages as the CPU gate (csrc/cpu/token_gate.cpp).
-void check_gate_inputs(const at::Tensor& c, const at::Tensor& ref) {
-  check_rank(c, "c", 3, 3);
-  check_float(c, "c");
-  check_rank(ref, "ref", 3, 3);
-  check_same_dtype(ref, "ref", c, "c");
-  check_same_device(ref, "ref", c, "c");
-  check_size(ref, "ref", 0, c.size(0), "the batch size of 'c'");
-  check_size(ref, "ref", 1, c.size(1), "the token count of 'c'");
-  check_size(ref, "ref", 2, c.size(2), "the feature size of 'c'");
-  check_writable(ref, "ref");
-  TORCH_CHECK(c.size(1) < std::numeric_limits<int32_t>::max(), "eventful: argument 'c' has ", c.size(1),
-              " tokens; at most 2^31 - 2 are supported");
-}
-
-void check_k(int64_t k, int64_t n) {
-  TORCH_CHECK_VALUE(k >= 0 && k <= n, "eventful: argument 'k' must satisfy 0 <= k <= N = ", n,
-                    " (tokens in 'c'), got ", k);
-}
-
 // index [B, k] int64, ascending: the k tokens with the largest scores (ties -> lower id).
 at::Tensor select_topk(const at::Tensor& c, const at::Tensor& ref, int64_t k) {
   const int64_t B = c.size(0), N = c.size(1);

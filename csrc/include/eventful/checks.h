@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -81,6 +82,27 @@ inline void check_index_values_cpu(const at::Tensor& index, const char* name, in
       }
     }
   }
+}
+
+// Gate inputs: c [B, N, D] float, ref the same shape/dtype/device and writable (it is updated in place).
+inline void check_gate_inputs(const at::Tensor& c, const at::Tensor& ref) {
+  check_rank(c, "c", 3, 3);
+  check_float(c, "c");
+  check_rank(ref, "ref", 3, 3);
+  check_same_dtype(ref, "ref", c, "c");
+  check_same_device(ref, "ref", c, "c");
+  check_size(ref, "ref", 0, c.size(0), "the batch size of 'c'");
+  check_size(ref, "ref", 1, c.size(1), "the token count of 'c'");
+  check_size(ref, "ref", 2, c.size(2), "the feature size of 'c'");
+  check_writable(ref, "ref");
+  TORCH_CHECK(c.size(1) < std::numeric_limits<int32_t>::max(), "eventful: argument 'c' has ", c.size(1),
+              " tokens; at most 2^31 - 2 are supported");
+}
+
+// Top-k size of a gate: 0 <= k <= n.
+inline void check_k(int64_t k, int64_t n) {
+  TORCH_CHECK_VALUE(k >= 0 && k <= n, "eventful: argument 'k' must satisfy 0 <= k <= N = ", n,
+                    " (tokens in 'c'), got ", k);
 }
 
 // Rows view: [B, N, D] -> [B, 1, N, D]; [B, H, N, D] unchanged. Always a view.

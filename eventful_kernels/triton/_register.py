@@ -1,0 +1,82 @@
+"""Registration of the Triton kernels as the CUDA implementation of ``torch.ops.eventful``.
+
+Rule (coordinates with the C++ CUDA kernels of csrc/cuda/): ``EVENTFUL_BACKEND_CUDA`` selects
+- ``auto`` (default): Triton fills in every op that has no CUDA kernel registered from C++;
+- ``triton``: Triton serves every op, overriding C++ CUDA kernels;
+- ``cuda``: Triton registers nothing (C++ CUDA kernels only).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import attention, gates, gather_scatter
+
+BACKENDS = ("auto", "triton", "cuda")
+
+
+def _none(fn: Callable) -> Callable:
+    """Dispatcher kernels of ``-> ()`` schemas return None (the plain functions return the mutated tensor)."""
+    def kernel(*args):
+        fn(*args)
+    kernel.__name__ = fn.__name__
+    return kernel
+
+
+KERNELS: Dict[str, Callable] = {
+    "gather_rows": gather_scatter.gather_rows,
+    "scatter_rows_": _none(gather_scatter.scatter_rows_),
+    "gather_cols": gather_scatter.gather_cols,
+    "scatter_cols_": _none(gather_scatter.scatter_cols_),
+    "token_gate": gates.token_gate,
+    "token_gate_threshold": gates.token_gate_threshold,
+    "token_delta_gate": gates.token_delta_gate,
+    "qk_update_": _none(attention.qk_update_),
+    "av_delta_update_": _none(attention.av_delta_update_),
+}
+
+_LIB: Optional[torch.library.Library] = None
+_REGISTERED: List[str] = []
+_CPP_CUDA: Dict[str, bool] = {}  # C++ CUDA kernel present before Triton registered anything
+
+
+def backend_from_env() -> str:
+    value = os.environ.get("EVENTFUL_BACKEND_CUDA", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"eventful: EVENTFUL_BACKEND_CUDA must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def should_register(backend: str, has_cpp_cuda_kernel: bool) -> bool:
+    return backend == "triton" or (backend == "auto" and not has_cpp_cuda_kernel)
+
+
+def has_cuda_kernel(name: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"eventful::{name}", "CUDA")
+
+
+def register_cuda_kernels(backend: Optional[str] = None) -> List[str]:
+    """Register the Triton kernels for the CUDA key per the rule above (once); returns the op names registered."""
+    global _LIB
+    if _LIB is not None:
+        return list(_REGISTERED)
+    backend = backend or backend_from_env()
+    _CPP_CUDA.update({n: has_cuda_kernel(n) for n in KERNELS})
+    chosen = [n for n in KERNELS if should_register(backend, _CPP_CUDA[n])]
+    _LIB = torch.library.Library("eventful", "IMPL")
+    for name in chosen:
+        torch.library.register_kernel(f"eventful::{name}", "cuda", KERNELS[name], lib=_LIB)
+    _REGISTERED[:] = chosen
+    return list(chosen)
+
+
+def cpp_cuda_kernels() -> Dict[str, bool]:
+    """Per op: whether a C++ CUDA kernel was registered when the Triton kernels were registered."""
+    return dict(_CPP_CUDA)
+
+
+def registered_ops() -> List[str]:
+    """Ops whose CUDA kernel is the Triton one in this process."""
+    return list(_REGISTERED)

@@ -1,0 +1,241 @@
+"""Triton attention patches: ``qk_update_`` (rows and columns of ``q @ k^T``) and ``av_delta_update_`` (``A @ V``).
+
+qk_update_: one launch, 1-D grid of two tile families, each a ``tl.dot`` loop over the head dim written straight
+into ``logits`` (no temporaries): row tiles ``[BLOCK_M of index_q] x [BLOCK_N of all Nk]`` and column tiles
+``[BLOCK_M of all Nq] x [BLOCK_N of index_k]``. Where a row and a column are both selected the element is written
+by both families with the same float32 dot product (a benign duplicate write).
+
+av_delta_update_: one GEMM-like kernel per ``[BLOCK_M rows] x [BLOCK_D head features]`` tile contracting over the
+concatenated 2K selected tokens, ``[a_new[:, S], -a_ref[:, S]] @ [v_new[S]; v_ref[S]]``, accumulated in float32 and
+added to ``out``; then the indexed-copy kernels refresh ``a_ref[:, S]`` and ``v_ref[S]`` (launched after the GEMM,
+on the same stream, so the GEMM reads the old references).
+Shapes: ``[B, H, N, d]`` / ``[B, H, M, N]`` (rank 3 = one head); ``index [B, K]`` shared over heads.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _checks as C
+from ._runtime import (INTERPRET, cast_out, cdiv, check_index_values, dot_precision, dot_upcast, next_pow2,
+                       on_device, require_launchable, soft_bf16)
+from .gather_scatter import copy_cols, copy_rows
+
+
+def _configs(cuda_configs, interp_config):
+    """Several configs autotuned on a GPU; one fixed config under the interpreter (no benchmarking there).
+    Every CUDA config must compile for sm_90 (tests/triton_compile_check.py --all-configs): the autotuner does not
+    skip configs that crash the compiler (e.g. BLOCK_N=128 with 4 warps in Triton 3.7)."""
+    return [interp_config] if INTERPRET else cuda_configs
+
+
+_QK_CONFIGS = _configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+     for bm, bn, w, s in [(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (32, 64, 4, 2)]],
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}))
+
+
+@triton.autotune(configs=_QK_CONFIGS, key=["Nq", "Nk", "Dh", "IS_F32"])
+@triton.jit
+def _qk_update_kernel(l_ptr, q_ptr, k_ptr, iq_ptr, ik_ptr, H, Nq, Nk, Dh, Kq, Kk, scale,
+                      l_b, l_h, l_m, l_n, q_b, q_h, q_m, q_d, k_b, k_h, k_n, k_d, iq_b, iq_k, ik_b, ik_k, BH,
+                      IS_F32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    n_kqb = tl.cdiv(Kq, BLOCK_M)
+    n_nb = tl.cdiv(Nk, BLOCK_N)
+    n_row_tiles = BH * n_kqb * n_nb
+    if pid < n_row_tiles:  # rows index_q[slots] x columns [cols]
+        nb = pid % n_nb
+        qb = (pid // n_nb) % n_kqb
+        bh = pid // (n_nb * n_kqb)
+        b = bh // H
+        q_slots = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.load(iq_ptr + b * iq_b + q_slots * iq_k, mask=q_slots < Kq, other=-1).to(tl.int64)
+        rmask = (q_slots < Kq) & (rows >= 0) & (rows < Nq)
+        cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < Nk
+    else:  # rows [rows] x columns index_k[slots]
+        p = pid - n_row_tiles
+        n_kkb = tl.cdiv(Kk, BLOCK_N)
+        n_mb = tl.cdiv(Nq, BLOCK_M)
+        kb = p % n_kkb
+        mb = (p // n_kkb) % n_mb
+        bh = p // (n_kkb * n_mb)
+        b = bh // H
+        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < Nq
+        k_slots = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.load(ik_ptr + b * ik_b + k_slots * ik_k, mask=k_slots < Kk, other=-1).to(tl.int64)
+        cmask = (k_slots < Kk) & (cols >= 0) & (cols < Nk)
+    h = bh % H
+    rows = tl.where(rmask, rows, 0)
+    cols = tl.where(cmask, cols, 0)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, Dh, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        dm = ds < Dh
+        qa = tl.load(q_ptr + b * q_b + h * q_h + rows[:, None] * q_m + ds[None, :] * q_d,
+                     mask=rmask[:, None] & dm[None, :], other=0)
+        kt = tl.load(k_ptr + b * k_b + h * k_h + cols[None, :] * k_n + ds[:, None] * k_d,
+                     mask=cmask[None, :] & dm[:, None], other=0)
+        if UPCAST:
+            qa = qa.to(tl.float32)
+            kt = kt.to(tl.float32)
+        acc = tl.dot(qa, kt, acc, input_precision=PREC)
+    acc = acc * scale
+    tl.store(l_ptr + b * l_b + h * l_h + rows[:, None] * l_m + cols[None, :] * l_n,
+             cast_out(acc, l_ptr.dtype.element_ty, SOFT_BF16), mask=rmask[:, None] & cmask[None, :])
+
+
+_AV_CONFIGS = _configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+     for bm, bk, w, s in [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (32, 32, 4, 2)]],
+    triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}))
+
+
+# out is read-modify-written: autotuning must restore it between trial runs.
+@triton.autotune(configs=_AV_CONFIGS, key=["M", "N", "Dh", "IS_F32"], restore_value=["o_ptr"])
+@triton.jit
+def _av_delta_kernel(o_ptr, an_ptr, ar_ptr, vn_ptr, vr_ptr, idx_ptr, H, M, N, Dh, K,
+                     o_b, o_h, o_m, o_d, an_b, an_h, an_m, an_n, ar_b, ar_h, ar_m, ar_n,
+                     vn_b, vn_h, vn_n, vn_d, vr_b, vr_h, vr_n, vr_d, i_b, i_k, n_db,
+                     IS_F32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    n_mb = tl.cdiv(M, BLOCK_M)
+    db = pid % n_db
+    t = pid // n_db
+    mb = t % n_mb
+    bh = t // n_mb
+    h = bh % H
+    b = bh // H
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = rows < M
+    ds = db * BLOCK_D + tl.arange(0, BLOCK_D)
+    dm = ds < Dh
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        ids = tl.load(idx_ptr + b * i_b + ks * i_k, mask=ks < K, other=-1).to(tl.int64)
+        kv = (ks < K) & (ids >= 0) & (ids < N)
+        ids = tl.where(kv, ids, 0)
+        am = rm[:, None] & kv[None, :]
+        vm = kv[:, None] & dm[None, :]
+        a1 = tl.load(an_ptr + b * an_b + h * an_h + rows[:, None] * an_m + ids[None, :] * an_n, mask=am, other=0)
+        v1 = tl.load(vn_ptr + b * vn_b + h * vn_h + ids[:, None] * vn_n + ds[None, :] * vn_d, mask=vm, other=0)
+        a2 = tl.load(ar_ptr + b * ar_b + h * ar_h + rows[:, None] * ar_m + ids[None, :] * ar_n, mask=am, other=0)
+        v2 = tl.load(vr_ptr + b * vr_b + h * vr_h + ids[:, None] * vr_n + ds[None, :] * vr_d, mask=vm, other=0)
+        if UPCAST:
+            a1 = a1.to(tl.float32)
+            v1 = v1.to(tl.float32)
+            a2 = a2.to(tl.float32)
+            v2 = v2.to(tl.float32)
+        acc = tl.dot(a1, v1, acc, input_precision=PREC)
+        acc = tl.dot(-a2, v2, acc, input_precision=PREC)
+    om = rm[:, None] & dm[None, :]
+    o_off = o_ptr + b * o_b + h * o_h + rows[:, None] * o_m + ds[None, :] * o_d
+    o = tl.load(o_off, mask=om, other=0).to(tl.float32) + acc
+    tl.store(o_off, cast_out(o, o_ptr.dtype.element_ty, SOFT_BF16), mask=om)
+
+
+def _as4(t: Tensor) -> Tensor:
+    return t.unsqueeze(1) if t.dim() == 3 else t
+
+
+def _check_operands(names, tensors, first_name, first) -> None:
+    for name, t in zip(names, tensors):
+        C.check_rank(t, name, 3, 4)
+        C.check_same_rank(t, name, first, first_name)
+        C.check_float(t, name)
+        C.check_same_device(t, name, first, first_name)
+
+
+def _check_heads(t: Tensor, name: str, like: Tensor, like_name: str) -> None:
+    t4, l4 = _as4(t), _as4(like)
+    C.check_size(t4, name, 0, l4.size(0), f"the batch size of '{like_name}'")
+    C.check_size(t4, name, 1, l4.size(1), f"the head count of '{like_name}'")
+
+
+@on_device
+def qk_update_(logits: Tensor, q: Tensor, k: Tensor, index_q: Tensor, index_k: Tensor, scale: float) -> Tensor:
+    """Recompute rows ``index_q`` and columns ``index_k`` of ``logits [B,H,Nq,Nk] = q @ k^T * scale`` in place.
+
+    ``q [B,H,Nq,d]``, ``k [B,H,Nk,d]`` (same dtype), ``index_q/index_k [B,Kq]/[B,Kk]``; products accumulate in
+    float32 and are cast to ``logits.dtype``. Returns ``logits``.
+    """
+    C.check_rank(logits, "logits", 3, 4)
+    _check_operands(("logits", "q", "k"), (logits, q, k), "logits", logits)
+    C.check_same_dtype(k, "k", q, "q")
+    _check_heads(q, "q", logits, "logits")
+    _check_heads(k, "k", logits, "logits")
+    C.check_size(q, "q", -2, logits.size(-2), "the row count (Nq) of 'logits'")
+    C.check_size(k, "k", -2, logits.size(-1), "the column count (Nk) of 'logits'")
+    C.check_size(k, "k", -1, q.size(-1), "the head dim of 'q'")
+    C.check_index_meta(index_q, "index_q", logits.size(0), logits, "logits")
+    C.check_index_meta(index_k, "index_k", logits.size(0), logits, "logits")
+    C.check_writable(logits, "logits")
+    require_launchable(logits)
+    Nq, Nk = logits.size(-2), logits.size(-1)
+    check_index_values((index_q, "index_q", Nq, False), (index_k, "index_k", Nk, False))
+    l4, q4, k4 = _as4(logits), _as4(q), _as4(k)
+    B, H, _, Dh = q4.shape
+    Kq, Kk = index_q.size(1), index_k.size(1)
+    if B * H == 0 or (Kq * Nk == 0 and Kk * Nq == 0):
+        return logits
+    block_d = min(max(next_pow2(Dh), 16), 128)
+
+    def grid(meta):
+        return (B * H * (cdiv(Kq, meta["BLOCK_M"]) * cdiv(Nk, meta["BLOCK_N"])
+                         + cdiv(Nq, meta["BLOCK_M"]) * cdiv(Kk, meta["BLOCK_N"])),)
+
+    _qk_update_kernel[grid](
+        l4, q4, k4, index_q, index_k, H, Nq, Nk, Dh, Kq, Kk, float(scale),
+        *l4.stride(), *q4.stride(), *k4.stride(), *index_q.stride(), *index_k.stride(), B * H,
+        IS_F32=q.dtype == torch.float32, PREC=dot_precision(q.dtype), UPCAST=dot_upcast(q.dtype),
+        SOFT_BF16=soft_bf16(logits.dtype), BLOCK_D=block_d)
+    return logits
+
+
+@on_device
+def av_delta_update_(out: Tensor, a_new: Tensor, a_ref: Tensor, v_new: Tensor, v_ref: Tensor, index: Tensor) -> Tensor:
+    """``out += a_new[...,S] @ v_new[S] - a_ref[...,S] @ v_ref[S]`` (float32), then ``a_ref[...,S] = a_new[...,S]``
+    and ``v_ref[S] = v_new[S]``. ``out [B,H,M,d]``, ``a_* [B,H,M,N]``, ``v_* [B,H,N,d]``, ``index [B,K]`` distinct
+    ids in ``[0, N)``; ``a_*`` and ``v_*`` share one dtype, ``out`` may have any float dtype. Returns ``out``.
+    """
+    C.check_rank(out, "out", 3, 4)
+    _check_operands(("out", "a_new", "a_ref", "v_new", "v_ref"), (out, a_new, a_ref, v_new, v_ref), "out", out)
+    for name, t in (("a_ref", a_ref), ("v_new", v_new), ("v_ref", v_ref)):
+        C.check_same_dtype(t, name, a_new, "a_new")
+    for name, t in (("a_new", a_new), ("a_ref", a_ref), ("v_new", v_new), ("v_ref", v_ref)):
+        _check_heads(t, name, out, "out")
+    M, Dh, N = out.size(-2), out.size(-1), v_new.size(-2)
+    for name, t in (("a_new", a_new), ("a_ref", a_ref)):
+        C.check_size(t, name, -2, M, "the row count (M) of 'out'")
+        C.check_size(t, name, -1, N, "the token count (N) of 'v_new'")
+    C.check_size(v_ref, "v_ref", -2, N, "the token count (N) of 'v_new'")
+    for name, t in (("v_new", v_new), ("v_ref", v_ref)):
+        C.check_size(t, name, -1, Dh, "the head dim of 'out'")
+    C.check_index_meta(index, "index", out.size(0), out, "out")
+    for name, t in (("out", out), ("a_ref", a_ref), ("v_ref", v_ref)):
+        C.check_writable(t, name)
+    require_launchable(out)
+    check_index_values((index, "index", N, True))
+    o4, an4, ar4, vn4, vr4 = (_as4(t) for t in (out, a_new, a_ref, v_new, v_ref))
+    B, H = o4.size(0), o4.size(1)
+    K = index.size(1)
+    if B * H * K == 0:
+        return out
+    if M * Dh > 0:
+        block_d = min(max(next_pow2(Dh), 16), 128)
+        n_db = cdiv(Dh, block_d)
+        _av_delta_kernel[lambda meta: (B * H * cdiv(M, meta["BLOCK_M"]) * n_db,)](
+            o4, an4, ar4, vn4, vr4, index, H, M, N, Dh, K, *o4.stride(), *an4.stride(), *ar4.stride(),
+            *vn4.stride(), *vr4.stride(), *index.stride(), n_db,
+            IS_F32=a_new.dtype == torch.float32, PREC=dot_precision(a_new.dtype), UPCAST=dot_upcast(a_new.dtype),
+            SOFT_BF16=soft_bf16(out.dtype), BLOCK_D=block_d)
+    copy_cols(an4, ar4, index, N, src_indexed=True, dst_indexed=True)
+    copy_rows(vn4, vr4, index, N, src_indexed=True, dst_indexed=True)
+    return out

@@ -1,0 +1,175 @@
+"""Triton gather/scatter of token rows and attention-map columns (pure data movement).
+
+Rows: ``x [B, (H,) N, D]``, one program per (batch*head, block of K ids, block of D features); each id's row is a
+contiguous (vectorised) load/store when the feature stride is 1. Columns: ``x [B, (H,) M, N]``, one program per
+(batch*head, block of M rows, block of K ids). ``index [B, K]`` (int32/int64) is shared over heads.
+One kernel per layout serves gather, scatter and indexed copy (``dst[idx] = src[idx]``) via constexpr flags.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _checks as C
+from ._runtime import INTERPRET, cdiv, check_index_values, next_pow2, on_device, require_launchable
+
+
+@triton.jit
+def _copy_rows_kernel(src_ptr, dst_ptr, idx_ptr, H, K, D, n_ids,
+                      s_b, s_h, s_n, s_d, d_b, d_h, d_n, d_d, i_b, i_k, n_kb, n_db,
+                      SRC_INDEXED: tl.constexpr, DST_INDEXED: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # src/dst row r of program slot k: r = index[b, k] if that side is indexed, else k.
+    pid = tl.program_id(0).to(tl.int64)
+    db = pid % n_db
+    t = pid // n_db
+    kb = t % n_kb
+    bh = t // n_kb
+    h = bh % H
+    b = bh // H
+    ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    km = ks < K
+    ids = tl.load(idx_ptr + b * i_b + ks * i_k, mask=km, other=-1).to(tl.int64)
+    valid = km & (ids >= 0) & (ids < n_ids)
+    src_rows = ids if SRC_INDEXED else ks
+    dst_rows = ids if DST_INDEXED else ks
+    ds = db * BLOCK_D + tl.arange(0, BLOCK_D)
+    dm = ds < D
+    ld_mask = valid[:, None] & dm[None, :]
+    x = tl.load(src_ptr + b * s_b + h * s_h + src_rows[:, None] * s_n + ds[None, :] * s_d, mask=ld_mask, other=0)
+    st_rows = valid if DST_INDEXED else km  # a gather writes zero rows for (unchecked) bad ids
+    tl.store(dst_ptr + b * d_b + h * d_h + dst_rows[:, None] * d_n + ds[None, :] * d_d,
+             x.to(dst_ptr.dtype.element_ty), mask=st_rows[:, None] & dm[None, :])
+
+
+@triton.jit
+def _copy_cols_kernel(src_ptr, dst_ptr, idx_ptr, H, M, K, n_ids,
+                      s_b, s_h, s_m, s_n, d_b, d_h, d_m, d_n, i_b, i_k, n_mb, n_kb,
+                      SRC_INDEXED: tl.constexpr, DST_INDEXED: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    kb = pid % n_kb
+    t = pid // n_kb
+    mb = t % n_mb
+    bh = t // n_mb
+    h = bh % H
+    b = bh // H
+    ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    km = ks < K
+    ids = tl.load(idx_ptr + b * i_b + ks * i_k, mask=km, other=-1).to(tl.int64)
+    valid = km & (ids >= 0) & (ids < n_ids)
+    src_cols = ids if SRC_INDEXED else ks
+    dst_cols = ids if DST_INDEXED else ks
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = rows < M
+    x = tl.load(src_ptr + b * s_b + h * s_h + rows[:, None] * s_m + src_cols[None, :] * s_n,
+                mask=rm[:, None] & valid[None, :], other=0)
+    st_cols = valid if DST_INDEXED else km
+    tl.store(dst_ptr + b * d_b + h * d_h + rows[:, None] * d_m + dst_cols[None, :] * d_n,
+             x.to(dst_ptr.dtype.element_ty), mask=rm[:, None] & st_cols[None, :])
+
+
+def _as4(t: Tensor) -> Tensor:
+    return t.unsqueeze(1) if t.dim() == 3 else t
+
+
+def _row_blocks(k: int, d: int) -> tuple:
+    block_d = min(next_pow2(max(d, 1)), 512)
+    budget = 16384 if INTERPRET else 4096  # elements per program; the interpreter prefers few, large programs
+    block_k = max(1, min(next_pow2(max(k, 1)), budget // block_d))
+    return block_k, block_d
+
+
+def copy_rows(src: Tensor, dst: Tensor, index: Tensor, n_ids: int, src_indexed: bool, dst_indexed: bool) -> None:
+    """Launch the row kernel: ``src4/dst4 [B, H, *, D]`` views, ``K = index.size(1)`` rows moved per (b, h)."""
+    s4, d4 = _as4(src), _as4(dst)
+    B, H, D = d4.size(0), d4.size(1), d4.size(3)
+    K = index.size(1)
+    if B * H * K * D == 0:
+        return
+    block_k, block_d = _row_blocks(K, D)
+    n_kb, n_db = cdiv(K, block_k), cdiv(D, block_d)
+    warps = 8 if block_k * block_d >= 8192 else 4
+    _copy_rows_kernel[(B * H * n_kb * n_db,)](
+        s4, d4, index, H, K, D, n_ids, *s4.stride(), *d4.stride(), index.stride(0), index.stride(1), n_kb, n_db,
+        SRC_INDEXED=src_indexed, DST_INDEXED=dst_indexed, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps)
+
+
+def copy_cols(src: Tensor, dst: Tensor, index: Tensor, n_ids: int, src_indexed: bool, dst_indexed: bool) -> None:
+    """Launch the column kernel: ``src4/dst4 [B, H, M, *]`` views, ``K = index.size(1)`` columns per (b, h)."""
+    s4, d4 = _as4(src), _as4(dst)
+    B, H, M = d4.size(0), d4.size(1), d4.size(2)
+    K = index.size(1)
+    if B * H * M * K == 0:
+        return
+    block_k = min(next_pow2(K), 64 if INTERPRET else 32)
+    block_m = max(1, min(next_pow2(M), (16384 if INTERPRET else 4096) // block_k))
+    n_mb, n_kb = cdiv(M, block_m), cdiv(K, block_k)
+    _copy_cols_kernel[(B * H * n_mb * n_kb,)](
+        s4, d4, index, H, M, K, n_ids, *s4.stride(), *d4.stride(), index.stride(0), index.stride(1), n_mb, n_kb,
+        SRC_INDEXED=src_indexed, DST_INDEXED=dst_indexed, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
+
+
+def _check_x(x: Tensor, name: str, index: Tensor) -> None:
+    C.check_rank(x, name, 3, 4)
+    C.check_float(x, name)
+    C.check_index_meta(index, "index", x.size(0), x, name)
+
+
+def _check_scatter(dst: Tensor, index: Tensor, src: Tensor, cols: bool) -> None:
+    _check_x(dst, "dst", index)
+    C.check_same_dtype(src, "src", dst, "dst")
+    C.check_same_device(src, "src", dst, "dst")
+    C.check_same_rank(src, "src", dst, "dst")
+    d4, s4 = _as4(dst), _as4(src)
+    C.check_size(s4, "src", 0, d4.size(0), "the batch size of 'dst'")
+    C.check_size(s4, "src", 1, d4.size(1), "the head count of 'dst'")
+    if cols:
+        C.check_size(s4, "src", 2, d4.size(2), "the row count of 'dst'")
+        C.check_size(s4, "src", 3, index.size(1), "K, the number of ids in 'index'")
+    else:
+        C.check_size(s4, "src", 2, index.size(1), "K, the number of ids in 'index'")
+        C.check_size(s4, "src", 3, d4.size(3), "the feature size of 'dst'")
+    C.check_writable(dst, "dst")
+    check_index_values((index, "index", d4.size(3) if cols else d4.size(2), True))
+
+
+@on_device
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``y[b, (h,) k] = x[b, (h,) index[b, k]]``: ``x [B,(H,)N,D]`` -> ``y [B,(H,)K,D]`` contiguous."""
+    _check_x(x, "x", index)
+    require_launchable(x)
+    check_index_values((index, "index", x.size(-2), False))
+    y = x.new_empty((*x.shape[:-2], index.size(1), x.size(-1)))
+    copy_rows(x, y, index, x.size(-2), src_indexed=True, dst_indexed=False)
+    return y
+
+
+@on_device
+def scatter_rows_(dst: Tensor, index: Tensor, src: Tensor) -> Tensor:
+    """``dst[b, (h,) index[b, k]] = src[b, (h,) k]`` in place (ids in a row distinct); returns ``dst``."""
+    _check_scatter(dst, index, src, cols=False)
+    require_launchable(dst)
+    copy_rows(src, dst, index, dst.size(-2), src_indexed=False, dst_indexed=True)
+    return dst
+
+
+@on_device
+def gather_cols(x: Tensor, index: Tensor) -> Tensor:
+    """``y[b, (h,) m, k] = x[b, (h,) m, index[b, k]]``: ``x [B,(H,)M,N]`` -> ``y [B,(H,)M,K]`` contiguous."""
+    _check_x(x, "x", index)
+    require_launchable(x)
+    check_index_values((index, "index", x.size(-1), False))
+    y = x.new_empty((*x.shape[:-1], index.size(1)))
+    copy_cols(x, y, index, x.size(-1), src_indexed=True, dst_indexed=False)
+    return y
+
+
+@on_device
+def scatter_cols_(dst: Tensor, index: Tensor, src: Tensor) -> Tensor:
+    """``dst[b, (h,) m, index[b, k]] = src[b, (h,) m, k]`` in place (ids in a row distinct); returns ``dst``."""
+    _check_scatter(dst, index, src, cols=True)
+    require_launchable(dst)
+    copy_cols(src, dst, index, dst.size(-1), src_indexed=False, dst_indexed=True)
+    return dst

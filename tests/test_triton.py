@@ -1,0 +1,624 @@
+"""Triton kernels (eventful_kernels.triton) against eventful_kernels.reference.
+
+Without a GPU every kernel runs on small CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set here
+before triton is imported); with a GPU the same checks run on CUDA tensors, and TestCudaDispatch repeats them
+through torch.ops.eventful plus opcheck. Shapes are deliberately small and odd (masking of partial tiles).
+
+Tolerances: data-movement ops and gates are compared bit for bit (they copy values, or compute one fp32 difference
+and one rounding exactly as the reference does). qk_update_/av_delta_update_ accumulate fp32 dot products in a
+different order than torch.matmul: fp32 results agree to ~1e-6 relative; fp16/bf16 results are the same fp32
+value rounded once, so they may differ by one unit in the last place of the output type (2^-10 / 2^-7 relative).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton's jit kernels
+
+pytest.importorskip("triton")
+
+import eventful_kernels  # noqa: E402
+import eventful_kernels.triton as T  # noqa: E402
+from eventful_kernels import ops  # noqa: E402
+from eventful_kernels import reference as R  # noqa: E402
+from eventful_kernels.triton import _register, _runtime  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+if not CUDA and not T.INTERPRET:
+    pytest.skip("eventful_kernels.triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+INDEX_DTYPES = [torch.int32, torch.int64]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# one ulp of the output type (see module docstring); fp32: summation-order noise only
+MATMUL_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2 ** -10, atol=1e-3),
+              torch.bfloat16: dict(rtol=2 ** -7, atol=1e-2)}
+
+
+# ---------------------------------------------------------------- data helpers
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(shape, dtype, g, device=DEVICE):
+    return torch.randn(shape, generator=g).to(dtype).to(device)
+
+
+def _strided(t: torch.Tensor, how: str) -> torch.Tensor:
+    """A non-contiguous view holding t's values: 'step' (every other element of the last dim) or 'colmajor'."""
+    if how == "contig":
+        return t
+    if how == "step":
+        big = torch.zeros((*t.shape[:-1], 2 * t.shape[-1]), dtype=t.dtype, device=t.device)
+        big[..., ::2] = t
+        v = big[..., ::2]
+    else:
+        v = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert v.numel() == 0 or min(t.shape[-2:]) <= 1 or not v.is_contiguous()
+    return v
+
+
+def _index(b, k, n, dtype, g, device=DEVICE, strided=False):
+    """[B, K] distinct, unsorted ids per row."""
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(b)]).to(dtype).to(device)
+    if strided:
+        big = torch.zeros((b, 2 * k), dtype=dtype, device=device)
+        big[:, ::2] = idx
+        idx = big[:, ::2]
+    return idx
+
+
+def _assert_same(a, b):
+    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+    assert torch.equal(a.cpu(), b.cpu())
+
+
+# ---------------------------------------------------------------- shared checks (impl = triton module or ops)
+
+def check_gather_scatter_rows(impl, device, dtype, idt, seed=0):
+    g = _gen(seed)
+    for shape, layout in [((2, 13, 19), "contig"), ((3, 2, 11, 600), "step"), ((2, 3, 9, 16), "colmajor")]:
+        n = shape[-2]
+        for k in (0, 4, n):
+            x = _strided(_randn(shape, dtype, g, device), layout)
+            idx = _index(shape[0], k, n, idt, g, device, strided=layout != "contig")
+            y = impl.gather_rows(x, idx)
+            _assert_same(y, R.gather_rows(x, idx))
+            assert y.is_contiguous()
+            dst, dst_ref = _strided(_randn(shape, dtype, g, device), layout), None
+            dst_ref = dst.clone()
+            src = _strided(_randn((*shape[:-2], k, shape[-1]), dtype, g, device), layout)
+            out = impl.scatter_rows_(dst, idx, src)
+            assert out is dst
+            _assert_same(dst, R.scatter_rows_(dst_ref, idx, src))
+
+
+def check_gather_scatter_cols(impl, device, dtype, idt, seed=1):
+    g = _gen(seed)
+    for shape, layout in [((2, 10, 21), "contig"), ((2, 3, 7, 40), "step"), ((3, 2, 12, 9), "colmajor")]:
+        n = shape[-1]
+        for k in (0, 5, n):
+            x = _strided(_randn(shape, dtype, g, device), layout)
+            idx = _index(shape[0], k, n, idt, g, device, strided=layout == "step")
+            y = impl.gather_cols(x, idx)
+            _assert_same(y, R.gather_cols(x, idx))
+            dst = _strided(_randn(shape, dtype, g, device), layout)
+            dst_ref = dst.clone()
+            src = _strided(_randn((*shape[:-1], k), dtype, g, device), layout) if k > 1 else \
+                _randn((*shape[:-1], k), dtype, g, device)
+            impl.scatter_cols_(dst, idx, src)
+            _assert_same(dst, R.scatter_cols_(dst_ref, idx, src))
+
+
+def _between_scores(scores, q: float) -> float:
+    """A threshold halfway between two adjacent distinct scores (at quantile q): a threshold equal to a score would
+    make ``score > h`` depend on the last-ulp summation order, which differs between backends."""
+    s = torch.unique(scores.float().flatten().cpu())
+    i = min(int(q * (len(s) - 1)), len(s) - 2) if len(s) > 1 else 0
+    return float((s[i] + s[min(i + 1, len(s) - 1)]) / 2)
+
+
+def _gate_inputs(b, n, d, dtype, g, device, layout="contig"):
+    """c, ref with exact ties: rows 1, 4, 6 share one difference; rows 2, 7 are unchanged (score exactly 0)."""
+    c = torch.randn(b, n, d, generator=g)
+    ref = torch.randn(b, n, d, generator=g)
+    if n > 7:
+        c[:, [4, 6]] = c[:, 1:2].clone()
+        ref[:, [4, 6]] = ref[:, 1:2].clone()
+        ref[:, [2, 7]] = c[:, [2, 7]]
+    c, ref = c.to(dtype).to(device), ref.to(dtype).to(device)
+    return _strided(c, layout), _strided(ref, layout)
+
+
+def check_token_gate(impl, device, dtype, seed=2):
+    g = _gen(seed)
+    for (b, n, d), layout in [((2, 12, 19), "contig"), ((3, 9, 150), "step"), ((1, 10, 8), "colmajor")]:
+        for k in (0, 1, 5, n - 1, n):
+            c, ref = _gate_inputs(b, n, d, dtype, g, device, layout)
+            ref_r = ref.clone()
+            index, c_sel = impl.token_gate(c, ref, k)
+            index_r, c_sel_r = R.token_gate(c, ref_r, k)
+            _assert_same(index, index_r)
+            _assert_same(c_sel, c_sel_r)
+            _assert_same(ref, ref_r)
+
+
+def check_token_gate_ties_long_rows(impl, device, dtype, seed=3):
+    """N > the select kernel's block: prefix sums and tie ranks must carry across blocks."""
+    g = _gen(seed)
+    b, n, d = 2, 2100, 4
+    c = torch.randn(b, n, d, generator=g)
+    ref = torch.randn(b, n, d, generator=g)
+    tied = torch.arange(3, n, 97)  # one shared difference at ids spread over all blocks
+    c[:, tied], ref[:, tied] = c[:, 3:4] * 4, ref[:, 3:4].clone()
+    ref[:, 1000:1100] = c[:, 1000:1100]  # exact zeros
+    c, ref = c.to(dtype).to(device), ref.to(dtype).to(device)
+    scores = R.gate_scores(c, ref)
+    n_above_tie = int((scores[0] > scores[0, 3]).sum())
+    for k in (n_above_tie + 5, 1500, n):  # cut inside the tied group, then inside the zeros, then everything
+        rc, rr = ref.clone(), ref.clone()
+        index, c_sel = impl.token_gate(c, rc, k)
+        index_r, c_sel_r = R.token_gate(c, rr, k)
+        _assert_same(index, index_r)
+        _assert_same(c_sel, c_sel_r)
+        _assert_same(rc, rr)
+    for h, cap in ((_between_scores(scores[0, 3:4], 0.0) * 0.999, 40), (0.0, 3000), (_between_scores(scores, 0.5), 700)):
+        rc, rr = ref.clone(), ref.clone()
+        got, want = impl.token_gate_threshold(c, rc, h, cap), R.token_gate_threshold(c, rr, h, cap)
+        for x, y in zip(got, want):
+            _assert_same(x, y)
+        _assert_same(rc, rr)
+
+
+def check_token_gate_threshold(impl, device, dtype, seed=4):
+    g = _gen(seed)
+    for (b, n, d), layout in [((3, 12, 19), "contig"), ((2, 9, 33), "step")]:
+        c, ref = _gate_inputs(b, n, d, dtype, g, device, layout)
+        med = _between_scores(R.gate_scores(c, ref), 0.5)
+        # (threshold, capacity): some above / capacity cuts / capacity > N / none / all (h < 0) / zero capacity;
+        # h = 0 excludes the unchanged tokens (strict >)
+        for h, cap in ((med, n), (med, 2), (0.0, n + 5), (1e9, 4), (-1.0, n), (-1.0, 3), (med, 0), (0.0, 1)):
+            rc = ref.clone()
+            rr = ref.clone()
+            index, count, c_sel = impl.token_gate_threshold(c, rc, h, cap)
+            index_r, count_r, c_sel_r = R.token_gate_threshold(c, rr, h, cap)
+            _assert_same(index, index_r)
+            _assert_same(count, count_r)
+            _assert_same(c_sel, c_sel_r)
+            _assert_same(rc, rr)
+
+
+def check_token_delta_gate(impl, device, dtype, idt, seed=5):
+    g = _gen(seed)
+    for (b, n, d), layout in [((2, 12, 19), "contig"), ((3, 8, 40), "step")]:
+        for k in (0, 3, n):
+            c, ref = _gate_inputs(b, n, d, dtype, g, device, layout)
+            rc, rr = ref.clone(), ref.clone()
+            got, want = impl.token_delta_gate(c, rc, k), R.token_delta_gate(c, rr, k)
+            for x, y in zip(got, want):
+                _assert_same(x, y)
+            _assert_same(rc, rr)
+            # explicit (unsorted, strided) index forces the selection; k is ignored
+            idx = _index(b, k, n, idt, g, device, strided=True)
+            rc, rr = ref.clone(), ref.clone()
+            got, want = impl.token_delta_gate(c, rc, -1, idx), R.token_delta_gate(c, rr, -1, idx)
+            for x, y in zip(got, want):
+                _assert_same(x, y)
+            _assert_same(rc, rr)
+            assert got[0].dtype == torch.int64 and (k == 0 or got[0].data_ptr() != idx.data_ptr())
+
+
+def check_qk_update(impl, device, dtype, idt, seed=6):
+    g = _gen(seed)
+    cases = [((2, 2, 13, 17, 24), "contig", dtype), ((1, 3, 40, 35, 136), "step", dtype),
+             ((2, 0, 9, 11, 16), "contig", dtype), ((2, None, 10, 12, 32), "colmajor", torch.float32)]
+    for (b, h, nq, nk, d), layout, ldt in cases:
+        lead = (b,) if h is None else (b, h)  # h None: rank-3 tensors (one head)
+        for kq, kk in ((0, 0), (3, 5), (nq, 0), (0, nk), (nq, nk), (1, 2)):
+            q = _strided(_randn((*lead, nq, d), dtype, g, device), layout)
+            kt = _strided(_randn((*lead, nk, d), dtype, g, device), layout)
+            logits = _strided(_randn((*lead, nq, nk), ldt, g, device), layout)  # logits may be another float type
+            want = logits.clone()
+            iq = _index(b, kq, nq, idt, g, device, strided=layout == "step")
+            ik = _index(b, kk, nk, idt, g, device)
+            impl.qk_update_(logits, q, kt, iq, ik, 0.37)
+            R.qk_update_(want, q, kt, iq, ik, 0.37)
+            torch.testing.assert_close(logits, want, **MATMUL_TOL[ldt])
+            mask = torch.ones_like(want, dtype=torch.bool)  # untouched entries must be bit-identical
+            for bi in range(b):
+                mask[bi, ..., iq[bi].long(), :] = False
+                mask[bi, ..., ik[bi].long()] = False
+            assert torch.equal(logits[mask], want[mask])
+
+
+def check_av_delta_update(impl, device, dtype, idt, seed=7):
+    g = _gen(seed)
+    cases = [((2, 2, 13, 17, 24), "contig", dtype), ((1, 3, 40, 45, 136), "step", dtype),
+             ((2, None, 9, 11, 16), "colmajor", dtype), ((1, 2, 8, 10, 16), "contig", torch.float32)]
+    for (b, h, m, n, d), layout, odt in cases:
+        lead = (b,) if h is None else (b, h)
+        for k in (0, 4, 33 if n > 33 else n - 1, n):
+            a_new = _strided(torch.rand((*lead, m, n), generator=g).to(dtype).to(device), layout)
+            a_ref = _strided(torch.rand((*lead, m, n), generator=g).to(dtype).to(device), layout)
+            v_new = _strided(_randn((*lead, n, d), dtype, g, device), layout)
+            v_ref = _strided(_randn((*lead, n, d), dtype, g, device), layout)
+            out = _strided(_randn((*lead, m, d), odt, g, device), layout)  # out may be another float type
+            idx = _index(b, k, n, idt, g, device, strided=layout == "step")
+            state = [out.clone(), a_ref.clone(), v_ref.clone()]
+            res = impl.av_delta_update_(out, a_new, a_ref, v_new, v_ref, idx)
+            R.av_delta_update_(state[0], a_new, state[1], v_new, state[2], idx)
+            assert res is None or res is out
+            torch.testing.assert_close(out, state[0], **MATMUL_TOL[odt])
+            _assert_same(a_ref, state[1])
+            _assert_same(v_ref, state[2])
+
+
+# ---------------------------------------------------------------- the plain functions (interpreter on CPU)
+
+@pytest.mark.parametrize("idt", INDEX_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_gather_scatter_rows(dtype, idt):
+    check_gather_scatter_rows(T, DEVICE, dtype, idt)
+
+
+@pytest.mark.parametrize("idt", INDEX_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_gather_scatter_cols(dtype, idt):
+    check_gather_scatter_cols(T, DEVICE, dtype, idt)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_token_gate(dtype):
+    check_token_gate(T, DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gates_long_rows_and_ties(dtype):
+    check_token_gate_ties_long_rows(T, DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_token_gate_threshold(dtype):
+    check_token_gate_threshold(T, DEVICE, dtype)
+
+
+@pytest.mark.parametrize("idt", INDEX_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_token_delta_gate(dtype, idt):
+    check_token_delta_gate(T, DEVICE, dtype, idt)
+
+
+@pytest.mark.parametrize("idt", INDEX_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_qk_update(dtype, idt):
+    check_qk_update(T, DEVICE, dtype, idt)
+
+
+@pytest.mark.parametrize("idt", INDEX_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_av_delta_update(dtype, idt):
+    check_av_delta_update(T, DEVICE, dtype, idt)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # numpy (interpreter) computing inf - inf
+def test_nan_scores_rank_first_like_torch_sort():
+    g = _gen(8)
+    c, ref = _randn((2, 10, 6), torch.float32, g), _randn((2, 10, 6), torch.float32, g)
+    c[0, [2, 7, 8], 1] = float("nan")
+    c[1, 4, 0] = float("inf")
+    ref[1, 4, 0] = float("inf")  # inf - inf = nan
+    for k in (2, 4, 10):
+        rc, rr = ref.clone(), ref.clone()
+        got, want = T.token_gate(c, rc, k), R.token_gate(c, rr, k)
+        for x, y in zip(got, want):
+            assert torch.equal(x, y) or torch.allclose(x, y, equal_nan=True)
+        assert torch.allclose(rc, rr, equal_nan=True)
+    rc, rr = ref.clone(), ref.clone()  # threshold gate: NaN is never above a threshold
+    got, want = T.token_gate_threshold(c, rc, 0.5, 10), R.token_gate_threshold(c, rr, 0.5, 10)
+    _assert_same(got[0], want[0])
+    _assert_same(got[1], want[1])
+
+
+def test_unchecked_index_never_writes_out_of_bounds(monkeypatch):
+    """EVENTFUL_CHECK_INDEX=0 skips the value check (no host sync); the kernels still mask bad ids."""
+    monkeypatch.setattr(_runtime, "CHECK_INDEX_VALUES", False)
+    g = _gen(9)
+    buf = _randn((2, 12, 8), torch.float32, g)
+    dst = buf[:, 1:-1]  # 10 rows with a guard row on each side
+    before = buf.clone()
+    idx = torch.tensor([[-1, 3, 10], [9, 12, 0]], device=DEVICE)
+    src = _randn((2, 3, 8), torch.float32, g)
+    T.scatter_rows_(dst, idx, src)
+    assert torch.equal(buf[:, 0], before[:, 0]) and torch.equal(buf[:, -1], before[:, -1])
+    assert torch.equal(dst[0, 3], src[0, 1]) and torch.equal(dst[1, 9], src[1, 0]) and torch.equal(dst[1, 0], src[1, 2])
+    y = T.gather_rows(dst, idx)
+    assert torch.equal(y[0, 0], torch.zeros(8, device=DEVICE)) and torch.equal(y[0, 1], dst[0, 3])
+
+
+# ---------------------------------------------------------------- bad input: raises, names the argument, no writes
+
+def _bad_cases(device):
+    """(op, callable(state) -> None, exception, message fragment, state builder)."""
+    g = _gen(10)
+    f32, f64 = torch.float32, torch.float64
+
+    def rows_state():
+        return {"dst": _randn((2, 6, 4), f32, g, device), "src": _randn((2, 2, 4), f32, g, device),
+                "src_cols": _randn((2, 6, 2), f32, g, device)}
+
+    def gate_state():
+        return {"c": _randn((2, 6, 4), f32, g, device), "ref": _randn((2, 6, 4), f32, g, device)}
+
+    def attn_state():
+        return {"logits": _randn((2, 2, 6, 6), f32, g, device), "q": _randn((2, 2, 6, 16), f32, g, device),
+                "k": _randn((2, 2, 6, 16), f32, g, device), "out": _randn((2, 2, 6, 16), f32, g, device),
+                "a_new": torch.rand(2, 2, 6, 6, generator=g).to(device),
+                "a_ref": torch.rand(2, 2, 6, 6, generator=g).to(device),
+                "v_new": _randn((2, 2, 6, 16), f32, g, device), "v_ref": _randn((2, 2, 6, 16), f32, g, device)}
+
+    ok = torch.tensor([[1, 4], [0, 5]], device=device)
+    dup = torch.tensor([[1, 4], [3, 3]], device=device)
+    oob = torch.tensor([[1, 4], [0, 6]], device=device)
+    neg = torch.tensor([[-1, 4], [0, 5]], device=device)
+
+    def av(s, index, **over):
+        args = {k: s[k] for k in ("out", "a_new", "a_ref", "v_new", "v_ref")}
+        args.update(over)
+        return lambda: T.av_delta_update_(args["out"], args["a_new"], args["a_ref"], args["v_new"], args["v_ref"],
+                                          index)
+
+    def qk(s, iq, ik, **over):
+        args = {k: s[k] for k in ("logits", "q", "k")}
+        args.update(over)
+        return lambda: T.qk_update_(args["logits"], args["q"], args["k"], iq, ik, 0.5)
+
+    return [
+        ("gather_rows rank", rows_state, lambda s: T.gather_rows(s["dst"][0, 0], ok), RuntimeError, "'x' must have rank 3 or 4"),
+        ("gather_rows dtype", rows_state, lambda s: T.gather_rows(s["dst"].to(f64), ok), RuntimeError, "'x' must be float32"),
+        ("gather_rows index dtype", rows_state, lambda s: T.gather_rows(s["dst"], ok.float()), RuntimeError, "'index' must be int32 or int64"),
+        ("gather_rows index batch", rows_state, lambda s: T.gather_rows(s["dst"], ok[:1]), RuntimeError, "'index' has size 1 at dim 0"),
+        ("gather_rows index device", rows_state, lambda s: T.gather_rows(s["dst"], ok.to("meta")), RuntimeError, "'index' is on meta"),
+        ("gather_rows oob", rows_state, lambda s: T.gather_rows(s["dst"], oob), IndexError, "'index' holds 6 at [1, 1], out of range [0, 6)"),
+        ("gather_rows negative", rows_state, lambda s: T.gather_rows(s["dst"], neg), IndexError, "'index' holds -1 at [0, 0]"),
+        ("scatter_rows dup", rows_state, lambda s: T.scatter_rows_(s["dst"], dup, s["src"]), RuntimeError, "'index' repeats token id 3 in row 1"),
+        ("scatter_rows oob", rows_state, lambda s: T.scatter_rows_(s["dst"], oob, s["src"]), IndexError, "'index' holds 6"),
+        ("scatter_rows src dtype", rows_state, lambda s: T.scatter_rows_(s["dst"], ok, s["src"].half()), RuntimeError, "'src' has dtype Half but 'dst' has dtype Float"),
+        ("scatter_rows src K", rows_state, lambda s: T.scatter_rows_(s["dst"], ok[:, :1], s["src"]), RuntimeError, "'src' has size 2 at dim 2 but K"),
+        ("scatter_rows src D", rows_state, lambda s: T.scatter_rows_(s["dst"], ok, s["src"][..., :3]), RuntimeError, "the feature size of 'dst'"),
+        ("scatter_rows overlap", rows_state, lambda s: T.scatter_rows_(s["dst"][:, :1].expand(2, 6, 4), ok, s["src"]), RuntimeError, "'dst' is written in place"),
+        ("gather_cols oob", rows_state, lambda s: T.gather_cols(s["dst"], ok), IndexError, "'index' holds 4 at [0, 1], out of range [0, 4)"),
+        ("scatter_cols dup", rows_state, lambda s: T.scatter_cols_(s["dst"], torch.tensor([[1, 1], [0, 2]], device=device), s["src_cols"]), RuntimeError, "repeats token id 1 in row 0"),
+        ("scatter_cols src rows", rows_state, lambda s: T.scatter_cols_(s["dst"], ok[:, :2] % 4, s["src"]), RuntimeError, "'src' has size 2 at dim 2 but the row count of 'dst'"),
+        ("token_gate k", gate_state, lambda s: T.token_gate(s["c"], s["ref"], 7), RuntimeError, "'k' must be in [0, 6]"),
+        ("token_gate k<0", gate_state, lambda s: T.token_gate(s["c"], s["ref"], -1), RuntimeError, "'k' must be in [0, 6]"),
+        ("token_gate rank", gate_state, lambda s: T.token_gate(s["c"][None], s["ref"][None], 1), RuntimeError, "'c' must have rank 3"),
+        ("token_gate ref shape", gate_state, lambda s: T.token_gate(s["c"], s["ref"][:, :5], 1), RuntimeError, "'ref' has size 5 at dim 1"),
+        ("token_gate ref dtype", gate_state, lambda s: T.token_gate(s["c"], s["ref"].half(), 1), RuntimeError, "'ref' has dtype Half"),
+        ("token_gate ref overlap", gate_state, lambda s: T.token_gate(s["c"], s["ref"][:, :1].expand(2, 6, 4), 1), RuntimeError, "'ref' is written in place"),
+        ("threshold capacity", gate_state, lambda s: T.token_gate_threshold(s["c"], s["ref"], 0.1, -1), RuntimeError, "'capacity' must be >= 0"),
+        ("threshold dtype", gate_state, lambda s: T.token_gate_threshold(s["c"].double(), s["ref"].double(), 0.1, 2), RuntimeError, "'c' must be float32"),
+        ("delta dup", gate_state, lambda s: T.token_delta_gate(s["c"], s["ref"], -1, dup), RuntimeError, "repeats token id 3 in row 1"),
+        ("delta oob", gate_state, lambda s: T.token_delta_gate(s["c"], s["ref"], -1, oob), IndexError, "holds 6 at [1, 1]"),
+        ("delta k", gate_state, lambda s: T.token_delta_gate(s["c"], s["ref"], 9), RuntimeError, "'k' must be in [0, 6]"),
+        ("delta index batch", gate_state, lambda s: T.token_delta_gate(s["c"], s["ref"], -1, ok[:, None]), RuntimeError, "'index' must have shape [B, K]"),
+        ("qk oob q", attn_state, lambda s: qk(s, oob, ok)(), IndexError, "'index_q' holds 6"),
+        ("qk oob k", attn_state, lambda s: qk(s, ok, neg)(), IndexError, "'index_k' holds -1"),
+        ("qk both oob", attn_state, lambda s: qk(s, oob, neg)(), IndexError, "'index_q' holds 6"),
+        ("qk head dim", attn_state, lambda s: qk(s, ok, ok, k=s["k"][..., :8])(), RuntimeError, "'k' has size 8 at dim 3 but the head dim of 'q' is 16"),
+        ("qk k dtype", attn_state, lambda s: qk(s, ok, ok, k=s["k"].half())(), RuntimeError, "'k' has dtype Half but 'q'"),
+        ("qk rank", attn_state, lambda s: qk(s, ok, ok, q=s["q"][:, 0])(), RuntimeError, "'q' must have the rank of 'logits'"),
+        ("qk heads", attn_state, lambda s: qk(s, ok, ok, q=s["q"][:, :1])(), RuntimeError, "'q' has size 1 at dim 1"),
+        ("qk logits overlap", attn_state, lambda s: qk(s, ok, ok, logits=s["logits"][:, :, :1].expand(2, 2, 6, 6))(), RuntimeError, "'logits' is written in place"),
+        ("av dup", attn_state, lambda s: av(s, dup)(), RuntimeError, "repeats token id 3 in row 1"),
+        ("av oob", attn_state, lambda s: av(s, oob)(), IndexError, "'index' holds 6"),
+        ("av v dtype", attn_state, lambda s: av(s, ok, v_ref=s["v_ref"].half())(), RuntimeError, "'v_ref' has dtype Half but 'a_new'"),
+        ("av a shape", attn_state, lambda s: av(s, ok, a_new=s["a_new"][..., :5])(), RuntimeError, "'a_new' has size 5 at dim 3"),
+        ("av out d", attn_state, lambda s: av(s, ok, out=s["out"][..., :8])(), RuntimeError, "'v_new' has size 16 at dim 3 but the head dim of 'out' is 8"),
+        ("av index dtype", attn_state, lambda s: av(s, ok.to(torch.int16))(), RuntimeError, "'index' must be int32 or int64, got Short"),
+        ("av a_ref overlap", attn_state, lambda s: av(s, ok, a_ref=s["a_ref"][:, :, :1].expand(2, 2, 6, 6))(), RuntimeError, "'a_ref' is written in place"),
+    ]
+
+
+BAD = _bad_cases(DEVICE)
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_raises_and_leaves_state_unchanged(case):
+    _, make_state, call, exc, fragment = case
+    state = make_state()
+    before = {k: v.clone() for k, v in state.items()}
+    with pytest.raises(exc) as info:
+        call(state)
+    assert fragment in str(info.value), str(info.value)
+    assert str(info.value).startswith("eventful: argument '")
+    for k, v in state.items():
+        _assert_same(v, before[k])
+
+
+def test_duplicate_far_apart_in_a_long_index_is_caught():
+    """K > the check kernel's block (1024): the repeat is seen across programs through the shared scratch."""
+    g = _gen(13)
+    dst = _randn((1, 3000, 2), torch.float32, g)
+    before = dst.clone()
+    idx = torch.randperm(3000, generator=g)[:2500]
+    idx[2400] = idx[5]
+    with pytest.raises(RuntimeError, match=f"repeats token id {int(idx[5])} in row 0"):
+        T.scatter_rows_(dst, idx[None].to(DEVICE), _randn((1, 2500, 2), torch.float32, g))
+    _assert_same(dst, before)
+
+
+@pytest.mark.parametrize("name", ["gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_"])
+def test_messages_match_cpp_checks(name):
+    """Same bad input, same message from the Triton path and the C++ CPU kernels (checks.h)."""
+    g = _gen(11)
+    x = _randn((2, 6, 4), torch.float32, g)
+    src = _randn((2, 2, 4), torch.float32, g) if name == "scatter_rows_" else _randn((2, 6, 2), torch.float32, g)
+    bad = [torch.tensor([[1, 3], [0, 6]]), torch.tensor([[1, 3], [2, 2]]), torch.tensor([[1.0, 2.0], [0.0, 1.0]]),
+           torch.tensor([[1, 2]]), torch.tensor([[-3, 1], [0, 1]])]
+    for idx in bad:
+        for args_cpu in ([x, idx] if name.startswith("gather") else [x.clone(), idx, src],
+                         [x.double(), idx] if name.startswith("gather") else [x.clone(), idx, src.half()]):
+            try:
+                want = getattr(torch.ops.eventful, name)(*args_cpu)
+            except (RuntimeError, IndexError) as exc:
+                with pytest.raises(type(exc)) as got:
+                    getattr(T, name)(*[a.to(DEVICE) for a in args_cpu])
+                assert str(got.value) == str(exc).split("\nException raised from")[0]
+            else:  # e.g. repeated ids are fine for a gather
+                _assert_same(getattr(T, name)(*[a.to(DEVICE) for a in args_cpu]), want)
+
+
+# ---------------------------------------------------------------- registration and import guard
+
+def test_registration_rule():
+    assert _register.should_register("auto", has_cpp_cuda_kernel=False)
+    assert not _register.should_register("auto", has_cpp_cuda_kernel=True)
+    assert _register.should_register("triton", has_cpp_cuda_kernel=True)
+    assert not _register.should_register("cuda", has_cpp_cuda_kernel=False)
+    backend = _register.backend_from_env()
+    cpp = _register.cpp_cuda_kernels()
+    assert set(cpp) == set(T.OPS)
+    assert T.registered_ops() == [n for n in T.OPS if _register.should_register(backend, cpp[n])]
+    for name in T.registered_ops():  # a CUDA kernel now exists for every op Triton took
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"eventful::{name}", "CUDA")
+
+
+def _run_python(code: str, **env) -> str:
+    full_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_import_without_triton_never_fails():
+    out = _run_python(
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, eventful_kernels.triton as T\n"
+        "assert not T.AVAILABLE and isinstance(T.IMPORT_ERROR, ImportError) and T.registered_ops() == []\n"
+        "try:\n    T.gather_rows\nexcept ImportError as e:\n    print('guarded:', e)\n")
+    assert "guarded: eventful_kernels.triton.gather_rows: triton is not available" in out
+
+
+def test_backend_flag_cuda_registers_nothing_and_bad_value_raises():
+    out = _run_python("import eventful_kernels.triton as T; print(T.registered_ops())", EVENTFUL_BACKEND_CUDA="cuda")
+    assert out.strip() == "[]"
+    out = _run_python("import eventful_kernels.triton as T; print(len(T.registered_ops()))",
+                      EVENTFUL_BACKEND_CUDA="triton")
+    assert out.strip() == str(len(T.OPS))
+    with pytest.raises(AssertionError, match="EVENTFUL_BACKEND_CUDA must be one of"):
+        _run_python("import eventful_kernels.triton", EVENTFUL_BACKEND_CUDA="tritonn")
+
+
+# ---------------------------------------------------------------- opcheck through torch.ops.eventful
+
+def _opcheck_samples(device, dtype=torch.float32):
+    g = _gen(12)
+    x = _randn((2, 9, 5), dtype, g, device)
+    idx = torch.tensor([[1, 4, 8], [0, 8, 2]], device=device)
+    q, k = _randn((2, 2, 9, 16), dtype, g, device), _randn((2, 2, 9, 16), dtype, g, device)
+    a = torch.rand(2, 2, 9, 9, generator=g).to(dtype).to(device)
+    return {
+        "gather_rows": (x, idx),
+        "scatter_rows_": (x.clone(), idx, _randn((2, 3, 5), dtype, g, device)),
+        "gather_cols": (x, idx % 5),
+        "scatter_cols_": (x.clone(), torch.tensor([[1, 4, 0], [3, 2, 0]], device=device),
+                          _randn((2, 9, 3), dtype, g, device)),
+        "token_gate": (x, x.flip(1).clone(), 3),
+        "token_gate_threshold": (x, x.flip(1).clone(), 0.5, 4),
+        "token_delta_gate": (x, x.flip(1).clone(), 3, None),
+        "qk_update_": (_randn((2, 2, 9, 9), dtype, g, device), q, k, idx, idx.flip(1).contiguous(), 0.25),
+        "av_delta_update_": (q.clone(), a, a.flip(-1).contiguous(), k, q.clone(), idx),
+    }
+
+
+@pytest.fixture
+def triton_as_cpu_kernels():
+    """Serve torch.ops.eventful on CPU with the Triton kernels (interpreter) for the test, then restore."""
+    lib = torch.library.Library("eventful", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Overriding a previously registered kernel" (the C++ CPU kernels)
+        for name, fn in _register.KERNELS.items():
+            lib.impl(name, fn, "CPU")
+    yield
+    lib._destroy()
+
+
+@pytest.mark.skipif(CUDA, reason="CPU opcheck runs the kernels under the interpreter; TestCudaDispatch covers GPUs")
+def test_opcheck_interpreted_through_dispatcher(triton_as_cpu_kernels):
+    for name, args in _opcheck_samples("cpu").items():
+        torch.library.opcheck(getattr(torch.ops.eventful, name).default, args)
+    # also proves the registered kernels are the Triton ones: a token_delta_gate with an explicit index
+    c = torch.randn(1, 4, 3)
+    out = torch.ops.eventful.token_delta_gate(c, torch.zeros_like(c), -1, torch.tensor([[2, 0]], dtype=torch.int32))
+    assert out[0].tolist() == [[2, 0]]
+
+
+@pytest.mark.skipif(CUDA, reason="CPU-only check")
+def test_cpu_tensors_without_interpreter_are_rejected(monkeypatch):
+    monkeypatch.setattr(_runtime, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        T.gather_rows(torch.randn(1, 3, 2), torch.tensor([[0]]))
+
+
+# ---------------------------------------------------------------- CUDA: the same checks through torch.ops.eventful
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+class TestCudaDispatch:
+    """torch.ops.eventful on CUDA tensors: the registered kernel (Triton, or C++ where the rule keeps it)."""
+
+    @pytest.mark.parametrize("dtype", FLOATS, ids=str)
+    def test_ops(self, dtype):
+        for idt in INDEX_DTYPES:
+            check_gather_scatter_rows(ops, "cuda", dtype, idt)
+            check_gather_scatter_cols(ops, "cuda", dtype, idt)
+            check_token_delta_gate(ops, "cuda", dtype, idt)
+            check_qk_update(ops, "cuda", dtype, idt)
+            check_av_delta_update(ops, "cuda", dtype, idt)
+        check_token_gate(ops, "cuda", dtype)
+        check_token_gate_threshold(ops, "cuda", dtype)
+        check_token_gate_ties_long_rows(ops, "cuda", dtype)
+
+    @pytest.mark.parametrize("dtype", FLOATS, ids=str)
+    def test_opcheck(self, dtype):
+        for name, args in _opcheck_samples("cuda", dtype).items():
+            torch.library.opcheck(getattr(torch.ops.eventful, name).default, args)
+
+    def test_every_op_has_a_cuda_kernel(self):
+        for name in T.OPS:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"eventful::{name}", "CUDA"), name
+
+    def test_threshold_gate_needs_no_host_sync(self):
+        c = torch.randn(2, 64, 32, device="cuda")
+        ref = torch.zeros_like(c)
+        T.token_gate_threshold(c, ref.clone(), 5.0, 16)  # warm up (compile)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            T.token_gate_threshold(c, ref, 5.0, 16)
+            T.token_gate(c, ref, 8)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+# ---------------------------------------------------------------- GPU compile check without a GPU
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the kernels compile for real in the tests above")
+def test_every_kernel_compiles_for_sm90():
+    """Runs tests/triton_compile_check.py (real compiler, ptxas, sm_90 target) in a process without the
+    interpreter: first config of each autotuned kernel here; `--all-configs` in the slow variant."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "triton_compile_check.py")],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "PASSED" in proc.stdout

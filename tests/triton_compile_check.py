@@ -1,0 +1,115 @@
+"""Compile every Triton kernel of eventful_kernels.triton for an H100 (sm_90) without a GPU.
+
+The interpreter runs kernels as numpy code and never compiles them; this script runs the real compiler pipeline
+(TTIR -> TTGIR -> LLVM -> PTX -> cubin via the ptxas shipped with triton) so GPU-only compile errors (tl.dot
+shapes, types of if/else branches, layouts) surface on a CPU-only machine. It must run WITHOUT TRITON_INTERPRET.
+Usage: python tests/triton_compile_check.py [--all-configs]   (prints one line per kernel, exits 1 on failure)
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("triton_compile_check: unset TRITON_INTERPRET (the interpreter does not compile)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import eventful_kernels  # noqa: E402,F401
+from eventful_kernels.triton import _runtime, attention, gates, gather_scatter  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+FLOATS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FLOAT_ARGS = {"scale", "threshold"}
+
+
+def _signature(fn, ptrs: dict, constexprs: dict) -> dict:
+    sig = {}
+    for p in fn.params:
+        name = p.name
+        if p.is_constexpr or name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ptrs:
+            sig[name] = "*" + ptrs[name]
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _compile(label: str, kernel, ptrs: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3) -> float:
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    t0 = time.time()
+    src = ASTSource(fn, _signature(fn, ptrs, constexprs), constexprs)
+    compiled = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    assert compiled.asm["cubin"], label
+    dt = time.time() - t0
+    print(f"ok  {label:70s} {dt:5.1f}s  shared={compiled.metadata.shared}", flush=True)
+    return dt
+
+
+def _autotune_configs(kernel, all_configs: bool):
+    return kernel.configs if all_configs else kernel.configs[:1]
+
+
+def jobs(all_configs: bool):
+    for fl in ("fp16", "fp32"):  # copy kernels move bytes: 2- and 4-byte elements
+        for src_i, dst_i in ((True, False), (False, True), (True, True)):
+            bk, bd = gather_scatter._row_blocks(256, 768)
+            yield (f"copy_rows {fl} src_idx={src_i} dst_idx={dst_i}", gather_scatter._copy_rows_kernel,
+                   {"src_ptr": fl, "dst_ptr": fl, "idx_ptr": "i64"},
+                   {"SRC_INDEXED": src_i, "DST_INDEXED": dst_i, "BLOCK_K": bk, "BLOCK_D": bd}, 4, 3)
+            yield (f"copy_cols {fl} src_idx={src_i} dst_idx={dst_i}", gather_scatter._copy_cols_kernel,
+                   {"src_ptr": fl, "dst_ptr": fl, "idx_ptr": "i32"},
+                   {"SRC_INDEXED": src_i, "DST_INDEXED": dst_i, "BLOCK_M": 128, "BLOCK_K": 32}, 4, 3)
+    for unique in (False, True):
+        yield (f"validate_index unique={unique}", _runtime._validate_index_kernel,
+               {"idx_ptr": "i32", "seen_ptr": "i32", "flag_ptr": "i32"}, {"UNIQUE": unique, "BLOCK": 256}, 4, 3)
+    for fl in FLOATS:
+        for thr in (False, True):
+            yield (f"gate scores {fl} threshold={thr}", gates._scores_kernel,
+                   {"c_ptr": fl, "r_ptr": fl, "out_ptr": "fp32"},
+                   {"HAS_THRESHOLD": thr, "BLOCK_N": 16, "BLOCK_D": 128}, 4, 3)
+        for with_e in (False, True):
+            yield (f"gate copy {fl} with_e={with_e}", gates._gate_copy_kernel,
+                   {"c_ptr": fl, "r_ptr": fl, "idx_ptr": "i64", "sel_ptr": fl, "e_ptr": fl},
+                   {"WITH_E": with_e, "SOFT_BF16": False, "BLOCK_K": 8, "BLOCK_D": 512}, 4, 3)
+    for thr in (False, True):
+        yield (f"gate select threshold={thr}", gates._select_kernel,
+               {"s_ptr": "fp32", "kth_ptr": "fp32", "idx_ptr": "i64", "count_ptr": "i64"},
+               {"HAS_THRESHOLD": thr, "BLOCK_N": 2048}, 8, 3)
+    head_dims = (16, 64, 128) if all_configs else (64,)  # BLOCK_D = head dim rounded up to a power of 2
+    for fl in FLOATS:
+        precisions = ("ieee", "tf32") if fl == "fp32" else ("ieee",)
+        for prec, bd in ((p, bd) for p in precisions for bd in head_dims):
+            common = {"IS_F32": fl == "fp32", "PREC": prec, "UPCAST": False, "SOFT_BF16": False, "BLOCK_D": bd}
+            for cfg in _autotune_configs(attention._qk_update_kernel, all_configs):
+                yield (f"qk_update {fl} {prec} d={bd} {cfg.kwargs} w={cfg.num_warps}", attention._qk_update_kernel,
+                       {"l_ptr": fl, "q_ptr": fl, "k_ptr": fl, "iq_ptr": "i64", "ik_ptr": "i32"},
+                       {**cfg.kwargs, **common}, cfg.num_warps, cfg.num_stages)
+            for cfg in _autotune_configs(attention._av_delta_kernel, all_configs):
+                yield (f"av_delta {fl} {prec} d={bd} {cfg.kwargs} w={cfg.num_warps}", attention._av_delta_kernel,
+                       {"o_ptr": fl, "an_ptr": fl, "ar_ptr": fl, "vn_ptr": fl, "vr_ptr": fl, "idx_ptr": "i64"},
+                       {**cfg.kwargs, **common}, cfg.num_warps, cfg.num_stages)
+
+
+def main(argv) -> int:
+    all_configs = "--all-configs" in argv
+    failed = 0
+    for label, kernel, ptrs, constexprs, warps, stages in jobs(all_configs):
+        try:
+            _compile(label, kernel, ptrs, constexprs, warps, stages)
+        except Exception as exc:  # report every failing kernel, not just the first
+            failed += 1
+            print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
+    print(f"{'FAILED' if failed else 'PASSED'}: {failed} kernel(s) failed to compile for sm_90")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
