@@ -157,7 +157,7 @@ def test_reset_restarts_stream(cls, backend):
     blk, shape = make("sam_window_relpos_padded")
     eb = cls(blk, TopFraction(0.3), backend=backend)
     video = random_video(shape, frames=4)
-    first = [eb(x) .clone() for x in video]
+    first = [eb(x).clone() for x in video]
     eb.reset()
     assert eb.qkv_gate.flushing and eb.attention.last_macs == 0
     for x, y in zip(video, first):
