@@ -17,6 +17,17 @@ void check_rows(const at::Tensor& x, const char* xname, const at::Tensor& index)
   check_index_meta(index, "index", x.size(0), x, xname);
 }
 
+// Advance the coordinates (inner, h, b) of a flat [B, H, inner] loop by one, without per-iteration division.
+inline void next_coord(int64_t& inner, int64_t& h, int64_t& b, int64_t n_inner, int64_t n_heads) {
+  if (++inner == n_inner) {
+    inner = 0;
+    if (++h == n_heads) {
+      h = 0;
+      ++b;
+    }
+  }
+}
+
 template <typename elem_t, typename index_t>
 void copy_rows(const at::Tensor& src4, const at::Tensor& dst4, const at::Tensor& index, bool gather) {
   // gather: dst[b,h,k,:] = src[b,h,index[b,k],:]; scatter: dst[b,h,index[b,k],:] = src[b,h,k,:]
@@ -29,8 +40,8 @@ void copy_rows(const at::Tensor& src4, const at::Tensor& dst4, const at::Tensor&
   const bool dense_rows = ss[3] == 1 && ds[3] == 1;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
   at::parallel_for(0, B * H * K, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t k = r % K, bh = r / K, h = bh % H, b = bh / H;
+    int64_t k = begin % K, h = (begin / K) % H, b = begin / K / H;  // advanced incrementally below
+    for (int64_t r = begin; r < end; ++r, next_coord(k, h, b, K, H)) {
       const int64_t tok = static_cast<int64_t>(ip[b * is0 + k * is1]);
       const int64_t srow = gather ? tok : k, drow = gather ? k : tok;
       const elem_t* s = sp + b * ss[0] + h * ss[1] + srow * ss[2];
@@ -55,8 +66,8 @@ void copy_cols(const at::Tensor& src4, const at::Tensor& dst4, const at::Tensor&
   const int64_t is0 = index.stride(0), is1 = index.stride(1);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
   at::parallel_for(0, B * H * M, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t m = r % M, bh = r / M, h = bh % H, b = bh / H;
+    int64_t m = begin % M, h = (begin / M) % H, b = begin / M / H;
+    for (int64_t r = begin; r < end; ++r, next_coord(m, h, b, M, H)) {
       const index_t* irow = ip + b * is0;
       const elem_t* s = sp + b * ss[0] + h * ss[1] + m * ss[2];
       elem_t* d = dp + b * ds[0] + h * ds[1] + m * ds[2];
@@ -101,6 +112,7 @@ void scatter_rows_cpu(const at::Tensor& dst, const at::Tensor& index, const at::
   check_size(s4, "src", 2, index.size(1), "K, the number of ids in 'index'");
   check_size(s4, "src", 3, d4.size(3), "the feature size of 'dst'");
   check_writable(dst, "dst");
+  check_no_overlap(dst, "dst", src, "src");
   check_index_values_cpu(index, "index", d4.size(2), /*unique=*/true);
   if (s4.numel() > 0) EVENTFUL_DISPATCH_COPY(copy_rows, dst, index, s4, d4, index, false);
 }
@@ -126,6 +138,7 @@ void scatter_cols_cpu(const at::Tensor& dst, const at::Tensor& index, const at::
   check_size(s4, "src", 2, d4.size(2), "the row count of 'dst'");
   check_size(s4, "src", 3, index.size(1), "K, the number of ids in 'index'");
   check_writable(dst, "dst");
+  check_no_overlap(dst, "dst", src, "src");
   check_index_values_cpu(index, "index", d4.size(3), /*unique=*/true);
   if (s4.numel() > 0) EVENTFUL_DISPATCH_COPY(copy_cols, dst, index, s4, d4, index, false);
 }

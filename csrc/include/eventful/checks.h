@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace eventful {
@@ -48,6 +49,27 @@ inline void check_size(const at::Tensor& t, const char* name, int64_t dim, int64
 inline void check_writable(const at::Tensor& t, const char* name) {
   TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "eventful: argument '", name,
               "' is written in place and must not have internal overlap (e.g. an expanded tensor)");
+}
+
+// A tensor written in place must not share memory with another argument, or the kernel could read values it has
+// already overwritten. Conservative: any intersection of the two address ranges is rejected.
+inline void check_no_overlap(const at::Tensor& t, const char* name, const at::Tensor& other, const char* other_name) {
+  if (t.numel() == 0 || other.numel() == 0) return;
+  auto range = [](const at::Tensor& x) {
+    int64_t extent = 1;
+    for (int64_t i = 0; i < x.dim(); ++i) extent += (x.size(i) - 1) * x.stride(i);
+    const char* p = static_cast<const char*>(x.const_data_ptr());
+    return std::make_pair(p, p + extent * static_cast<int64_t>(x.element_size()));
+  };
+  const auto a = range(t), b = range(other);
+  TORCH_CHECK(!(a.first < b.second && b.first < a.second), "eventful: argument '", name,
+              "' is written in place and must not share memory with '", other_name, "'");
+}
+
+// An accumulator / output tensor may be float32 or the dtype of the inputs it is computed from.
+inline void check_acc_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == ref.scalar_type(), "eventful: argument '", name,
+              "' must be float32 or the dtype of '", ref_name, "' (", ref.scalar_type(), "), got ", t.scalar_type());
 }
 
 // index: [B, K], int32 or int64, same device as `like`.
