@@ -11,8 +11,6 @@ from typing import Optional, Tuple, Union
 
 from torch import nn
 
-from .nn.backend import EventfulModule
-
 
 def count_macs(module: nn.Module) -> int:
     """MACs of the last frame: ``last_macs`` summed over the outermost eventful modules in ``module``.
@@ -20,6 +18,8 @@ def count_macs(module: nn.Module) -> int:
     An eventful module's ``last_macs`` already includes its eventful children (a block counts its gates, buffers
     and attention), so the walk does not descend into eventful modules.
     """
+    from .nn.backend import EventfulModule  # imported here: eventful_kernels.nn imports this module
+
     if isinstance(module, EventfulModule):
         return int(module.last_macs)
     return sum(count_macs(m) for m in module.children())

@@ -24,6 +24,9 @@ from .policies import Policy, as_policy
 from .windows import WindowGrid
 
 
+_IDENTITY = nn.Identity()
+
+
 def _residual(x: Tensor, ls: nn.Module, y: Tensor) -> Tensor:
     """``x + ls(y)`` without mutating ``y`` (a buffer state); LayerScale is fused as ``addcmul(x, y, gamma)``."""
     if isinstance(ls, nn.Identity):
@@ -132,7 +135,12 @@ class _EventfulBlockBase(EventfulModule):
             self._windows = WindowGrid(grid[0], grid[1], self.window, x.device) if self.window > 0 else None
         elif grid != self._grid and (self.window > 0 or self.use_rel_pos):
             raise ValueError(f"eventful: grid {grid} differs from the stream's {self._grid}; call reset() first")
-        y = self._forward_tokens(tokens, flush)
+        try:
+            y = self._forward_tokens(tokens, flush)
+        except Exception:
+            if flush:  # never leave a half-filled state behind: the next call is a flush again
+                self.reset()
+            raise
         return y.view(x.shape)
 
     def _forward_tokens(self, x: Tensor, flush: bool) -> Tensor:
@@ -157,11 +165,11 @@ class _EventfulBlockBase(EventfulModule):
         norm = getattr(attn, "norm", None)
         if norm is not None and not isinstance(norm, nn.Identity):
             o_sel = norm(o_sel)
-        x1 = _residual(x, block.ls1 if hasattr(block, "ls1") else nn.Identity(), self.proj_buffer(attn.proj(o_sel), idx2))
+        x1 = _residual(x, getattr(block, "ls1", _IDENTITY), self.proj_buffer(attn.proj(o_sel), idx2))
 
         idx3, h_sel = self.mlp_gate(x1)
         m_sel = block.mlp(block.norm2(h_sel))
-        y = _residual(x1, block.ls2 if hasattr(block, "ls2") else nn.Identity(), self.mlp_buffer(m_sel, idx3))
+        y = _residual(x1, getattr(block, "ls2", _IDENTITY), self.mlp_buffer(m_sel, idx3))
         self.last_macs = (
             b * (idx1.shape[1] * self._macs_qkv + idx2.shape[1] * self._macs_proj + idx3.shape[1] * self._macs_mlp)
             + self.attention.last_macs

@@ -39,8 +39,8 @@ class MatmulBuffer(EventfulModule):
     """QK^T state. ``forward(q, k, index_q, index_k, scale, bias=None) -> logits [B,H,Nq,Nk]`` (the state itself).
 
     Flush: ``logits = q @ k^T * scale (+ bias.dense())``. Afterwards rows ``index_q`` and columns ``index_k`` are
-    recomputed in place: without a bias by the fused ``qk_update_``; with a bias by row/column products plus
-    ``bias.rows`` / ``bias.cols`` scattered back (the bias of untouched entries is already in the state).
+    recomputed in place by the fused ``qk_update_``; with a bias, ``bias.rows`` / ``bias.cols`` are then added to
+    the recomputed entries (once where rows and columns cross; untouched entries already hold their bias).
     ``last_macs``: flush ``B*H*Nq*Nk*d``, update ``B*H*(Kq*Nk + Nq*Kk)*d``.
     """
 
@@ -85,15 +85,17 @@ class MatmulBuffer(EventfulModule):
         kq, kk = index_q.shape[1], index_k.shape[1]
         self.last_macs = b * h * (kq * nk + nq * kk) * d
         ops = self.k_ops
+        ops.qk_update_(logits, q, k, index_q, index_k, scale)
         if bias is None:
-            ops.qk_update_(logits, q, k, index_q, index_k, scale)
             return logits
+        # add the bias to the recomputed entries: rows, then columns except where they cross those rows
         if kq:
-            rows = torch.matmul(ops.gather_rows(q, index_q), k.transpose(-1, -2)).mul_(scale).add_(bias.rows(index_q))
-            ops.scatter_rows_(logits, index_q, rows)
+            ops.scatter_rows_(logits, index_q, ops.gather_rows(logits, index_q).add_(bias.rows(index_q)))
         if kk:
-            cols = torch.matmul(q, ops.gather_rows(k, index_k).transpose(-1, -2)).mul_(scale).add_(bias.cols(index_k))
-            ops.scatter_cols_(logits, index_k, cols)
+            cols_bias = bias.cols(index_k)
+            if kq:
+                ops.scatter_rows_(cols_bias, index_q, cols_bias.new_zeros(b, h, kq, kk))
+            ops.scatter_cols_(logits, index_k, ops.gather_cols(logits, index_k).add_(cols_bias))
         return logits
 
 
