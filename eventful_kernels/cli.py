@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--video", default="bigbuckbunny", help="path to a video file, or a bundled sample: "
                    "bigbuckbunny, bikes")
-    p.add_argument("--frames", type=int, default=24, help="frames to process (capped at the video length)")
+    p.add_argument("--frames", type=int, default=48, help="frames to process (capped at the video length)")
     p.add_argument("--budgets", default="N,N/2,N/4,N/8",
                    help="comma list: N, N/4, fractions (0.25) or token counts (49)")
     p.add_argument("--schedule", default=None, help="extra run whose budget changes mid-video, FRAME:BUDGET list, "
