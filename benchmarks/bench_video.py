@@ -7,6 +7,7 @@ tokens for SAM ViT-B), run dense timm and the eventful model at r = N/4 over the
 and report the median wall time per frame over steady-state frames (frame 0 = flush / warm-up left out), GFLOPs per
 frame from the operation counts, measured speedup, ideal speedup (GFLOP ratio) and their ratio (efficiency).
 Targets: speedup >= 2.5x and efficiency >= 0.7. ``--profile`` adds a torch.profiler table of eventful frames.
+glibc is told to keep freed memory (``eventful_kernels/video/malloc.py``) unless ``--system-malloc``.
 Weights are random (seeded): timing and operation counts do not depend on the values.
 """
 from __future__ import annotations
@@ -26,27 +27,9 @@ sys.path.insert(0, ROOT)
 from eventful_kernels.models import convert, parse_budget  # noqa: E402
 from eventful_kernels.video import runner  # noqa: E402
 from eventful_kernels.video.decode import normalize, read_frames, sample_video  # noqa: E402
+from eventful_kernels.video.malloc import keep_freed_memory  # noqa: E402
 
 TARGET_SPEEDUP = 2.5
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters
-
-
-def keep_freed_memory() -> bool:
-    """glibc: serve every allocation from the heap and never give freed memory back to the OS.
-
-    By default glibc maps blocks above 32 MB with mmap and unmaps them on free, so every per-frame temporary of
-    that size (SAM global attention: [1, 12, 4096, 4096] maps, 200-800 MB) is page-faulted in again each frame
-    (measured ~2-3 s of system time per SAM frame). Applies to the whole process, so to dense and eventful alike.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-TARGET_EFFICIENCY = 0.7
 
 
 def profile_eventful(ev, frames, mean, std, budget, n: int = 3, rows: int = 25) -> str:
@@ -104,15 +87,14 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="ops", choices=("ops", "reference"))
     p.add_argument("--video", default="bigbuckbunny")
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--malloc-heap", action="store_true", help="glibc: no mmap/munmap for big blocks (see "
-                   "keep_freed_memory); off by default")
+    p.add_argument("--system-malloc", action="store_true", help="leave glibc malloc at its defaults (by default "
+                   "freed memory is kept for reuse, see eventful_kernels/video/malloc.py)")
     p.add_argument("--out", default=os.path.join(ROOT, "results", "bench_video.json"))
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    heap = keep_freed_memory() if args.malloc_heap else False
     result = {
-        "malloc_heap": heap,
+        "malloc_keep_freed": False if args.system_malloc else keep_freed_memory(),
         "threads": args.threads,
         "backend": args.backend,
         "torch_version": torch.__version__,

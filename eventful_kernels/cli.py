@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device for both models (cpu, cuda)")
     p.add_argument("--out", default="eventful-video-out", help="output directory for result.json and PNGs")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--system-malloc", action="store_true", help="leave glibc malloc at its defaults (by default "
+                   "freed memory is kept for reuse: big per-frame temporaries are not page-faulted in every frame)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -73,9 +75,11 @@ def run(args: argparse.Namespace) -> Dict:
     from .models import convert, make_policy, parse_budget
     from .video import runner
     from .video.decode import read_frames, sample_video
+    from .video.malloc import keep_freed_memory
     from .video.progress import progress
 
     torch.set_num_threads(args.threads)
+    malloc_tuned = False if args.system_malloc else keep_freed_memory()
     budgets = [(text.strip(), parse_budget(text)) for text in args.budgets.split(",") if text.strip()]
     for _, b in budgets:
         make_policy(b)  # validate before the slow part
@@ -118,6 +122,7 @@ def run(args: argparse.Namespace) -> Dict:
         "threads": args.threads,
         "backend": args.backend,
         "device": args.device,
+        "malloc_keep_freed": malloc_tuned,
         "torch_version": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "timing": "steady state: median over frames 1.., frame 0 (flush / warm-up) excluded",

@@ -1,6 +1,9 @@
 """Video decoding and the eventful-video CLI end to end on a tiny model and a few frames of the sample video."""
 import json
 import os
+import platform
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -61,10 +64,12 @@ def test_cli_end_to_end(tmp_path, capsys):
     rc = cli.main([
         "--model", "vit_small_patch16_224", "--model-kwargs", json.dumps(TINY_VIT), "--frames", "5",
         "--budgets", "N,N/4,3", "--schedule", "0:1.0,2:0.25", "--threads", "1", "--out", str(out), "--quiet",
+        "--system-malloc",  # in-process run: leave the test session's allocator alone
     ])
     assert rc == 0
     res = json.load(open(out / "result.json"))
     assert res["tokens"] == 17 and res["frames"] == 5 and res["input_size"] == 32 and res["threads"] == 1
+    assert res["malloc_keep_freed"] is False
     assert len(res["dense"]["ms_per_frame"]) == 5
     by = {b["budget"]: b for b in res["budgets"]}
     assert set(by) == {"N", "N/4", "3"}
@@ -90,3 +95,10 @@ def test_cli_end_to_end(tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     text = capsys.readouterr().out
     assert "dense timm" in text and "r=N/4" in text and "result.json" in text
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc mallopt")
+def test_keep_freed_memory_in_a_fresh_process():
+    code = "from eventful_kernels.video.malloc import keep_freed_memory; print(keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
