@@ -30,6 +30,7 @@ from eventful_kernels.video.decode import normalize, read_frames, sample_video  
 from eventful_kernels.video.malloc import keep_freed_memory  # noqa: E402
 
 TARGET_SPEEDUP = 2.5
+TARGET_EFFICIENCY = 0.7
 
 
 def profile_eventful(ev, frames, mean, std, budget, n: int = 3, rows: int = 25) -> str:
