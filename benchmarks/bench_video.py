@@ -4,6 +4,7 @@
 
 Per model: decode the sample video (Big Buck Bunny) at the model input size (224 for ViT-B, 1024 = 64x64 = 4096
 tokens for SAM ViT-B), run dense timm and the eventful model at r = N/4 over the same frames, one frame at a time,
+dense and eventful in lockstep (each frame through both, so both see the same load on a shared machine),
 and report the median wall time per frame over steady-state frames (frame 0 = flush / warm-up left out), GFLOPs per
 frame from the operation counts, measured speedup, ideal speedup (GFLOP ratio) and their ratio (efficiency).
 Targets: speedup >= 2.5x and efficiency >= 0.7. ``--profile`` adds a torch.profiler table of eventful frames.
@@ -53,8 +54,7 @@ def bench_model(name: str, frames_n: int, budget_text: str, backend: str, video:
     budget = parse_budget(budget_text)
     ev = convert(model, budget, backend=backend)
     t0 = time.perf_counter()
-    dense, n_tokens = runner.run_dense(model, frames, mean, std)
-    run = runner.run_eventful(ev, frames, mean, std, {0: budget}, dense, f"r={budget_text}")
+    dense, run, n_tokens = runner.run_lockstep(model, ev, frames, mean, std, budget, f"r={budget_text}")
     d, e = dense.summary(), run.summary()
     out = {
         "model": name,
@@ -100,7 +100,8 @@ def main(argv=None) -> int:
         "backend": args.backend,
         "torch_version": torch.__version__,
         "machine": platform.machine(),
-        "timing": "median wall ms per frame over frames 1.. (frame 0 = flush / warm-up excluded), batch 1",
+        "timing": "median wall ms per frame over frames 1.. (frame 0 = flush / warm-up excluded), batch 1, "
+        "dense and eventful run in lockstep frame by frame",
         "targets": {"speedup": TARGET_SPEEDUP, "efficiency": TARGET_EFFICIENCY},
         "models": [],
     }

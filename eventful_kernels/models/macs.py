@@ -74,8 +74,7 @@ class DenseMacCounter:
         self._outside = OutsideMacCounter(model, model.blocks)
         self._block_macs = 0
         self.n_tokens = None  # tokens per stream entering the first block, seen in the last counted forward
-        for b in model.blocks:
-            b.register_forward_pre_hook(self._pre_hook)
+        self._handles = [b.register_forward_pre_hook(self._pre_hook) for b in model.blocks]
 
     def _pre_hook(self, block, args):
         if self._outside._active:
@@ -93,3 +92,10 @@ class DenseMacCounter:
     @property
     def macs(self) -> int:
         return self._block_macs + self._outside.macs
+
+    def remove(self) -> None:
+        """Unregister every hook from the model."""
+        self._outside.remove()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

@@ -102,18 +102,52 @@ def run_dense(model, frames: torch.Tensor, mean, std, tick: Callable[[], None] =
     device = _device(model)
     counter = DenseMacCounter(model)
     run = Run("dense")
-    n_tokens = None
-    with torch.no_grad():
+    try:
+        for frame in frames:
+            _dense_step(model, counter, normalize(frame[None], mean, std).to(device), run)
+            tick()
+    finally:
+        counter.remove()
+    return run, counter.n_tokens
+
+
+@torch.no_grad()
+def _dense_step(model, counter: DenseMacCounter, x: torch.Tensor, run: Run) -> None:
+    with counter.counting():
+        y, ms = _timed(model, x)
+    run.ms.append(ms)
+    run.gflops.append(2 * counter.macs / 1e9)
+    run.outputs.append(y)
+
+
+def _eventful_step(ev: EventfulModel, x: torch.Tensor, run: Run, dense_out: Optional[torch.Tensor]) -> None:
+    y, ms = _timed(ev, x)
+    run.ms.append(ms)
+    run.gflops.append(2 * ev.macs_last_frame() / 1e9)
+    if dense_out is not None:
+        _deviation(run, y, dense_out)
+
+
+def run_lockstep(model, ev: EventfulModel, frames: torch.Tensor, mean, std, budget, label: str = "",
+                 tick: Callable[[], None] = lambda: None) -> Tuple[Run, Run, int]:
+    """Dense and eventful (at ``budget``, from a fresh state) on each frame in turn, so that both see the same
+    machine conditions (fairer timing on a shared machine). Returns (dense run, eventful run, tokens per block)."""
+    device = _device(model)
+    counter = DenseMacCounter(model)
+    dense, run = Run("dense"), Run(label)
+    ev.reset()
+    ev.set_budget(make_policy(budget))
+    try:
         for frame in frames:
             x = normalize(frame[None], mean, std).to(device)
-            with counter.counting():
-                y, ms = _timed(model, x)
-            n_tokens = n_tokens or counter.n_tokens
-            run.ms.append(ms)
-            run.gflops.append(2 * counter.macs / 1e9)
-            run.outputs.append(y)
+            _dense_step(model, counter, x, dense)
+            _eventful_step(ev, x, run, dense.outputs[-1])
+            run.budget.append(str(budget))
+            dense.outputs[-1] = None  # the deviation is recorded; do not keep every output
             tick()
-    return run, n_tokens
+    finally:
+        counter.remove()
+    return dense, run, counter.n_tokens
 
 
 def _deviation(run: Run, y: torch.Tensor, ref: torch.Tensor) -> None:
@@ -142,12 +176,8 @@ def run_eventful(
             current = schedule[t]
             ev.set_budget(make_policy(current))
         x = normalize(frame[None], mean, std).to(device)
-        y, ms = _timed(ev, x)
-        run.ms.append(ms)
-        run.gflops.append(2 * ev.macs_last_frame() / 1e9)
+        _eventful_step(ev, x, run, dense.outputs[t] if dense is not None else None)
         run.budget.append(str(current))
-        if dense is not None:
-            _deviation(run, y, dense.outputs[t])
         tick()
     return run
 
