@@ -3,10 +3,9 @@
     python benchmarks/bench_video.py [--models vit_base_patch16_224,samvit_base_patch16] [--out results/bench_video.json]
 
 Per model: decode the sample video (Big Buck Bunny) at the model input size (224 for ViT-B, 1024 = 64x64 = 4096
-tokens for SAM ViT-B), run dense timm and the eventful model at r = N/4 over the same frames, one frame at a time,
-dense and eventful in lockstep (each frame through both, so both see the same load on a shared machine),
-and report the median wall time per frame over steady-state frames (frame 0 = flush / warm-up left out), GFLOPs per
-frame from the operation counts, measured speedup, ideal speedup (GFLOP ratio) and their ratio (efficiency).
+tokens for SAM ViT-B), run dense timm and then the eventful model at r = N/4 over the same frames, one frame at a
+time (``--lockstep``: each frame through both in turn), and report the median wall time per frame over
+steady-state frames (frame 0 = flush / warm-up left out), GFLOPs per frame from the operation counts, measured speedup, ideal speedup (GFLOP ratio) and their ratio (efficiency).
 Targets: speedup >= 2.5x and efficiency >= 0.7. ``--profile`` adds a torch.profiler table of eventful frames.
 glibc is told to keep freed memory (``eventful_kernels/video/malloc.py``) unless ``--system-malloc``.
 Weights are random (seeded): timing and operation counts do not depend on the values.
@@ -47,14 +46,19 @@ def profile_eventful(ev, frames, mean, std, budget, n: int = 3, rows: int = 25) 
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def bench_model(name: str, frames_n: int, budget_text: str, backend: str, video: str, profile: bool) -> dict:
+def bench_model(name: str, frames_n: int, budget_text: str, backend: str, video: str, profile: bool,
+                lockstep: bool = False) -> dict:
     model = runner.create_model(name, seed=0)
     size, mean, std = runner.input_spec(model)
     frames = read_frames(sample_video(video), size, frames_n)
     budget = parse_budget(budget_text)
     ev = convert(model, budget, backend=backend)
     t0 = time.perf_counter()
-    dense, run, n_tokens = runner.run_lockstep(model, ev, frames, mean, std, budget, f"r={budget_text}")
+    if lockstep:
+        dense, run, n_tokens = runner.run_lockstep(model, ev, frames, mean, std, budget, f"r={budget_text}")
+    else:
+        dense, n_tokens = runner.run_dense(model, frames, mean, std)
+        run = runner.run_eventful(ev, frames, mean, std, {0: budget}, dense, f"r={budget_text}")
     d, e = dense.summary(), run.summary()
     out = {
         "model": name,
@@ -88,6 +92,9 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="ops", choices=("ops", "reference"))
     p.add_argument("--video", default="bigbuckbunny")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--lockstep", action="store_true", help="each frame through dense then eventful (instead of all "
+                   "frames dense, then all eventful): both see the same load on a shared machine, but each pass "
+                   "runs in the other's cache / heap aftermath (hurts dense SAM, whose eventful twin holds ~12 GB)")
     p.add_argument("--system-malloc", action="store_true", help="leave glibc malloc at its defaults (by default "
                    "freed memory is kept for reuse, see eventful_kernels/video/malloc.py)")
     p.add_argument("--out", default=os.path.join(ROOT, "results", "bench_video.json"))
@@ -100,14 +107,14 @@ def main(argv=None) -> int:
         "backend": args.backend,
         "torch_version": torch.__version__,
         "machine": platform.machine(),
-        "timing": "median wall ms per frame over frames 1.. (frame 0 = flush / warm-up excluded), batch 1, "
-        "dense and eventful run in lockstep frame by frame",
+        "timing": "median wall ms per frame over frames 1.. (frame 0 = flush / warm-up excluded), batch 1",
+        "lockstep": args.lockstep,
         "targets": {"speedup": TARGET_SPEEDUP, "efficiency": TARGET_EFFICIENCY},
         "models": [],
     }
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         n = args.sam_frames if name.startswith("samvit") else args.frames
-        r = bench_model(name, n, args.budget, args.backend, args.video, args.profile)
+        r = bench_model(name, n, args.budget, args.backend, args.video, args.profile, args.lockstep)
         result["models"].append(r)
         print(f"{name} @ {r['input_size']}px N={r['tokens']} r={r['budget']} ({r['tokens_selected']} tokens), "
               f"{r['frames']} frames: dense {r['dense']['ms_median']:.1f} ms ({r['dense']['gflops_mean']:.1f} GFLOPs), "
