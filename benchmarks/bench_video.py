@@ -5,7 +5,8 @@
 Per model: decode the sample video (Big Buck Bunny) at the model input size (224 for ViT-B, 1024 = 64x64 = 4096
 tokens for SAM ViT-B), run dense timm and then the eventful model at r = N/4 over the same frames, one frame at a
 time (``--lockstep``: each frame through both in turn), and report the median wall time per frame over
-steady-state frames (frame 0 = flush / warm-up left out), GFLOPs per frame from the operation counts, measured speedup, ideal speedup (GFLOP ratio) and their ratio (efficiency).
+steady-state frames (frame 0 = flush / warm-up left out), GFLOPs per frame from the operation counts, measured
+speedup, ideal speedup (GFLOP ratio) and their ratio (efficiency).
 Targets: speedup >= 2.5x and efficiency >= 0.7. ``--profile`` adds a torch.profiler table of eventful frames.
 glibc is told to keep freed memory (``eventful_kernels/video/malloc.py``) unless ``--system-malloc``.
 Weights are random (seeded): timing and operation counts do not depend on the values.
