@@ -1,6 +1,6 @@
 """End-to-end video benchmark: dense timm ViT vs its eventful twin on a real video, steady state, 2 threads.
 
-    python benchmarks/bench_video.py [--models vit_base_patch16_224,samvit_base_patch16] [--out results/bench_video.json]
+    python benchmarks/bench_video.py [--models vit_base_patch16_224,samvit_base_patch16] [--profile]
 
 Per model: decode the sample video (Big Buck Bunny) at the model input size (224 for ViT-B, 1024 = 64x64 = 4096
 tokens for SAM ViT-B), run dense timm and then the eventful model at r = N/4 over the same frames, one frame at a

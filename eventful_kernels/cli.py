@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--schedule 0:1.0,12:0.25",
     )
     p.add_argument("--model", default="vit_base_patch16_224", help=f"timm model name; tested: {', '.join(MODELS)}")
-    p.add_argument("--model-kwargs", default="{}", help="JSON dict passed to timm.create_model (e.g. tiny test configs)")
+    p.add_argument("--model-kwargs", default="{}",
+                   help="JSON dict passed to timm.create_model (e.g. tiny test configs)")
     p.add_argument("--checkpoint", default=None, help="timm-format weights (.safetensors or state-dict file); "
                    "default: random init (seeded)")
     p.add_argument("--seed", type=int, default=0)
