@@ -10,13 +10,6 @@
 namespace eventful {
 namespace {
 
-// Row shapes: x [B, H, N, D] (4d view), index [B, K]. Checks shared by gather_rows and scatter_rows_.
-void check_rows(const at::Tensor& x, const char* xname, const at::Tensor& index) {
-  check_rank(x, xname, 3, 4);
-  check_float(x, xname);
-  check_index_meta(index, "index", x.size(0), x, xname);
-}
-
 // Advance the coordinates (inner, h, b) of a flat [B, H, inner] loop by one, without per-iteration division.
 inline void next_coord(int64_t& inner, int64_t& h, int64_t& b, int64_t n_inner, int64_t n_heads) {
   if (++inner == n_inner) {
@@ -92,7 +85,7 @@ void copy_cols(const at::Tensor& src4, const at::Tensor& dst4, const at::Tensor&
   } while (0)
 
 at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& index) {
-  check_rows(x, "x", index);
+  check_gather_args(x, "x", index);
   const at::Tensor x4 = as_4d(x);
   check_index_values_cpu(index, "index", x4.size(2), /*unique=*/false);
   at::Tensor y4 = at::empty({x4.size(0), x4.size(1), index.size(1), x4.size(3)}, x.options());
@@ -101,24 +94,14 @@ at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& index) {
 }
 
 void scatter_rows_cpu(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) {
-  check_rows(dst, "dst", index);
-  check_same_dtype(src, "src", dst, "dst");
-  check_same_device(src, "src", dst, "dst");
-  TORCH_CHECK(src.dim() == dst.dim(), "eventful: argument 'src' must have the rank of 'dst' (", dst.dim(),
-              "), got shape ", src.sizes());
+  check_scatter_args(dst, index, src, /*cols=*/false);
   const at::Tensor d4 = as_4d(dst), s4 = as_4d(src);
-  check_size(s4, "src", 0, d4.size(0), "the batch size of 'dst'");
-  check_size(s4, "src", 1, d4.size(1), "the head count of 'dst'");
-  check_size(s4, "src", 2, index.size(1), "K, the number of ids in 'index'");
-  check_size(s4, "src", 3, d4.size(3), "the feature size of 'dst'");
-  check_writable(dst, "dst");
-  check_no_overlap(dst, "dst", src, "src");
   check_index_values_cpu(index, "index", d4.size(2), /*unique=*/true);
   if (s4.numel() > 0) EVENTFUL_DISPATCH_COPY(copy_rows, dst, index, s4, d4, index, false);
 }
 
 at::Tensor gather_cols_cpu(const at::Tensor& x, const at::Tensor& index) {
-  check_rows(x, "x", index);
+  check_gather_args(x, "x", index);
   const at::Tensor x4 = as_4d(x);
   check_index_values_cpu(index, "index", x4.size(3), /*unique=*/false);
   at::Tensor y4 = at::empty({x4.size(0), x4.size(1), x4.size(2), index.size(1)}, x.options());
@@ -127,18 +110,8 @@ at::Tensor gather_cols_cpu(const at::Tensor& x, const at::Tensor& index) {
 }
 
 void scatter_cols_cpu(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) {
-  check_rows(dst, "dst", index);
-  check_same_dtype(src, "src", dst, "dst");
-  check_same_device(src, "src", dst, "dst");
-  TORCH_CHECK(src.dim() == dst.dim(), "eventful: argument 'src' must have the rank of 'dst' (", dst.dim(),
-              "), got shape ", src.sizes());
+  check_scatter_args(dst, index, src, /*cols=*/true);
   const at::Tensor d4 = as_4d(dst), s4 = as_4d(src);
-  check_size(s4, "src", 0, d4.size(0), "the batch size of 'dst'");
-  check_size(s4, "src", 1, d4.size(1), "the head count of 'dst'");
-  check_size(s4, "src", 2, d4.size(2), "the row count of 'dst'");
-  check_size(s4, "src", 3, index.size(1), "K, the number of ids in 'index'");
-  check_writable(dst, "dst");
-  check_no_overlap(dst, "dst", src, "src");
   check_index_values_cpu(index, "index", d4.size(3), /*unique=*/true);
   if (s4.numel() > 0) EVENTFUL_DISPATCH_COPY(copy_cols, dst, index, s4, d4, index, false);
 }

@@ -39,21 +39,8 @@ void check_index_values_cuda(const at::TensorBase& index_base, const char* name,
 
 namespace {
 
-void check_rows(const at::Tensor& x, const char* xname, const at::Tensor& index) {
-  check_rank(x, xname, 3, 4);
-  check_float(x, xname);
-  check_index_meta(index, "index", x.size(0), x, xname);
-}
-
-void check_scatter_src(const at::Tensor& dst, const at::Tensor& src) {
-  check_same_dtype(src, "src", dst, "dst");
-  check_same_device(src, "src", dst, "dst");
-  TORCH_CHECK(src.dim() == dst.dim(), "eventful: argument 'src' must have the rank of 'dst' (", dst.dim(),
-              "), got shape ", src.sizes());
-}
-
 at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& index) {
-  check_rows(x, "x", index);
+  check_gather_args(x, "x", index);
   const at::Tensor x4 = as_4d(x);
   at::Tensor y4 = at::empty({x4.size(0), x4.size(1), index.size(1), x4.size(3)}, x.options());
   copy_rows_cuda(x4, y4, index, RowMode::kGather);
@@ -61,20 +48,14 @@ at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& index) {
 }
 
 void scatter_rows_cuda(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) {
-  check_rows(dst, "dst", index);
-  check_scatter_src(dst, src);
+  check_scatter_args(dst, index, src, /*cols=*/false);
   const at::Tensor d4 = as_4d(dst), s4 = as_4d(src);
-  check_size(s4, "src", 0, d4.size(0), "the batch size of 'dst'");
-  check_size(s4, "src", 1, d4.size(1), "the head count of 'dst'");
-  check_size(s4, "src", 2, index.size(1), "K, the number of ids in 'index'");
-  check_size(s4, "src", 3, d4.size(3), "the feature size of 'dst'");
-  check_writable(dst, "dst");
   check_index_values_cuda(index, "index", d4.size(2), /*unique=*/true);
   copy_rows_cuda(s4, d4, index, RowMode::kScatter);
 }
 
 at::Tensor gather_cols_cuda(const at::Tensor& x, const at::Tensor& index) {
-  check_rows(x, "x", index);
+  check_gather_args(x, "x", index);
   const at::Tensor x4 = as_4d(x);
   at::Tensor y4 = at::empty({x4.size(0), x4.size(1), x4.size(2), index.size(1)}, x.options());
   copy_cols_cuda(x4, y4, index, /*gather=*/true);
@@ -82,14 +63,8 @@ at::Tensor gather_cols_cuda(const at::Tensor& x, const at::Tensor& index) {
 }
 
 void scatter_cols_cuda(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) {
-  check_rows(dst, "dst", index);
-  check_scatter_src(dst, src);
+  check_scatter_args(dst, index, src, /*cols=*/true);
   const at::Tensor d4 = as_4d(dst), s4 = as_4d(src);
-  check_size(s4, "src", 0, d4.size(0), "the batch size of 'dst'");
-  check_size(s4, "src", 1, d4.size(1), "the head count of 'dst'");
-  check_size(s4, "src", 2, d4.size(2), "the row count of 'dst'");
-  check_size(s4, "src", 3, index.size(1), "K, the number of ids in 'index'");
-  check_writable(dst, "dst");
   check_index_values_cuda(index, "index", d4.size(3), /*unique=*/true);
   copy_cols_cuda(s4, d4, index, /*gather=*/false);
 }

@@ -130,4 +130,34 @@ inline void check_k(int64_t k, int64_t n) {
 // Rows view: [B, N, D] -> [B, 1, N, D]; [B, H, N, D] unchanged. Always a view.
 inline at::Tensor as_4d(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(1) : t; }
 
+// gather/scatter target: x [B, N, D] or [B, H, N, D] float (rows), or [B, (H,) M, N] (columns); index [B, K].
+inline void check_gather_args(const at::Tensor& x, const char* xname, const at::Tensor& index) {
+  check_rank(x, xname, 3, 4);
+  check_float(x, xname);
+  check_index_meta(index, "index", x.size(0), x, xname);
+}
+
+// scatter_rows_ (cols=false) / scatter_cols_ (cols=true): src is dst's shape with K ids in place of the token dim
+// (dim -2 for rows, -1 for columns); dst is written in place, so it must not self-overlap or overlap src.
+inline void check_scatter_args(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src, bool cols) {
+  check_gather_args(dst, "dst", index);
+  check_same_dtype(src, "src", dst, "dst");
+  check_same_device(src, "src", dst, "dst");
+  TORCH_CHECK(src.dim() == dst.dim(), "eventful: argument 'src' must have the rank of 'dst' (", dst.dim(),
+              "), got shape ", src.sizes());
+  const at::Tensor d4 = as_4d(dst), s4 = as_4d(src);
+  const int64_t token_dim = cols ? 3 : 2;
+  static const char* what[4] = {"the batch size of 'dst'", "the head count of 'dst'", "the row count of 'dst'",
+                                "the feature size of 'dst'"};
+  for (int64_t dim = 0; dim < 4; ++dim) {
+    if (dim == token_dim) {
+      check_size(s4, "src", dim, index.size(1), "K, the number of ids in 'index'");
+    } else {
+      check_size(s4, "src", dim, d4.size(dim), what[dim]);
+    }
+  }
+  check_writable(dst, "dst");
+  check_no_overlap(dst, "dst", src, "src");
+}
+
 }  // namespace eventful
