@@ -200,3 +200,18 @@ def test_make_and_parse_budget():
         parse_budget("N/0")
     with pytest.raises(ValueError, match="budget"):
         parse_budget("lots")
+
+
+def test_set_backend_mid_stream():
+    dense = tiny_sam()
+    ev_mixed, ev_ref = convert(dense, 0.3, backend="ops"), convert(dense, 0.3, backend="reference")
+    for t, x in enumerate(_frames("sam", t=5)):
+        if t == 2:
+            ev_mixed.set_backend("reference")
+        if t == 4:
+            ev_mixed.set_backend("ops")
+        torch.testing.assert_close(ev_mixed(x), ev_ref(x), **TOL)
+    assert ev_mixed.backend == "ops"
+    with pytest.raises(ValueError, match="backend"):
+        ev_mixed.set_backend("cuda-magic")
+    assert ev_mixed.backend == "ops"
