@@ -20,14 +20,7 @@ def _no_grad():
         yield
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and on a busy 2-core machine OpenMP spin-waits of a second
-    thread can slow these tests by 100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODELS = {"vit": (tiny_vit, 32, VIT_TOKENS), "sam": (tiny_sam, 64, SAM_TOKENS)}
 

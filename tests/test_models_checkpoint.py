@@ -9,14 +9,7 @@ from eventful_kernels.models import convert, load_checkpoint
 TOL = dict(atol=1e-4, rtol=1e-4)  # fp32, same reasoning as tests/test_models.py
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and on a busy 2-core machine OpenMP spin-waits of a second
-    thread can slow these tests by 100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _save(state, path, fmt):
