@@ -115,3 +115,8 @@ def check_index_values(*checks) -> None:
     for flag, (index, name, n, unique) in zip(flags, checks):
         if flag:
             _checks.raise_index_error(index, name, n, unique)
+
+
+def as_4d(t: Tensor) -> Tensor:
+    """Rank 3 ``[B, N, D]`` -> ``[B, 1, N, D]`` (a view); rank 4 unchanged. Twin of ``as_4d`` in checks.h."""
+    return t.unsqueeze(1) if t.dim() == 3 else t

@@ -19,8 +19,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _checks as C
-from ._runtime import (INTERPRET, cast_out, cdiv, check_index_values, dot_precision, dot_upcast, next_pow2,
-                       on_device, require_launchable, soft_bf16)
+from ._runtime import (INTERPRET, as_4d, cast_out, cdiv, check_index_values, dot_precision, dot_upcast,
+                       next_pow2, on_device, require_launchable, soft_bf16)
 from .gather_scatter import copy_cols, copy_rows
 
 
@@ -141,10 +141,6 @@ def _av_delta_kernel(o_ptr, an_ptr, ar_ptr, vn_ptr, vr_ptr, idx_ptr, H, M, N, Dh
     tl.store(o_off, cast_out(o, o_ptr.dtype.element_ty, SOFT_BF16), mask=om)
 
 
-def _as4(t: Tensor) -> Tensor:
-    return t.unsqueeze(1) if t.dim() == 3 else t
-
-
 def _check_operands(names, tensors, first_name, first) -> None:
     for name, t in zip(names, tensors):
         C.check_rank(t, name, 3, 4)
@@ -154,7 +150,7 @@ def _check_operands(names, tensors, first_name, first) -> None:
 
 
 def _check_heads(t: Tensor, name: str, like: Tensor, like_name: str) -> None:
-    t4, l4 = _as4(t), _as4(like)
+    t4, l4 = as_4d(t), as_4d(like)
     C.check_size(t4, name, 0, l4.size(0), f"the batch size of '{like_name}'")
     C.check_size(t4, name, 1, l4.size(1), f"the head count of '{like_name}'")
 
@@ -180,7 +176,7 @@ def qk_update_(logits: Tensor, q: Tensor, k: Tensor, index_q: Tensor, index_k: T
     require_launchable(logits)
     Nq, Nk = logits.size(-2), logits.size(-1)
     check_index_values((index_q, "index_q", Nq, False), (index_k, "index_k", Nk, False))
-    l4, q4, k4 = _as4(logits), _as4(q), _as4(k)
+    l4, q4, k4 = as_4d(logits), as_4d(q), as_4d(k)
     B, H, _, Dh = q4.shape
     Kq, Kk = index_q.size(1), index_k.size(1)
     if B * H == 0 or (Kq * Nk == 0 and Kk * Nq == 0):
@@ -223,7 +219,7 @@ def av_delta_update_(out: Tensor, a_new: Tensor, a_ref: Tensor, v_new: Tensor, v
         C.check_writable(t, name)
     require_launchable(out)
     check_index_values((index, "index", N, True))
-    o4, an4, ar4, vn4, vr4 = (_as4(t) for t in (out, a_new, a_ref, v_new, v_ref))
+    o4, an4, ar4, vn4, vr4 = (as_4d(t) for t in (out, a_new, a_ref, v_new, v_ref))
     B, H = o4.size(0), o4.size(1)
     K = index.size(1)
     if B * H * K == 0:

@@ -12,7 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _checks as C
-from ._runtime import INTERPRET, cdiv, check_index_values, next_pow2, on_device, require_launchable
+from ._runtime import INTERPRET, as_4d, cdiv, check_index_values, next_pow2, on_device, require_launchable
 
 
 @triton.jit
@@ -70,10 +70,6 @@ def _copy_cols_kernel(src_ptr, dst_ptr, idx_ptr, H, M, K, n_ids,
              x.to(dst_ptr.dtype.element_ty), mask=rm[:, None] & st_cols[None, :])
 
 
-def _as4(t: Tensor) -> Tensor:
-    return t.unsqueeze(1) if t.dim() == 3 else t
-
-
 def _row_blocks(k: int, d: int) -> tuple:
     block_d = min(next_pow2(max(d, 1)), 512)
     budget = 16384 if INTERPRET else 4096  # elements per program; the interpreter prefers few, large programs
@@ -83,7 +79,7 @@ def _row_blocks(k: int, d: int) -> tuple:
 
 def copy_rows(src: Tensor, dst: Tensor, index: Tensor, n_ids: int, src_indexed: bool, dst_indexed: bool) -> None:
     """Launch the row kernel: ``src4/dst4 [B, H, *, D]`` views, ``K = index.size(1)`` rows moved per (b, h)."""
-    s4, d4 = _as4(src), _as4(dst)
+    s4, d4 = as_4d(src), as_4d(dst)
     B, H, D = d4.size(0), d4.size(1), d4.size(3)
     K = index.size(1)
     if B * H * K * D == 0:
@@ -98,7 +94,7 @@ def copy_rows(src: Tensor, dst: Tensor, index: Tensor, n_ids: int, src_indexed: 
 
 def copy_cols(src: Tensor, dst: Tensor, index: Tensor, n_ids: int, src_indexed: bool, dst_indexed: bool) -> None:
     """Launch the column kernel: ``src4/dst4 [B, H, M, *]`` views, ``K = index.size(1)`` columns per (b, h)."""
-    s4, d4 = _as4(src), _as4(dst)
+    s4, d4 = as_4d(src), as_4d(dst)
     B, H, M = d4.size(0), d4.size(1), d4.size(2)
     K = index.size(1)
     if B * H * M * K == 0:
@@ -122,7 +118,7 @@ def _check_scatter(dst: Tensor, index: Tensor, src: Tensor, cols: bool) -> None:
     C.check_same_dtype(src, "src", dst, "dst")
     C.check_same_device(src, "src", dst, "dst")
     C.check_same_rank(src, "src", dst, "dst")
-    d4, s4 = _as4(dst), _as4(src)
+    d4, s4 = as_4d(dst), as_4d(src)
     C.check_size(s4, "src", 0, d4.size(0), "the batch size of 'dst'")
     C.check_size(s4, "src", 1, d4.size(1), "the head count of 'dst'")
     if cols:
