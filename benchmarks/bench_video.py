@@ -6,7 +6,9 @@ Per model: decode the sample video (Big Buck Bunny) at the model input size (224
 tokens for SAM ViT-B), run dense timm and then the eventful model at r = N/4 over the same frames, one frame at a
 time (``--lockstep``: each frame through both in turn), and report the median wall time per frame over
 steady-state frames (frame 0 = flush / warm-up left out), GFLOPs per frame from the operation counts, measured
-speedup, ideal speedup (GFLOP ratio) and their ratio (efficiency).
+speedup, ideal speedup (GFLOP ratio) and their ratio (efficiency). The eventful blocks run their linears on
+oneDNN-prepacked weights (eventful_kernels/nn/linear.py); for a like-for-like figure the dense model is also run
+with its linears packed the same way (``dense_packed``, ``speedup_vs_dense_packed``).
 Targets: speedup >= 2.5x and efficiency >= 0.7. ``--profile`` adds a torch.profiler table of eventful frames.
 glibc is told to keep freed memory (``eventful_kernels/video/malloc.py``) unless ``--system-malloc``.
 Weights are random (seeded): timing and operation counts do not depend on the values.
@@ -26,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from eventful_kernels.models import convert, parse_budget  # noqa: E402
+from eventful_kernels.nn.linear import packed_linears  # noqa: E402
 from eventful_kernels.video import runner  # noqa: E402
 from eventful_kernels.video.decode import normalize, read_frames, sample_video  # noqa: E402
 from eventful_kernels.video.malloc import keep_freed_memory  # noqa: E402
@@ -60,7 +63,9 @@ def bench_model(name: str, frames_n: int, budget_text: str, backend: str, video:
     else:
         dense, n_tokens = runner.run_dense(model, frames, mean, std)
         run = runner.run_eventful(ev, frames, mean, std, {0: budget}, dense, f"r={budget_text}")
-    d, e = dense.summary(), run.summary()
+    with packed_linears(model):
+        dense_packed, _ = runner.run_dense(model, frames, mean, std)
+    d, e, dp = dense.summary(), run.summary(), dense_packed.summary()
     out = {
         "model": name,
         "input_size": size,
@@ -70,7 +75,9 @@ def bench_model(name: str, frames_n: int, budget_text: str, backend: str, video:
         "frames": int(frames.shape[0]),
         "dense": dense.to_json(),
         "eventful": run.to_json(),
+        "dense_packed": dense_packed.to_json(),
         "speedup": d["ms_median"] / e["ms_median"],
+        "speedup_vs_dense_packed": dp["ms_median"] / e["ms_median"],
         "ideal_speedup": d["gflops_mean"] / e["gflops_mean"],
         "wall_s": time.perf_counter() - t0,
     }
@@ -79,7 +86,7 @@ def bench_model(name: str, frames_n: int, budget_text: str, backend: str, video:
     out["meets_efficiency_target"] = out["efficiency"] >= TARGET_EFFICIENCY
     if profile:
         out["profile"] = profile_eventful(ev, frames, mean, std, budget)
-    del dense, run, ev
+    del dense, dense_packed, run, ev
     return out
 
 
@@ -121,7 +128,8 @@ def main(argv=None) -> int:
               f"{r['frames']} frames: dense {r['dense']['ms_median']:.1f} ms ({r['dense']['gflops_mean']:.1f} GFLOPs), "
               f"eventful {r['eventful']['ms_median']:.1f} ms ({r['eventful']['gflops_mean']:.1f} GFLOPs), "
               f"speedup {r['speedup']:.2f}x, ideal {r['ideal_speedup']:.2f}x, efficiency {r['efficiency']:.2f}, "
-              f"rel. dev. {r['eventful']['rel_error_mean']:.3e}", flush=True)
+              f"rel. dev. {r['eventful']['rel_error_mean']:.3e}; dense with packed linears "
+              f"{r['dense_packed']['ms_median']:.1f} ms -> speedup {r['speedup_vs_dense_packed']:.2f}x", flush=True)
         if args.profile:
             print(r["profile"])
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -1,0 +1,136 @@
+"""Prepacked (oneDNN) linears of the gated path against ``F.linear`` / the modules they wrap."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eventful_kernels.nn.linear import PackedLinear, PackedMlp, packed_linears, packing_enabled
+
+needs_packing = pytest.mark.skipif(not packing_enabled(), reason="oneDNN packing unavailable or disabled")
+
+# Same-precision tolerances as the op tests: the packed kernel sums in a different order than MKL sgemm.
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=5e-2, rtol=2e-2)}
+
+
+def _linear(i, o, dtype, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(i, o, bias=bias).to(dtype).eval()
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [0, 1, 7, 49, 197])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_linear(dtype, rows, bias):
+    lin = _linear(96, 80, dtype, bias)
+    x = torch.randn(2, rows, 96).to(dtype)
+    packed = PackedLinear(lin)
+    with torch.no_grad():
+        y = packed(x)
+        assert packed.packed_weight(x) is not None, "CPU float32/bf16 must take the packed path"
+        torch.testing.assert_close(y, lin(x), **TOL[dtype])
+    assert y.shape == (2, rows, 80) and y.dtype == dtype
+
+
+@needs_packing
+def test_strided_input():
+    lin = _linear(64, 32, torch.float32)
+    x = torch.randn(3, 64, 10).transpose(1, 2)  # [3, 10, 64], non-contiguous
+    with torch.no_grad():
+        torch.testing.assert_close(PackedLinear(lin)(x), lin(x), **TOL[torch.float32])
+
+
+@needs_packing
+@pytest.mark.parametrize("act", [nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.SiLU()])
+def test_activation(act):
+    lin = _linear(64, 48, torch.float32)
+    x = torch.randn(5, 64) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(PackedLinear(lin, act)(x), act(lin(x)), **TOL[torch.float32])
+
+
+@needs_packing
+def test_repacks_when_weights_change():
+    lin = _linear(32, 16, torch.float32)
+    packed = PackedLinear(lin)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        packed(x)
+        first = packed.packed_weight(x)
+        lin.weight.mul_(-2.0)  # in place: version bump
+        torch.testing.assert_close(packed(x), lin(x), **TOL[torch.float32])
+        lin.load_state_dict({"weight": torch.randn(16, 32), "bias": torch.randn(16)})
+        torch.testing.assert_close(packed(x), lin(x), **TOL[torch.float32])
+        lin.weight = nn.Parameter(torch.randn(16, 32))  # a new tensor
+        torch.testing.assert_close(packed(x), lin(x), **TOL[torch.float32])
+        lin.weight.data = torch.randn(16, 32)  # storage swapped under the same Parameter
+        torch.testing.assert_close(packed(x), lin(x), **TOL[torch.float32])
+    assert packed.packed_weight(x) is not first
+
+
+def test_falls_back_where_packing_does_not_apply(monkeypatch):
+    lin = _linear(32, 16, torch.float64)
+    x = torch.randn(4, 32, dtype=torch.float64)
+    packed = PackedLinear(lin, nn.GELU())
+    with torch.no_grad():
+        assert packed.packed_weight(x) is None  # float64
+        torch.testing.assert_close(packed(x), F.gelu(lin(x)), rtol=0, atol=0)
+    monkeypatch.setenv("EVENTFUL_PACKED_LINEAR", "0")
+    lin32, x32 = _linear(32, 16, torch.float32), torch.randn(4, 32)
+    with torch.no_grad():
+        assert PackedLinear(lin32).packed_weight(x32) is None
+        torch.testing.assert_close(PackedLinear(lin32)(x32), lin32(x32), rtol=0, atol=0)
+
+
+def test_subclass_called_as_is():
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    lin = Doubled(8, 4)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(PackedLinear(lin)(x), lin(x), rtol=0, atol=0)
+
+
+def test_rejects_non_linear():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        PackedLinear(nn.Conv1d(3, 3, 1))
+
+
+@needs_packing
+def test_packed_mlp_matches_timm_mlp():
+    from eventful_kernels.models import import_timm
+
+    Mlp = import_timm().layers.Mlp
+    torch.manual_seed(0)
+    mlp = Mlp(64, 256, norm_layer=nn.LayerNorm).eval()
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(PackedMlp(mlp)(x), mlp(x), **TOL[torch.float32])
+
+
+def test_packed_mlp_other_mlp_called_as_is():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(PackedMlp(mlp)(x), mlp(x), rtol=0, atol=0)
+
+
+@needs_packing
+def test_context_manager_patches_and_restores():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 16)
+    calls = []
+    model[2].register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    with torch.no_grad():
+        expected = model(x)
+        with packed_linears(model):
+            assert all("forward" in m.__dict__ for m in (model[0], model[2]))
+            y = model(x)
+        assert not any("forward" in m.__dict__ for m in model.modules())
+    torch.testing.assert_close(y, expected, **TOL[torch.float32])
+    assert len(calls) == 2, "forward hooks fire on the packed path too"
