@@ -60,11 +60,13 @@ def bench_model(name: str, frames_n: int, budget_text: str, backend: str, video:
     t0 = time.perf_counter()
     if lockstep:
         dense, run, n_tokens = runner.run_lockstep(model, ev, frames, mean, std, budget, f"r={budget_text}")
-    else:
+        with packed_linears(model):
+            dense_packed, _ = runner.run_dense(model, frames, mean, std)
+    else:  # both dense runs first, before the eventful state (GBs for SAM) is allocated
         dense, n_tokens = runner.run_dense(model, frames, mean, std)
+        with packed_linears(model):
+            dense_packed, _ = runner.run_dense(model, frames, mean, std)
         run = runner.run_eventful(ev, frames, mean, std, {0: budget}, dense, f"r={budget_text}")
-    with packed_linears(model):
-        dense_packed, _ = runner.run_dense(model, frames, mean, std)
     d, e, dp = dense.summary(), run.summary(), dense_packed.summary()
     out = {
         "model": name,

@@ -86,6 +86,13 @@ def test_cli_end_to_end(tmp_path, capsys):
         assert b["speedup"] > 0 and b["efficiency"] == pytest.approx(b["speedup"] / b["ideal_speedup"])
         assert all(ms > 0 for ms in b["ms_per_frame"]) and len(b["ms_per_frame"]) == 5
     assert by["3"]["gflops_mean"] < by["N/4"]["gflops_mean"]
+    from eventful_kernels.nn.linear import packing_enabled
+
+    if packing_enabled():  # like-for-like baseline: the dense model on the same prepacked linears
+        dp = res["dense_packed"]
+        assert len(dp["ms_per_frame"]) == 5 and dp["gflops_mean"] == pytest.approx(dense_gf)
+        for b in by.values():
+            assert b["speedup_vs_dense_packed"] == pytest.approx(dp["ms_median"] / b["ms_median"])
     sched = res["schedule"]
     gf = sched["gflops_per_frame"]
     assert gf[1] == pytest.approx(by["N"]["gflops_per_frame"][1])
@@ -96,6 +103,7 @@ def test_cli_end_to_end(tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     text = capsys.readouterr().out
     assert "dense timm" in text and "r=N/4" in text and "result.json" in text
+    assert ("packed linears" in text) == packing_enabled()
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc mallopt")
