@@ -49,6 +49,14 @@ def _case(op, n, k):
         q, kk = rnd(1, H, n, HD), rnd(1, H, n, HD)
         logits = rnd(1, H, n, n)
         return (logits, q, kk, idx, idx, HD**-0.5), ops.qk_update_, comp.qk_update_, None
+    if op == "qk_update_relpos_":  # SAM global attention: N = Gh*Gw tokens on a square grid
+        g = int(n**0.5)
+        if g * g != n:
+            return None
+        q, kk = rnd(1, H, n, HD), rnd(1, H, n, HD)
+        logits, rel_h, rel_w = rnd(1, H, n, n), rnd(1, H, n, g), rnd(1, H, n, g)
+        args = (logits, q, kk, idx, idx, HD**-0.5, rel_h, rel_w)
+        return args, ops.qk_update_, comp.qk_update_relpos_, None
     if op == "av_delta_update_":
         out, vn, vr = rnd(1, H, n, HD), rnd(1, H, n, HD), rnd(1, H, n, HD)
         an, ar = rnd(1, H, n, n), rnd(1, H, n, n)
@@ -58,7 +66,7 @@ def _case(op, n, k):
 
 OPS = [
     "gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "token_gate", "token_gate_threshold",
-    "token_delta_gate", "qk_update_", "av_delta_update_",
+    "token_delta_gate", "qk_update_", "qk_update_relpos_", "av_delta_update_",
 ]
 
 
@@ -66,7 +74,10 @@ OPS = [
 @pytest.mark.parametrize("n,k", SIZES, ids=[f"N{n}-K{k}" for n, k in SIZES])
 @pytest.mark.parametrize("op", OPS)
 def test_op(benchmark, op, n, k, impl):
-    args, fused, composition, copy = _case(op, n, k)
+    case = _case(op, n, k)
+    if case is None:
+        pytest.skip(f"{op} needs a square token grid, N = {n} is not one")
+    args, fused, composition, copy = case
     if impl == "copy" and copy is None:
         pytest.skip("copy yardstick only for data-movement ops")
     fn = {"fused": lambda: fused(*args), "composition": lambda: composition(*args), "copy": copy}[impl]

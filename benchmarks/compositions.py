@@ -74,6 +74,22 @@ def qk_update_(logits, q, k, index_q, index_k, scale):
     logits.scatter_(3, index_k[:, None, None, :].expand(b, h, logits.shape[2], index_k.shape[1]), cols)
 
 
+def qk_update_relpos_(logits, q, k, index_q, index_k, scale, rel_h, rel_w):
+    """qk_update_ plus the decomposed rel-pos bias of the recomputed entries, gathered with expanded indices."""
+    b, h, n, d = q.shape
+    gh, gw = rel_h.shape[-1], rel_w.shape[-1]
+    q_sel = q.gather(2, _rows(index_q, b, h, d))
+    rh_sel, rw_sel = rel_h.gather(2, _rows(index_q, b, h, gh)), rel_w.gather(2, _rows(index_q, b, h, gw))
+    rows = q_sel @ k.transpose(-1, -2) * scale + (rh_sel[..., :, None] + rw_sel[..., None, :]).flatten(-2)
+    logits.scatter_(2, _rows(index_q, b, h, logits.shape[-1]), rows)
+    k_sel = k.gather(2, _rows(index_k, b, h, d))
+    kk = index_k.shape[1]
+    expand = lambda i: i[:, None, None, :].expand(b, h, n, kk)  # noqa: E731
+    cols = q @ k_sel.transpose(-1, -2) * scale
+    cols = cols + rel_h.gather(3, expand(index_k // gw)) + rel_w.gather(3, expand(index_k % gw))
+    logits.scatter_(3, expand(index_k), cols)
+
+
 def av_delta_update_(out, a_new, a_ref, v_new, v_ref, index):
     b, h, m, n = a_new.shape
     d = v_new.shape[-1]

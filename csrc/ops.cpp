@@ -14,7 +14,8 @@ TORCH_LIBRARY(eventful, m) {
       " -> (Tensor, Tensor, Tensor)");
   m.def("token_delta_gate(Tensor c, Tensor(a!) ref, int k, Tensor? index=None) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "qk_update_(Tensor(a!) logits, Tensor q, Tensor k, Tensor index_q, Tensor index_k, float scale) -> ()");
+      "qk_update_(Tensor(a!) logits, Tensor q, Tensor k, Tensor index_q, Tensor index_k, float scale, "
+      "Tensor? rel_h=None, Tensor? rel_w=None) -> ()");
   m.def(
       "av_delta_update_(Tensor(a!) out, Tensor a_new, Tensor(b!) a_ref, Tensor v_new, Tensor(c!) v_ref,"
       " Tensor index) -> ()");

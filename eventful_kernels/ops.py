@@ -56,9 +56,20 @@ def token_delta_gate(
     return _ops.token_delta_gate(c, ref, k, index)
 
 
-def qk_update_(logits: Tensor, q: Tensor, k: Tensor, index_q: Tensor, index_k: Tensor, scale: float) -> Tensor:
-    """Recompute rows ``index_q`` and columns ``index_k`` of ``logits [B,H,Nq,Nk] = q @ k^T * scale`` in place."""
-    _ops.qk_update_(logits, q, k, index_q, index_k, scale)
+def qk_update_(
+    logits: Tensor,
+    q: Tensor,
+    k: Tensor,
+    index_q: Tensor,
+    index_k: Tensor,
+    scale: float,
+    rel_h: Optional[Tensor] = None,
+    rel_w: Optional[Tensor] = None,
+) -> Tensor:
+    """Recompute rows ``index_q`` and columns ``index_k`` of ``logits [B,H,Nq,Nk] = q @ k^T * scale (+ bias)`` in
+    place. ``rel_h [B,H,Nq,Gh]`` / ``rel_w [B,H,Nq,Gw]`` (``Gh*Gw = Nk``): the decomposed rel-pos bias
+    ``rel_h[.., i, j // Gw] + rel_w[.., i, j % Gw]`` added to every recomputed entry (both or neither)."""
+    _ops.qk_update_(logits, q, k, index_q, index_k, scale, rel_h, rel_w)
     return logits
 
 
@@ -114,7 +125,7 @@ def _token_delta_gate_fake(c, ref, k, index=None):
 
 
 @torch.library.register_fake("eventful::qk_update_")
-def _qk_update_fake(logits, q, k, index_q, index_k, scale):
+def _qk_update_fake(logits, q, k, index_q, index_k, scale, rel_h=None, rel_w=None):
     return None
 
 

@@ -130,18 +130,39 @@ def token_delta_gate(
     return index, c_sel, e_sel
 
 
+def relpos_bias(rel_h: Tensor, rel_w: Tensor) -> Tensor:
+    """Dense decomposed rel-pos bias ``[..., Nq, Gh*Gw]``: ``bias[..., i, j] = rel_h[..., i, j // Gw] + rel_w[..., i,
+    j % Gw]`` (float32) from ``rel_h [..., Nq, Gh]`` and ``rel_w [..., Nq, Gw]``."""
+    return (rel_h.float()[..., :, None] + rel_w.float()[..., None, :]).flatten(-2)
+
+
 def qk_update_(
-    logits: Tensor, q: Tensor, k: Tensor, index_q: Tensor, index_k: Tensor, scale: float
+    logits: Tensor,
+    q: Tensor,
+    k: Tensor,
+    index_q: Tensor,
+    index_k: Tensor,
+    scale: float,
+    rel_h: Optional[Tensor] = None,
+    rel_w: Optional[Tensor] = None,
 ) -> Tensor:
     """Patch attention logits in place. ``logits [B,H,Nq,Nk]``, ``q [B,H,Nq,d]``, ``k [B,H,Nk,d]``.
 
     ``logits[:, :, iq, :] = q[iq] @ k^T * scale`` and ``logits[:, :, :, ik] = q @ k[ik]^T * scale``
-    (products accumulated in float32, cast to ``logits.dtype``). Returns ``logits``.
+    (products accumulated in float32, cast to ``logits.dtype``). With the decomposed rel-pos state ``rel_h
+    [B,H,Nq,Gh]`` and ``rel_w [B,H,Nq,Gw]`` (``Gh*Gw = Nk``, dtype of q; both or neither) every recomputed entry also
+    gets ``rel_h[..., i, j // Gw] + rel_w[..., i, j % Gw]``, added in float32 before the cast. Returns ``logits``.
     """
+    if (rel_h is None) != (rel_w is None):
+        raise ValueError("eventful: arguments 'rel_h' and 'rel_w' must be given together")
     qf, kf = q.float(), k.float()
     rows = gather_rows(qf, index_q) @ kf.transpose(-1, -2) * scale
-    scatter_rows_(logits, index_q, rows.to(logits.dtype))
     cols = qf @ gather_rows(kf, index_k).transpose(-1, -2) * scale
+    if rel_h is not None:
+        bias = relpos_bias(rel_h, rel_w)
+        rows = rows + gather_rows(bias, index_q)
+        cols = cols + gather_cols(bias, index_k)
+    scatter_rows_(logits, index_q, rows.to(logits.dtype))
     scatter_cols_(logits, index_k, cols.to(logits.dtype))
     return logits
 

@@ -206,6 +206,103 @@ def test_qk_update_logits_aliasing_q_rejected():
     assert torch.equal(logits, before)
 
 
+# ------------------------------------------------------------------------------------- qk_update_ with rel-pos
+
+def check_qk_relpos(logits, q, k, iq, ik, scale, rel_h, rel_w):
+    """As check_qk, with the decomposed rel-pos bias. The bias is added to the float32 accumulator in both; besides
+    the summation-order bound, the two float32 additions may round differently (2 * eps32 * (|qk| + |bias|))."""
+    ours = clone_layout(logits)
+    ref = reference.qk_update_(logits.clone(), q, k, iq, ik, scale, rel_h, rel_w)
+    assert ops.qk_update_(ours, q, k, iq, ik, scale, rel_h, rel_w) is ours
+    bias = reference.relpos_bias(rel_h, rel_w)
+    qk = (q.float() @ k.float().transpose(-1, -2) * scale).abs()
+    assert_within(ours, ref, qk_delta(q, k, scale) + 2 * EPS32 * (qk + bias.abs()), logits.dtype)
+    b, h, nq, nk = logits.shape
+    keep = torch.ones(b, nq, nk, dtype=torch.bool)
+    for i in range(b):
+        keep[i, iq[i].long(), :] = False
+        keep[i, :, ik[i].long()] = False
+    keep = keep[:, None].expand(b, h, nq, nk)
+    assert torch.equal(ours[keep], logits[keep])
+    # The bias really is applied: without it the recomputed entries differ.
+    if (~keep).any() and bias.abs().max() > 0:
+        plain = reference.qk_update_(logits.clone(), q, k, iq, ik, scale)
+        assert not torch.allclose(ours[~keep].float(), plain[~keep].float())
+
+
+RELPOS_SHAPES = [  # B, H, Nq, Gh, Gw, d, Kq, Kk
+    (1, 1, 12, 3, 4, 4, 3, 5),
+    (2, 3, 20, 5, 7, 8, 6, 4),  # Nq != Nk, Gh != Gw, B > 1
+    (2, 2, 16, 4, 4, 8, 0, 0),  # K = 0
+    (2, 2, 12, 4, 3, 4, 12, 12),  # K = N
+    (1, 2, 64, 8, 8, 16, 16, 16),  # several tiles, a square grid (SAM global attention)
+]
+
+
+@pytest.mark.parametrize("shape", RELPOS_SHAPES)
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_qk_update_relpos_matches_reference(shape, index_dtype, dtype):
+    b, h, nq, gh, gw, d, kq, kk = shape
+    nk = gh * gw
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype, "relpos")).encode()))
+    q, k = randn((b, h, nq, d), dtype, gen), randn((b, h, nk, d), dtype, gen)
+    logits = randn((b, h, nq, nk), dtype, gen)
+    rel_h, rel_w = randn((b, h, nq, gh), dtype, gen), randn((b, h, nq, gw), dtype, gen)
+    iq, ik = make_index(b, nq, kq, index_dtype, gen), make_index(b, nk, kk, index_dtype, gen)
+    check_qk_relpos(logits, q, k, iq, ik, d**-0.5, rel_h, rel_w)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_qk_update_relpos_strided(dtype):
+    """rel_h a transposed view (unit stride along rows), rel_w a slice of a wider buffer, float32 logits."""
+    gen = torch.Generator().manual_seed(11)
+    b, h, nq, gh, gw, d = 2, 2, 15, 3, 5, 8
+    q, k = randn((b, h, nq, d), dtype, gen), randn((b, h, gh * gw, d), dtype, gen)
+    rel_h = randn((b, h, gh, nq), dtype, gen).transpose(-1, -2)
+    rel_w = randn((b, h, nq, gw + 3), dtype, gen)[..., 1 : gw + 1]
+    assert not rel_h.is_contiguous() and not rel_w.is_contiguous()
+    iq, ik = make_index(b, nq, 4, torch.int64, gen), make_index(b, gh * gw, 6, torch.int32, gen)
+    check_qk_relpos(randn((b, h, nq, gh * gw), torch.float32, gen), q, k, iq, ik, 0.3, rel_h, rel_w)
+
+
+def test_qk_update_relpos_opcheck():
+    gen = torch.Generator().manual_seed(12)
+    args = (randn((2, 2, 9, 6), torch.float32, gen), randn((2, 2, 9, 4), torch.float32, gen),
+            randn((2, 2, 6, 4), torch.float32, gen), make_index(2, 9, 3, torch.int64, gen),
+            make_index(2, 6, 2, torch.int32, gen), 0.5, randn((2, 2, 9, 2), torch.float32, gen),
+            randn((2, 2, 9, 3), torch.float32, gen))
+    torch.library.opcheck(torch.ops.eventful.qk_update_.default, args)
+
+
+def relpos_args():
+    gen = torch.Generator().manual_seed(13)
+    return dict(qk_args(), rel_h=randn((2, 2, 6, 1), torch.float32, gen), rel_w=randn((2, 2, 6, 5), torch.float32, gen))
+
+
+RELPOS_BAD = {
+    "rel_w_missing": (lambda a: {**a, "rel_w": None}, "'rel_h' and 'rel_w'"),
+    "rel_h_missing": (lambda a: {**a, "rel_h": None}, "'rel_h' and 'rel_w'"),
+    "rel_h_rank": (lambda a: {**a, "rel_h": a["rel_h"][0]}, "'rel_h'"),
+    "rel_w_dtype": (lambda a: {**a, "rel_w": a["rel_w"].double()}, "'rel_w'"),
+    "rel_h_batch": (lambda a: {**a, "rel_h": a["rel_h"][:1]}, "'rel_h'"),
+    "rel_w_heads": (lambda a: {**a, "rel_w": a["rel_w"][:, :1]}, "'rel_w'"),
+    "rel_h_rows": (lambda a: {**a, "rel_h": a["rel_h"][:, :, :5]}, "'rel_h'"),
+    "grid_mismatch": (lambda a: {**a, "rel_w": a["rel_w"][..., :4]}, "Gh\\*Gw"),
+    "rel_h_is_logits": (lambda a: {**a, "rel_h": a["logits"][..., :1]}, "'logits'.*'rel_h'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RELPOS_BAD))
+def test_qk_update_relpos_bad_input(case):
+    fix, name = RELPOS_BAD[case]
+    args = fix(relpos_args())
+    before = args["logits"].clone()
+    with pytest.raises((RuntimeError, ValueError), match=name):
+        ops.qk_update_(**args)
+    assert torch.equal(args["logits"], before)
+
+
 # ---------------------------------------------------------------------------------------------- av_delta_update_
 
 def av_state(b, h, m, n, d, dtype, out_dtype, gen):

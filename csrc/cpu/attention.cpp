@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -104,9 +106,53 @@ void check_qk(const at::Tensor& logits, const at::Tensor& q, const at::Tensor& k
   check_index_values_cpu(index_k, "index_k", logits.size(3), /*unique=*/true);
 }
 
+// rel_h [B,H,Nq,Gh] and rel_w [B,H,Nq,Gw] with Gh*Gw = Nk, q's dtype, given together or not at all.
+void check_relpos(const std::optional<at::Tensor>& rel_h, const std::optional<at::Tensor>& rel_w,
+                  const at::Tensor& logits, const at::Tensor& q) {
+  TORCH_CHECK(rel_h.has_value() == rel_w.has_value(),
+              "eventful: arguments 'rel_h' and 'rel_w' must be given together (got only '",
+              rel_h.has_value() ? "rel_h" : "rel_w", "')");
+  if (!rel_h.has_value()) return;
+  const std::pair<const at::Tensor*, const char*> both[] = {{&*rel_h, "rel_h"}, {&*rel_w, "rel_w"}};
+  for (const auto& [t, name] : both) {
+    check_rank(*t, name, 4, 4);
+    check_same_dtype(*t, name, q, "q");
+    check_same_device(*t, name, logits, "logits");
+    check_size(*t, name, 0, logits.size(0), "the batch size of 'logits'");
+    check_size(*t, name, 1, logits.size(1), "the head count of 'logits'");
+    check_size(*t, name, 2, logits.size(2), "the row count Nq of 'logits'");
+    check_no_overlap(logits, "logits", *t, name);
+  }
+  TORCH_CHECK(rel_h->size(3) * rel_w->size(3) == logits.size(3), "eventful: arguments 'rel_h' [..., Gh] and 'rel_w' "
+              "[..., Gw] must satisfy Gh*Gw = Nk = ", logits.size(3), " (the column count of 'logits'), got Gh = ",
+              rel_h->size(3), ", Gw = ", rel_w->size(3));
+}
+
+// Float32 rel-pos bias rows: bias(b,h,i,j) = rh[i, j / Gw] + rw[i, j % Gw].
+struct RelPos {
+  const float* rh = nullptr;
+  const float* rw = nullptr;
+  int64_t h0 = 0, h1 = 0, h2 = 0, w0 = 0, w1 = 0, w2 = 0, gh = 0, gw = 0;
+  at::Tensor keep_h, keep_w;  // float32 copies when the inputs are not float32 with unit stride along G
+
+  RelPos(const std::optional<at::Tensor>& rel_h, const std::optional<at::Tensor>& rel_w) {
+    if (!rel_h.has_value()) return;
+    keep_h = as_f32_rows(*rel_h);
+    keep_w = as_f32_rows(*rel_w);
+    rh = keep_h.const_data_ptr<float>();
+    rw = keep_w.const_data_ptr<float>();
+    h0 = keep_h.stride(0), h1 = keep_h.stride(1), h2 = keep_h.stride(2);
+    w0 = keep_w.stride(0), w1 = keep_w.stride(1), w2 = keep_w.stride(2);
+    gh = keep_h.size(3), gw = keep_w.size(3);
+  }
+  explicit operator bool() const { return rh != nullptr; }
+  const float* row_h(int64_t b, int64_t h, int64_t i) const { return rh + b * h0 + h * h1 + i * h2; }
+  const float* row_w(int64_t b, int64_t h, int64_t i) const { return rw + b * w0 + h * w1 + i * w2; }
+};
+
 template <typename out_t>
 void qk_update_impl(const at::Tensor& logits, const at::Tensor& q, const at::Tensor& k, const at::Tensor& index_q,
-                    const at::Tensor& index_k, float scale) {
+                    const at::Tensor& index_k, float scale, const RelPos& bias) {
   const int64_t B = logits.size(0), H = logits.size(1), Nq = logits.size(2), Nk = logits.size(3), d = q.size(3);
   const int64_t Kq = index_q.size(1), Kk = index_k.size(1);
   out_t* lp = logits.data_ptr<out_t>();
@@ -127,8 +173,17 @@ void qk_update_impl(const at::Tensor& logits, const at::Tensor& q, const at::Ten
         const int64_t bh = t / tiles, r0 = (t % tiles) * rt, r = std::min(rt, Kq - r0), b = bh / H, h = bh % H;
         gemm(r, Nk, d, scale, qsp + (bh * Kq + r0) * d, d, kp + b * k0 + h * k1, 1, k2, 0.f, buf.data(), Nk);
         for (int64_t i = 0; i < r; ++i) {
-          const float* src = buf.data() + i * Nk;
-          out_t* dst = lp + b * l0 + h * l1 + iq[b * Kq + r0 + i] * l2;
+          float* src = buf.data() + i * Nk;
+          const int64_t row = iq[b * Kq + r0 + i];
+          if (bias) {  // whole bias row: Gh blocks of Gw columns
+            const float *bh_row = bias.row_h(b, h, row), *bw_row = bias.row_w(b, h, row);
+            for (int64_t a = 0; a < bias.gh; ++a) {
+              float* blk = src + a * bias.gw;
+              const float ha = bh_row[a];
+              for (int64_t c = 0; c < bias.gw; ++c) blk[c] += ha + bw_row[c];
+            }
+          }
+          out_t* dst = lp + b * l0 + h * l1 + row * l2;
           if constexpr (std::is_same_v<out_t, float>) {
             if (l3 == 1) {
               std::memcpy(dst, src, sizeof(float) * Nk);
@@ -144,6 +199,12 @@ void qk_update_impl(const at::Tensor& logits, const at::Tensor& q, const at::Ten
   // Columns: logits[b,h,:,ik] = q @ k[ik]^T * scale, in tiles of rt rows x the Kk selected columns.
   if (Kk > 0 && Nq > 0) {
     const std::vector<int64_t> ik = sorted_ids(index_k);
+    std::vector<int64_t> col_h, col_w;  // bias coordinates of the selected columns
+    if (bias) {
+      col_h.resize(ik.size());
+      col_w.resize(ik.size());
+      for (size_t j = 0; j < ik.size(); ++j) col_h[j] = ik[j] / bias.gw, col_w[j] = ik[j] % bias.gw;
+    }
     const at::Tensor ks = gather_rows_f32(kf, ik, Kk);  // [B,H,Kk,d], token order
     const float* qp = qf.const_data_ptr<float>();
     const float* ksp = ks.const_data_ptr<float>();
@@ -157,8 +218,14 @@ void qk_update_impl(const at::Tensor& logits, const at::Tensor& q, const at::Ten
         const int64_t bh = t / tiles, m0 = (t % tiles) * rt, r = std::min(rt, Nq - m0), b = bh / H, h = bh % H;
         gemm(r, Kk, d, scale, qp + b * q0 + h * q1 + m0 * q2, q2, ksp + bh * Kk * d, 1, d, 0.f, buf.data(), Kk);
         const int64_t* cols = ik.data() + b * Kk;
+        const int64_t* cols_h = bias ? col_h.data() + b * Kk : nullptr;
+        const int64_t* cols_w = bias ? col_w.data() + b * Kk : nullptr;
         for (int64_t i = 0; i < r; ++i) {
-          const float* src = buf.data() + i * Kk;
+          float* src = buf.data() + i * Kk;
+          if (bias) {
+            const float *bh_row = bias.row_h(b, h, m0 + i), *bw_row = bias.row_w(b, h, m0 + i);
+            for (int64_t j = 0; j < Kk; ++j) src[j] += bh_row[cols_h[j]] + bw_row[cols_w[j]];
+          }
           out_t* dst = lp + b * l0 + h * l1 + (m0 + i) * l2;
           if (prefetch_rows && m0 + i + kAhead < Nq) {
             // Scattered stores defeat the hardware prefetcher; fetch the row kAhead rows ahead as a whole.
@@ -174,12 +241,17 @@ void qk_update_impl(const at::Tensor& logits, const at::Tensor& q, const at::Ten
 
 // logits [B,H,Nq,Nk] (float32 or q's dtype), q [B,H,Nq,d], k [B,H,Nk,d], index_q [B,Kq], index_k [B,Kk] (distinct
 // ids): logits[:,:,iq,:] = q[iq] @ k^T * scale, then logits[:,:,:,ik] = q @ k[ik]^T * scale. Float32 accumulation.
+// Optional rel_h [B,H,Nq,Gh] / rel_w [B,H,Nq,Gw] (Gh*Gw = Nk): rel_h[i, j / Gw] + rel_w[i, j % Gw] is added to every
+// recomputed entry in float32, before the cast.
 void qk_update_cpu(const at::Tensor& logits, const at::Tensor& q, const at::Tensor& k, const at::Tensor& index_q,
-                   const at::Tensor& index_k, double scale) {
+                   const at::Tensor& index_k, double scale, const std::optional<at::Tensor>& rel_h,
+                   const std::optional<at::Tensor>& rel_w) {
   check_qk(logits, q, k, index_q, index_k);
+  check_relpos(rel_h, rel_w, logits, q);
   if (logits.numel() == 0 || index_q.numel() + index_k.numel() == 0) return;
+  const RelPos bias(rel_h, rel_w);
   EVENTFUL_DISPATCH_FLOATS(logits.scalar_type(), "qk_update_", [&] {
-    qk_update_impl<scalar_t>(logits, q, k, index_q, index_k, static_cast<float>(scale));
+    qk_update_impl<scalar_t>(logits, q, k, index_q, index_k, static_cast<float>(scale), bias);
   });
 }
 

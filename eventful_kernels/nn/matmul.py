@@ -22,6 +22,9 @@ class LogitBias(Protocol):
 
     def dense(self) -> Tensor: ...  # [B,H,Nq,N]
 
+    # Optional: ``decomposed() -> (rel_h [B,H,Nq,Gh], rel_w [B,H,Nq,Gw])`` with bias[i, j] = rel_h[i, j // Gw] +
+    # rel_w[i, j % Gw]; a bias that has it is added inside ``qk_update_`` instead of by rows()/cols().
+
 
 def _check_heads(x: Tensor, name: str) -> None:
     if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
@@ -39,8 +42,9 @@ class MatmulBuffer(EventfulModule):
     """QK^T state. ``forward(q, k, index_q, index_k, scale, bias=None) -> logits [B,H,Nq,Nk]`` (the state itself).
 
     Flush: ``logits = q @ k^T * scale (+ bias.dense())``. Afterwards rows ``index_q`` and columns ``index_k`` are
-    recomputed in place by the fused ``qk_update_``; with a bias, ``bias.rows`` / ``bias.cols`` are then added to
-    the recomputed entries (once where rows and columns cross; untouched entries already hold their bias).
+    recomputed in place by the fused ``qk_update_``; a decomposed rel-pos bias (``bias.decomposed()``) is added
+    inside the op, any other bias's ``rows`` / ``cols`` are added to the recomputed entries afterwards (once where
+    rows and columns cross; untouched entries already hold their bias).
     ``last_macs``: flush ``B*H*Nq*Nk*d``, update ``B*H*(Kq*Nk + Nq*Kk)*d``.
     """
 
@@ -85,9 +89,11 @@ class MatmulBuffer(EventfulModule):
         kq, kk = index_q.shape[1], index_k.shape[1]
         self.last_macs = b * h * (kq * nk + nq * kk) * d
         ops = self.k_ops
-        ops.qk_update_(logits, q, k, index_q, index_k, scale)
-        if bias is None:
+        decomposed = getattr(bias, "decomposed", None)
+        if bias is None or decomposed is not None:  # a decomposed rel-pos bias is fused into the op
+            ops.qk_update_(logits, q, k, index_q, index_k, scale, *(decomposed() if decomposed else ()))
             return logits
+        ops.qk_update_(logits, q, k, index_q, index_k, scale)
         # add the bias to the recomputed entries: rows, then columns except where they cross those rows
         if kq:
             ops.scatter_rows_(logits, index_q, ops.gather_rows(logits, index_q).add_(bias.rows(index_q)))

@@ -109,6 +109,10 @@ class DecomposedRelPos(EventfulModule):
             ops.gather_cols(self.rel_w, idx % gw)
         )
 
+    def decomposed(self) -> Tuple[Tensor, Tensor]:
+        """The per-row state ``(rel_h [B,H,N,Gh], rel_w [B,H,N,Gw])``, as ``qk_update_`` takes it."""
+        return self.rel_h, self.rel_w
+
     def dense(self) -> Tensor:
         """The full bias ``[B,H,N,N]``."""
         b, h, n, gh = self.rel_h.shape
