@@ -233,11 +233,60 @@ def check_qk_update(impl, device, dtype, idt, seed=6):
             impl.qk_update_(logits, q, kt, iq, ik, 0.37)
             R.qk_update_(want, q, kt, iq, ik, 0.37)
             torch.testing.assert_close(logits, want, **MATMUL_TOL[ldt])
-            mask = torch.ones_like(want, dtype=torch.bool)  # untouched entries must be bit-identical
-            for bi in range(b):
-                mask[bi, ..., iq[bi].long(), :] = False
-                mask[bi, ..., ik[bi].long()] = False
-            assert torch.equal(logits[mask], want[mask])
+            _assert_untouched(logits, want, iq, ik)
+
+
+def _assert_untouched(logits, want, iq, ik):
+    """Entries outside rows iq and columns ik must be bit-identical (never written)."""
+    mask = torch.ones_like(want, dtype=torch.bool)
+    for bi in range(want.size(0)):
+        mask[bi, ..., iq[bi].long(), :] = False
+        mask[bi, ..., ik[bi].long()] = False
+    assert torch.equal(logits[mask], want[mask])
+
+
+def _rel_view(shape, dtype, g, device, how):
+    """A rel-pos table [..., Nq, G] as a contiguous tensor or a strided view: 'transposed' (a [..., G, Nq] tensor
+    transposed), 'step' (every other column), 'sliced' (an interior window of a bigger buffer: offset, padded rows
+    and heads)."""
+    if how == "transposed":
+        return _randn((*shape[:-2], shape[-1], shape[-2]), dtype, g, device).transpose(-1, -2)
+    if how == "sliced":
+        big = _randn([n + 3 for n in shape], dtype, g, device)
+        return big[tuple(slice(1, 1 + n) for n in shape[:-2]) + (slice(2, 2 + shape[-2]), slice(1, 1 + shape[-1]))]
+    return _strided(_randn(shape, dtype, g, device), how)
+
+
+def check_qk_update_relpos(impl, device, dtype, idt, seed=14):
+    """qk_update_ with the decomposed rel-pos bias (rel_h [..,Nq,Gh], rel_w [..,Nq,Gw], Gh*Gw = Nk, Gh != Gw)."""
+    g = _gen(seed)
+    # (b, h, nq, (gh, gw), d), layout of logits/q/k, layout of rel_h, layout of rel_w, logits dtype
+    cases = [((2, 2, 9, (3, 4), 16), "contig", "contig", "contig", dtype),
+             ((1, 2, 10, (5, 7), 24), "step", "transposed", "sliced", dtype),
+             ((2, None, 8, (4, 3), 16), "contig", "sliced", "step", dtype),
+             ((2, None, 7, (1, 5), 16), "colmajor", "step", "transposed", torch.float32),
+             ((2, 0, 5, (2, 3), 16), "contig", "contig", "contig", dtype)]
+    for (b, h, nq, (gh, gw), d), layout, lh, lw, ldt in cases:
+        nk = gh * gw
+        lead = (b,) if h is None else (b, h)  # h None: rank-3 tensors (one head)
+        for kq, kk in ((0, 0), (3, 5), (nq, 0), (0, nk), (nq, nk), (1, 2)):
+            q = _strided(_randn((*lead, nq, d), dtype, g, device), layout)
+            kt = _strided(_randn((*lead, nk, d), dtype, g, device), layout)
+            rel_h = _rel_view((*lead, nq, gh), dtype, g, device, lh)
+            rel_w = _rel_view((*lead, nq, gw), dtype, g, device, lw)
+            assert rel_h.shape == (*lead, nq, gh) and rel_w.shape == (*lead, nq, gw)
+            logits = _strided(_randn((*lead, nq, nk), ldt, g, device), layout)
+            want = logits.clone()
+            iq = _index(b, kq, nq, idt, g, device, strided=layout == "step")
+            ik = _index(b, kk, nk, idt, g, device)
+            impl.qk_update_(logits, q, kt, iq, ik, 0.37, rel_h, rel_w)
+            R.qk_update_(want, q, kt, iq, ik, 0.37, rel_h, rel_w)
+            torch.testing.assert_close(logits, want, **MATMUL_TOL[ldt])
+            _assert_untouched(logits, want, iq, ik)
+            if kq == nq and kk == 0 and logits.numel() > 0:  # the bias really is added (not a no-op)
+                plain = logits.clone()
+                impl.qk_update_(plain, q, kt, iq, ik, 0.37)
+                assert not torch.equal(plain, logits)
 
 
 def check_av_delta_update(impl, device, dtype, idt, seed=7):
@@ -305,6 +354,12 @@ def test_qk_update(dtype, idt):
 
 @pytest.mark.parametrize("idt", INDEX_DTYPES, ids=str)
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_qk_update_relpos(dtype, idt):
+    check_qk_update_relpos(T, DEVICE, dtype, idt)
+
+
+@pytest.mark.parametrize("idt", INDEX_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
 def test_av_delta_update(dtype, idt):
     check_av_delta_update(T, DEVICE, dtype, idt)
 
@@ -363,7 +418,8 @@ def _bad_cases(device):
                 "k": _randn((2, 2, 6, 16), f32, g, device), "out": _randn((2, 2, 6, 16), f32, g, device),
                 "a_new": torch.rand(2, 2, 6, 6, generator=g).to(device),
                 "a_ref": torch.rand(2, 2, 6, 6, generator=g).to(device),
-                "v_new": _randn((2, 2, 6, 16), f32, g, device), "v_ref": _randn((2, 2, 6, 16), f32, g, device)}
+                "v_new": _randn((2, 2, 6, 16), f32, g, device), "v_ref": _randn((2, 2, 6, 16), f32, g, device),
+                "rel_h": _randn((2, 2, 6, 2), f32, g, device), "rel_w": _randn((2, 2, 6, 3), f32, g, device)}
 
     ok = torch.tensor([[1, 4], [0, 5]], device=device)
     dup = torch.tensor([[1, 4], [3, 3]], device=device)
@@ -379,7 +435,11 @@ def _bad_cases(device):
     def qk(s, iq, ik, **over):
         args = {k: s[k] for k in ("logits", "q", "k")}
         args.update(over)
-        return lambda: T.qk_update_(args["logits"], args["q"], args["k"], iq, ik, 0.5)
+        return lambda: T.qk_update_(args["logits"], args["q"], args["k"], iq, ik, 0.5, args.get("rel_h"),
+                                    args.get("rel_w"))
+
+    def qkr(s, **over):  # qk_update_ with the rel-pos bias (Nk = 6 = Gh 2 x Gw 3), valid indices
+        return qk(s, ok, ok, **{"rel_h": s["rel_h"], "rel_w": s["rel_w"], **over})
 
     return [
         ("gather_rows rank", rows_state, lambda s: T.gather_rows(s["dst"][0, 0], ok), RuntimeError, "'x' must have rank 3 or 4"),
@@ -418,6 +478,20 @@ def _bad_cases(device):
         ("qk rank", attn_state, lambda s: qk(s, ok, ok, q=s["q"][:, 0])(), RuntimeError, "'q' must have the rank of 'logits'"),
         ("qk heads", attn_state, lambda s: qk(s, ok, ok, q=s["q"][:, :1])(), RuntimeError, "'q' has size 1 at dim 1"),
         ("qk logits overlap", attn_state, lambda s: qk(s, ok, ok, logits=s["logits"][:, :, :1].expand(2, 2, 6, 6))(), RuntimeError, "'logits' is written in place"),
+        ("qk rel_h without rel_w", attn_state, lambda s: qkr(s, rel_w=None)(), ValueError, "'rel_w' is None but 'rel_h' is given"),
+        ("qk rel_w without rel_h", attn_state, lambda s: qkr(s, rel_h=None)(), ValueError, "'rel_h' is None but 'rel_w' is given"),
+        ("qk rel_h rank", attn_state, lambda s: qkr(s, rel_h=s["rel_h"][:, 0])(), RuntimeError, "'rel_h' must have the rank of 'logits' (4)"),
+        ("qk rel_w rank", attn_state, lambda s: qkr(s, rel_w=s["rel_w"][None])(), RuntimeError, "'rel_w' must have the rank of 'logits' (4)"),
+        ("qk rel_h dtype", attn_state, lambda s: qkr(s, rel_h=s["rel_h"].half())(), RuntimeError, "'rel_h' has dtype Half but 'q' has dtype Float"),
+        ("qk rel_w dtype", attn_state, lambda s: qkr(s, rel_w=s["rel_w"].double())(), RuntimeError, "'rel_w' has dtype Double but 'q' has dtype Float"),
+        ("qk rel_h batch", attn_state, lambda s: qkr(s, rel_h=s["rel_h"][:1])(), RuntimeError, "'rel_h' has size 1 at dim 0 but the batch size of 'logits' is 2"),
+        ("qk rel_w heads", attn_state, lambda s: qkr(s, rel_w=s["rel_w"][:, :1])(), RuntimeError, "'rel_w' has size 1 at dim 1 but the head count of 'logits' is 2"),
+        ("qk rel_h rows", attn_state, lambda s: qkr(s, rel_h=s["rel_h"][:, :, :5])(), RuntimeError, "'rel_h' has size 5 at dim 2 but the row count (Nq) of 'logits' is 6"),
+        ("qk rel_w rows", attn_state, lambda s: qkr(s, rel_w=s["rel_w"][:, :, 1:])(), RuntimeError, "'rel_w' has size 5 at dim 2 but the row count (Nq) of 'logits' is 6"),
+        ("qk rel Gh*Gw", attn_state, lambda s: qkr(s, rel_w=s["rel_w"][..., :2])(), RuntimeError, "'rel_h' has Gh = 2 columns and 'rel_w' has Gw = 2, but Gh*Gw must equal Nk = 6"),
+        ("qk rel Gh*Gw swapped", attn_state, lambda s: qkr(s, rel_h=s["rel_w"], rel_w=s["rel_w"])(), RuntimeError, "Gh*Gw must equal Nk = 6"),
+        ("qk rel_h device", attn_state, lambda s: qkr(s, rel_h=s["rel_h"].to("meta"))(), RuntimeError, "'rel_h' is on meta but 'logits' is on"),
+        ("qk rel before index", attn_state, lambda s: qk(s, oob, ok, rel_h=s["rel_h"], rel_w=s["rel_w"][..., :1])(), RuntimeError, "Gh*Gw must equal Nk"),
         ("av dup", attn_state, lambda s: av(s, dup)(), RuntimeError, "repeats token id 3 in row 1"),
         ("av oob", attn_state, lambda s: av(s, oob)(), IndexError, "'index' holds 6"),
         ("av v dtype", attn_state, lambda s: av(s, ok, v_ref=s["v_ref"].half())(), RuntimeError, "'v_ref' has dtype Half but 'a_new'"),
@@ -557,10 +631,63 @@ def triton_as_cpu_kernels():
 def test_opcheck_interpreted_through_dispatcher(triton_as_cpu_kernels):
     for name, args in _opcheck_samples("cpu").items():
         torch.library.opcheck(getattr(torch.ops.eventful, name).default, args)
+    if _native_qk_has_relpos():  # the rebuilt _C library: the optional rel-pos arguments through eventful::
+        torch.library.opcheck(torch.ops.eventful.qk_update_.default, _qk_relpos_sample("cpu"))
     # also proves the registered kernels are the Triton ones: a token_delta_gate with an explicit index
     c = torch.randn(1, 4, 3)
     out = torch.ops.eventful.token_delta_gate(c, torch.zeros_like(c), -1, torch.tensor([[2, 0]], dtype=torch.int32))
     assert out[0].tolist() == [[2, 0]]
+
+
+_QK_SCHEMA = ("qk_update_(Tensor(a!) logits, Tensor q, Tensor k, Tensor index_q, Tensor index_k, float scale, "
+              "Tensor? rel_h=None, Tensor? rel_w=None) -> ()")
+
+
+def _native_qk_has_relpos() -> bool:
+    """Whether the loaded _C library already declares qk_update_ with rel_h/rel_w (csrc/ops.cpp, once rebuilt)."""
+    return "rel_h" in str(torch.ops.eventful.qk_update_.default._schema)
+
+
+def _qk_relpos_sample(device, dtype=torch.float32, rank=4):
+    g = _gen(15)
+    lead = (2, 2) if rank == 4 else (2,)
+    rel_h = _randn((*lead, 3, 7), dtype, g, device).transpose(-1, -2)  # strided view [.., Nq=7, Gh=3]
+    return (_randn((*lead, 7, 12), dtype, g, device), _randn((*lead, 7, 16), dtype, g, device),
+            _randn((*lead, 12, 16), dtype, g, device), torch.tensor([[1, 6], [0, 3]], device=device),
+            torch.tensor([[2, 11, 5], [0, 7, 4]], device=device), 0.25, rel_h, _randn((*lead, 7, 4), dtype, g, device))
+
+
+@pytest.fixture
+def qk_relpos_test_op():
+    """The registered Triton qk_update_ kernel (_register.KERNELS, as torch.ops.eventful gets it) served on DEVICE
+    under a test-only namespace with the new schema, so the dispatcher path of the optional rel_h/rel_w arguments is
+    tested even while the loaded _C library still declares the old schema."""
+    lib = torch.library.Library("eventful_triton_test", "FRAGMENT")
+    lib.define(_QK_SCHEMA)
+    lib.impl("qk_update_", _register.KERNELS["qk_update_"], "CUDA" if CUDA else "CPU")
+    torch.library.register_fake("eventful_triton_test::qk_update_", lambda *args: None, lib=lib)
+    yield torch.ops.eventful_triton_test.qk_update_
+    lib._destroy()
+
+
+@pytest.mark.parametrize("rank", [4, 3])
+def test_qk_update_relpos_through_dispatcher(qk_relpos_test_op, rank):
+    logits, q, k, iq, ik, scale, rel_h, rel_w = _qk_relpos_sample(DEVICE, rank=rank)
+    want = R.qk_update_(logits.clone(), q, k, iq, ik, scale, rel_h, rel_w)
+    for call in (lambda t: qk_relpos_test_op(t, q, k, iq, ik, scale, rel_h, rel_w),  # positional
+                 lambda t: qk_relpos_test_op(t, q, k, iq, ik, scale, rel_h=rel_h, rel_w=rel_w)):  # keywords
+        got = logits.clone()
+        assert call(got) is None
+        torch.testing.assert_close(got, want, **MATMUL_TOL[torch.float32])
+        _assert_untouched(got, want, iq, ik)
+    got = logits.clone()  # omitted optional arguments: no bias
+    qk_relpos_test_op(got, q, k, iq, ik, scale)
+    torch.testing.assert_close(got, R.qk_update_(logits.clone(), q, k, iq, ik, scale), **MATMUL_TOL[torch.float32])
+    got = logits.clone()
+    with pytest.raises(ValueError, match="'rel_w' is None but 'rel_h' is given"):
+        qk_relpos_test_op(got, q, k, iq, ik, scale, rel_h=rel_h)
+    _assert_same(got, logits)
+    torch.library.opcheck(qk_relpos_test_op.default, (logits.clone(), q, k, iq, ik, scale, rel_h, rel_w))
 
 
 @pytest.mark.skipif(CUDA, reason="CPU-only check")
@@ -583,6 +710,7 @@ class TestCudaDispatch:
             check_gather_scatter_cols(ops, "cuda", dtype, idt)
             check_token_delta_gate(ops, "cuda", dtype, idt)
             check_qk_update(ops, "cuda", dtype, idt)
+            check_qk_update_relpos(ops, "cuda", dtype, idt)
             check_av_delta_update(ops, "cuda", dtype, idt)
         check_token_gate(ops, "cuda", dtype)
         check_token_gate_threshold(ops, "cuda", dtype)
@@ -592,6 +720,8 @@ class TestCudaDispatch:
     def test_opcheck(self, dtype):
         for name, args in _opcheck_samples("cuda", dtype).items():
             torch.library.opcheck(getattr(torch.ops.eventful, name).default, args)
+        for rank in (4, 3):
+            torch.library.opcheck(torch.ops.eventful.qk_update_.default, _qk_relpos_sample("cuda", dtype, rank))
 
     def test_every_op_has_a_cuda_kernel(self):
         for name in T.OPS:

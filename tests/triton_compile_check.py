@@ -89,9 +89,12 @@ def jobs(all_configs: bool):
         for prec, bd in ((p, bd) for p in precisions for bd in head_dims):
             common = {"IS_F32": fl == "fp32", "PREC": prec, "UPCAST": False, "SOFT_BF16": False, "BLOCK_D": bd}
             for cfg in _autotune_configs(attention._qk_update_kernel, all_configs):
-                yield (f"qk_update {fl} {prec} d={bd} {cfg.kwargs} w={cfg.num_warps}", attention._qk_update_kernel,
-                       {"l_ptr": fl, "q_ptr": fl, "k_ptr": fl, "iq_ptr": "i64", "ik_ptr": "i32"},
-                       {**cfg.kwargs, **common}, cfg.num_warps, cfg.num_stages)
+                for bias in (False, True):  # rel-pos bias: rel_h/rel_w have q's dtype; absent: dummies = logits
+                    yield (f"qk_update {fl} {prec} d={bd} bias={bias} {cfg.kwargs} w={cfg.num_warps}",
+                           attention._qk_update_kernel,
+                           {"l_ptr": fl, "q_ptr": fl, "k_ptr": fl, "iq_ptr": "i64", "ik_ptr": "i32",
+                            "rh_ptr": fl, "rw_ptr": fl},
+                           {**cfg.kwargs, **common, "HAS_BIAS": bias}, cfg.num_warps, cfg.num_stages)
             for cfg in _autotune_configs(attention._av_delta_kernel, all_configs):
                 yield (f"av_delta {fl} {prec} d={bd} {cfg.kwargs} w={cfg.num_warps}", attention._av_delta_kernel,
                        {"o_ptr": fl, "an_ptr": fl, "ar_ptr": fl, "vn_ptr": fl, "vr_ptr": fl, "idx_ptr": "i64"},

@@ -3,7 +3,10 @@
 qk_update_: one launch, 1-D grid of two tile families, each a ``tl.dot`` loop over the head dim written straight
 into ``logits`` (no temporaries): row tiles ``[BLOCK_M of index_q] x [BLOCK_N of all Nk]`` and column tiles
 ``[BLOCK_M of all Nq] x [BLOCK_N of index_k]``. Where a row and a column are both selected the element is written
-by both families with the same float32 dot product (a benign duplicate write).
+by both families with the same float32 value (a benign duplicate write). With the optional decomposed rel-pos state
+``rel_h [B,H,Nq,Gh]`` / ``rel_w [B,H,Nq,Gw]`` (``Gh*Gw = Nk``; constexpr ``HAS_BIAS``) each tile adds the bias
+``rel_h[.., i, j // Gw] + rel_w[.., i, j % Gw]`` (loaded through its strides, in float32) to ``scale * q_i.k_j``
+before the single cast to ``logits.dtype``; the full ``[Nq, Nk]`` bias is never materialised.
 
 av_delta_update_: one GEMM-like kernel per ``[BLOCK_M rows] x [BLOCK_D head features]`` tile contracting over the
 concatenated 2K selected tokens, ``[a_new[:, S], -a_ref[:, S]] @ [v_new[S]; v_ref[S]]``, accumulated in float32 and
@@ -12,6 +15,8 @@ on the same stream, so the GEMM reads the old references).
 Shapes: ``[B, H, N, d]`` / ``[B, H, M, N]`` (rank 3 = one head); ``index [B, K]`` shared over heads.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -37,12 +42,14 @@ _QK_CONFIGS = _configs(
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}))
 
 
-@triton.autotune(configs=_QK_CONFIGS, key=["Nq", "Nk", "Dh", "IS_F32"])
+@triton.autotune(configs=_QK_CONFIGS, key=["Nq", "Nk", "Dh", "IS_F32", "HAS_BIAS"])
 @triton.jit
-def _qk_update_kernel(l_ptr, q_ptr, k_ptr, iq_ptr, ik_ptr, H, Nq, Nk, Dh, Kq, Kk, scale,
-                      l_b, l_h, l_m, l_n, q_b, q_h, q_m, q_d, k_b, k_h, k_n, k_d, iq_b, iq_k, ik_b, ik_k, BH,
+def _qk_update_kernel(l_ptr, q_ptr, k_ptr, iq_ptr, ik_ptr, rh_ptr, rw_ptr, H, Nq, Nk, Dh, Kq, Kk, Gw, scale,
+                      l_b, l_h, l_m, l_n, q_b, q_h, q_m, q_d, k_b, k_h, k_n, k_d, iq_b, iq_k, ik_b, ik_k,
+                      rh_b, rh_h, rh_m, rh_g, rw_b, rw_h, rw_m, rw_g, BH,
                       IS_F32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # HAS_BIAS: rh_ptr/rw_ptr are rel_h [B,H,Nq,Gh] / rel_w [B,H,Nq,Gw] (Gh*Gw = Nk); otherwise dummies never read.
     pid = tl.program_id(0).to(tl.int64)
     n_kqb = tl.cdiv(Kq, BLOCK_M)
     n_nb = tl.cdiv(Nk, BLOCK_N)
@@ -86,6 +93,13 @@ def _qk_update_kernel(l_ptr, q_ptr, k_ptr, iq_ptr, ik_ptr, H, Nq, Nk, Dh, Kq, Kk
             kt = kt.to(tl.float32)
         acc = tl.dot(qa, kt, acc, input_precision=PREC)
     acc = acc * scale
+    if HAS_BIAS:  # bias[i, j] = rel_h[i, j // Gw] + rel_w[i, j % Gw], summed in float32 like the reference
+        bm = rmask[:, None] & cmask[None, :]
+        rh = tl.load(rh_ptr + b * rh_b + h * rh_h + rows[:, None] * rh_m + (cols // Gw)[None, :] * rh_g,
+                     mask=bm, other=0).to(tl.float32)
+        rw = tl.load(rw_ptr + b * rw_b + h * rw_h + rows[:, None] * rw_m + (cols % Gw)[None, :] * rw_g,
+                     mask=bm, other=0).to(tl.float32)
+        acc = acc + (rh + rw)
     tl.store(l_ptr + b * l_b + h * l_h + rows[:, None] * l_m + cols[None, :] * l_n,
              cast_out(acc, l_ptr.dtype.element_ty, SOFT_BF16), mask=rmask[:, None] & cmask[None, :])
 
@@ -155,12 +169,35 @@ def _check_heads(t: Tensor, name: str, like: Tensor, like_name: str) -> None:
     C.check_size(t4, name, 1, l4.size(1), f"the head count of '{like_name}'")
 
 
+def _check_relpos(rel_h, rel_w, logits: Tensor, q: Tensor) -> None:
+    """Checks of the optional decomposed rel-pos state of ``qk_update_`` (metadata only, no device work)."""
+    if rel_h is None and rel_w is None:
+        return
+    for name, t, other in (("rel_h", rel_h, "rel_w"), ("rel_w", rel_w, "rel_h")):
+        if t is None:
+            C.fail(f"argument '{name}' is None but '{other}' is given: the rel-pos bias needs both or neither",
+                   ValueError)
+    for name, t in (("rel_h", rel_h), ("rel_w", rel_w)):
+        C.check_same_rank(t, name, logits, "logits")
+        C.check_same_dtype(t, name, q, "q")
+        C.check_same_device(t, name, logits, "logits")
+        _check_heads(t, name, logits, "logits")
+        C.check_size(t, name, -2, logits.size(-2), "the row count (Nq) of 'logits'")
+    gh, gw, nk = rel_h.size(-1), rel_w.size(-1), logits.size(-1)
+    if gh * gw != nk:
+        C.fail(f"argument 'rel_h' has Gh = {gh} columns and 'rel_w' has Gw = {gw}, but Gh*Gw must equal Nk = {nk}, "
+               f"the column count of 'logits' (shapes {list(rel_h.shape)} and {list(rel_w.shape)})")
+
+
 @on_device
-def qk_update_(logits: Tensor, q: Tensor, k: Tensor, index_q: Tensor, index_k: Tensor, scale: float) -> Tensor:
+def qk_update_(logits: Tensor, q: Tensor, k: Tensor, index_q: Tensor, index_k: Tensor, scale: float,
+               rel_h: Optional[Tensor] = None, rel_w: Optional[Tensor] = None) -> Tensor:
     """Recompute rows ``index_q`` and columns ``index_k`` of ``logits [B,H,Nq,Nk] = q @ k^T * scale`` in place.
 
     ``q [B,H,Nq,d]``, ``k [B,H,Nk,d]`` (same dtype), ``index_q/index_k [B,Kq]/[B,Kk]``; products accumulate in
-    float32 and are cast to ``logits.dtype``. Returns ``logits``.
+    float32 and are cast to ``logits.dtype``. Optional ``rel_h [B,H,Nq,Gh]`` and ``rel_w [B,H,Nq,Gw]`` (both or
+    neither; rank, dtype of ``q``, ``Gh*Gw = Nk``): every recomputed entry ``(i, j)`` also gets
+    ``rel_h[.., i, j // Gw] + rel_w[.., i, j % Gw]``, added in float32 before the cast. Returns ``logits``.
     """
     C.check_rank(logits, "logits", 3, 4)
     _check_operands(("logits", "q", "k"), (logits, q, k), "logits", logits)
@@ -170,6 +207,7 @@ def qk_update_(logits: Tensor, q: Tensor, k: Tensor, index_q: Tensor, index_k: T
     C.check_size(q, "q", -2, logits.size(-2), "the row count (Nq) of 'logits'")
     C.check_size(k, "k", -2, logits.size(-1), "the column count (Nk) of 'logits'")
     C.check_size(k, "k", -1, q.size(-1), "the head dim of 'q'")
+    _check_relpos(rel_h, rel_w, logits, q)
     C.check_index_meta(index_q, "index_q", logits.size(0), logits, "logits")
     C.check_index_meta(index_k, "index_k", logits.size(0), logits, "logits")
     C.check_writable(logits, "logits")
@@ -182,16 +220,23 @@ def qk_update_(logits: Tensor, q: Tensor, k: Tensor, index_q: Tensor, index_k: T
     if B * H == 0 or (Kq * Nk == 0 and Kk * Nq == 0):
         return logits
     block_d = min(max(next_pow2(Dh), 16), 128)
+    has_bias = rel_h is not None
+    if has_bias:  # rank and dims checked above; Gw >= 1 here since Nk > 0
+        rh4, rw4 = as_4d(rel_h), as_4d(rel_w)
+        gw, bias_strides = rw4.size(-1), (*rh4.stride(), *rw4.stride())
+    else:  # dummy pointers (never read) and zero strides
+        rh4 = rw4 = l4
+        gw, bias_strides = 1, (0,) * 8
 
     def grid(meta):
         return (B * H * (cdiv(Kq, meta["BLOCK_M"]) * cdiv(Nk, meta["BLOCK_N"])
                          + cdiv(Nq, meta["BLOCK_M"]) * cdiv(Kk, meta["BLOCK_N"])),)
 
     _qk_update_kernel[grid](
-        l4, q4, k4, index_q, index_k, H, Nq, Nk, Dh, Kq, Kk, float(scale),
-        *l4.stride(), *q4.stride(), *k4.stride(), *index_q.stride(), *index_k.stride(), B * H,
+        l4, q4, k4, index_q, index_k, rh4, rw4, H, Nq, Nk, Dh, Kq, Kk, gw, float(scale),
+        *l4.stride(), *q4.stride(), *k4.stride(), *index_q.stride(), *index_k.stride(), *bias_strides, B * H,
         IS_F32=q.dtype == torch.float32, PREC=dot_precision(q.dtype), UPCAST=dot_upcast(q.dtype),
-        SOFT_BF16=soft_bf16(logits.dtype), BLOCK_D=block_d)
+        SOFT_BF16=soft_bf16(logits.dtype), HAS_BIAS=has_bias, BLOCK_D=block_d)
     return logits
 
 
