@@ -50,11 +50,11 @@ def _case(op, n, k):
         logits = rnd(1, H, n, n)
         return (logits, q, kk, idx, idx, HD**-0.5), ops.qk_update_, comp.qk_update_, None
     if op == "qk_update_relpos_":  # SAM global attention: N = Gh*Gw tokens on a square grid
-        g = int(n**0.5)
-        if g * g != n:
+        side = int(n**0.5)
+        if side * side != n:
             return None
         q, kk = rnd(1, H, n, HD), rnd(1, H, n, HD)
-        logits, rel_h, rel_w = rnd(1, H, n, n), rnd(1, H, n, g), rnd(1, H, n, g)
+        logits, rel_h, rel_w = rnd(1, H, n, n), rnd(1, H, n, side), rnd(1, H, n, side)
         args = (logits, q, kk, idx, idx, HD**-0.5, rel_h, rel_w)
         return args, ops.qk_update_, comp.qk_update_relpos_, None
     if op == "av_delta_update_":

@@ -92,6 +92,27 @@ def bench_model(name: str, frames_n: int, budget_text: str, backend: str, video:
     return out
 
 
+def _bench_in_subprocess(name: str, argv) -> dict:
+    """Run this script for one model in a child process (same options) and return its result entry."""
+    import subprocess
+    import tempfile
+
+    drop = {"--models", "--out"}
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in drop:
+            skip = True
+        elif a.split("=", 1)[0] not in drop:
+            rest.append(a)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "one.json")
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--models", name, "--out", out, *rest], check=True)
+        with open(out) as f:
+            return json.load(f)["models"][0]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="vit_base_patch16_224,samvit_base_patch16")
@@ -122,23 +143,33 @@ def main(argv=None) -> int:
         "targets": {"speedup": TARGET_SPEEDUP, "efficiency": TARGET_EFFICIENCY},
         "models": [],
     }
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        n = args.sam_frames if name.startswith("samvit") else args.frames
-        r = bench_model(name, n, args.budget, args.backend, args.video, args.profile, args.lockstep)
-        result["models"].append(r)
-        print(f"{name} @ {r['input_size']}px N={r['tokens']} r={r['budget']} ({r['tokens_selected']} tokens), "
-              f"{r['frames']} frames: dense {r['dense']['ms_median']:.1f} ms ({r['dense']['gflops_mean']:.1f} GFLOPs), "
-              f"eventful {r['eventful']['ms_median']:.1f} ms ({r['eventful']['gflops_mean']:.1f} GFLOPs), "
-              f"speedup {r['speedup']:.2f}x, ideal {r['ideal_speedup']:.2f}x, efficiency {r['efficiency']:.2f}, "
-              f"rel. dev. {r['eventful']['rel_error_mean']:.3e}; dense with packed linears "
-              f"{r['dense_packed']['ms_median']:.1f} ms -> speedup {r['speedup_vs_dense_packed']:.2f}x", flush=True)
-        if args.profile:
-            print(r["profile"])
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    for name in names:
+        if len(names) > 1:  # each model in a fresh process (it prints its own line): the heap one model leaves
+            # behind slows the next (SAM dense measured 7.6 s per frame alone, 10.5 s after ViT-B in one process)
+            result["models"].append(_bench_in_subprocess(name, argv if argv is not None else sys.argv[1:]))
+        else:
+            n = args.sam_frames if name.startswith("samvit") else args.frames
+            r = bench_model(name, n, args.budget, args.backend, args.video, args.profile, args.lockstep)
+            result["models"].append(r)
+            _print_result(r, args.profile)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     print(f"wrote {args.out}")
     return 0
+
+
+def _print_result(r: dict, profile: bool) -> None:
+    name = r["model"]
+    print(f"{name} @ {r['input_size']}px N={r['tokens']} r={r['budget']} ({r['tokens_selected']} tokens), "
+          f"{r['frames']} frames: dense {r['dense']['ms_median']:.1f} ms ({r['dense']['gflops_mean']:.1f} GFLOPs), "
+          f"eventful {r['eventful']['ms_median']:.1f} ms ({r['eventful']['gflops_mean']:.1f} GFLOPs), "
+          f"speedup {r['speedup']:.2f}x, ideal {r['ideal_speedup']:.2f}x, efficiency {r['efficiency']:.2f}, "
+          f"rel. dev. {r['eventful']['rel_error_mean']:.3e}; dense with packed linears "
+          f"{r['dense_packed']['ms_median']:.1f} ms -> speedup {r['speedup_vs_dense_packed']:.2f}x", flush=True)
+    if profile:
+        print(r["profile"])
 
 
 if __name__ == "__main__":
