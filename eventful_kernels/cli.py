@@ -112,12 +112,12 @@ def run(args: argparse.Namespace) -> Dict:
     packed_baseline = args.backend == "ops" and torch.device(args.device).type == "cpu" and packing_enabled()
     total = n_frames * (1 + packed_baseline + len(budgets) + (1 if schedule else 0))
     bar = progress(total, "dense", enabled=not args.quiet)
-    dense, n_tokens = runner.run_dense(model, frames, mean, std, tick=bar.update)
+    dense, n_tokens = runner.run_dense(model, frames, mean, std, tick=bar.update, warmup=1)
     dense_packed = None
     if packed_baseline:
         bar.set_description("dense, packed")
         with packed_linears(model):
-            dense_packed, _ = runner.run_dense(model, frames, mean, std, tick=bar.update)
+            dense_packed, _ = runner.run_dense(model, frames, mean, std, tick=bar.update, warmup=1)
     results = []
     for text, b in budgets:
         label = f"r={text}"

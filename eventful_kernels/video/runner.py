@@ -96,10 +96,15 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def run_dense(model, frames: torch.Tensor, mean, std, tick: Callable[[], None] = lambda: None) -> Tuple[Run, int]:
+def run_dense(model, frames: torch.Tensor, mean, std, tick: Callable[[], None] = lambda: None,
+              warmup: int = 0) -> Tuple[Run, int]:
     """Dense timm model over ``frames [T,3,H,W]`` uint8, one frame (B = 1) at a time, on the model's device.
-    Returns (run, tokens per block)."""
+    ``warmup`` untimed frames run first (the first frames of a fresh process also grow the heap: dense SAM at
+    1024 px ran ~10.6 s per frame for its first frames and ~7 s once warm). Returns (run, tokens per block)."""
     device = _device(model)
+    with torch.no_grad():
+        for frame in frames[:warmup]:
+            model(normalize(frame[None], mean, std).to(device))
     counter = DenseMacCounter(model)
     run = Run("dense")
     try:
