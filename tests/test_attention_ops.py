@@ -64,14 +64,19 @@ def check_qk(logits, q, k, iq, ik, scale):
     assert out is ours
     assert_within(ours, ref, qk_delta(q, k, scale), logits.dtype)
     # Entries outside the selected rows and columns are untouched, bit for bit.
+    keep = untouched(logits, iq, ik)
+    assert torch.equal(ours[keep], logits[keep])
+    return ours
+
+
+def untouched(logits, iq, ik):
+    """Mask of the logits outside rows `iq` and columns `ik` (per batch row, all heads)."""
     b, h, nq, nk = logits.shape
     keep = torch.ones(b, nq, nk, dtype=torch.bool)
     for i in range(b):
         keep[i, iq[i].long(), :] = False
         keep[i, :, ik[i].long()] = False
-    keep = keep[:, None].expand(b, h, nq, nk)
-    assert torch.equal(ours[keep], logits[keep])
-    return ours
+    return keep[:, None].expand(b, h, nq, nk)
 
 
 QK_SHAPES = [  # B, H, Nq, Nk, d, Kq, Kk
@@ -217,12 +222,7 @@ def check_qk_relpos(logits, q, k, iq, ik, scale, rel_h, rel_w):
     bias = reference.relpos_bias(rel_h, rel_w)
     qk = (q.float() @ k.float().transpose(-1, -2) * scale).abs()
     assert_within(ours, ref, qk_delta(q, k, scale) + 2 * EPS32 * (qk + bias.abs()), logits.dtype)
-    b, h, nq, nk = logits.shape
-    keep = torch.ones(b, nq, nk, dtype=torch.bool)
-    for i in range(b):
-        keep[i, iq[i].long(), :] = False
-        keep[i, :, ik[i].long()] = False
-    keep = keep[:, None].expand(b, h, nq, nk)
+    keep = untouched(logits, iq, ik)
     assert torch.equal(ours[keep], logits[keep])
     # The bias really is applied: without it the recomputed entries differ.
     if (~keep).any() and bias.abs().max() > 0:
