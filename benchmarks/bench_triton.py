@@ -63,6 +63,13 @@ def _setup(op: str, dtype: torch.dtype, b: int):
     if op == "qk_update_":
         logits = torch.randn(b, H, N, N, device=DEV, dtype=dtype)
         return (logits, q, kk, idx, idx.clone(), DH ** -0.5), (2 * H * N * DH + 2 * H * N * K) * b * es
+    if op == "qk_update_relpos_":  # SAM global attention: N tokens on a square grid, decomposed rel-pos bias
+        side = int(N ** 0.5)
+        logits = torch.randn(b, H, N, N, device=DEV, dtype=dtype)
+        rel_h = torch.randn(b, H, N, side, device=DEV, dtype=dtype)
+        rel_w = torch.randn(b, H, N, side, device=DEV, dtype=dtype)
+        args = (logits, q, kk, idx, idx.clone(), DH ** -0.5, rel_h, rel_w)
+        return args, (2 * H * N * DH + 2 * H * N * K + 2 * H * N * side) * b * es
     if op == "av_delta_update_":
         a_new = torch.softmax(torch.randn(b, H, N, N, device=DEV, dtype=dtype), -1)
         a_ref = torch.softmax(torch.randn(b, H, N, N, device=DEV, dtype=dtype), -1)
@@ -72,7 +79,8 @@ def _setup(op: str, dtype: torch.dtype, b: int):
 
 
 OPS = ["gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "token_gate", "token_gate_threshold",
-       "token_delta_gate", "qk_update_", "av_delta_update_"]
+       "token_delta_gate", "qk_update_", "qk_update_relpos_", "av_delta_update_"]
+FUNCTION = {"qk_update_relpos_": "qk_update_"}  # benchmark case -> op name
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -86,11 +94,11 @@ def test_bench(benchmark, op, dtype, impl, monkeypatch):
         dst = torch.empty_like(src)
         fn, fargs = dst.copy_, (src,)
     elif impl == "torch":
-        fn, fargs = getattr(R, op), args
+        fn, fargs = getattr(R, FUNCTION.get(op, op)), args
     else:
         if impl == "triton_unchecked":
             monkeypatch.setattr(_runtime, "CHECK_INDEX_VALUES", False)
-        fn, fargs = getattr(T, op), args
+        fn, fargs = getattr(T, FUNCTION.get(op, op)), args
 
     def run():
         fn(*fargs)
