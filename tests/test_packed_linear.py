@@ -108,8 +108,23 @@ def test_packed_mlp_matches_timm_mlp():
     torch.manual_seed(0)
     mlp = Mlp(64, 256, norm_layer=nn.LayerNorm).eval()
     x = torch.randn(2, 9, 64)
+    packed = PackedMlp(mlp)
+    assert packed._plain
     with torch.no_grad():
-        torch.testing.assert_close(PackedMlp(mlp)(x), mlp(x), **TOL[torch.float32])
+        torch.testing.assert_close(packed(x), mlp(x), **TOL[torch.float32])
+
+
+def test_packed_mlp_glu_variant_called_as_is():
+    """GluMlp has fc1/act/fc2 too but gates half of fc1's output: it must not be taken for a plain Mlp."""
+    from eventful_kernels.models import import_timm
+
+    torch.manual_seed(0)
+    mlp = import_timm().layers.GluMlp(16, 32, act_layer=nn.Sigmoid).eval()
+    x = torch.randn(3, 16)
+    packed = PackedMlp(mlp)
+    assert not packed._plain
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), mlp(x), rtol=0, atol=0)
 
 
 def test_packed_mlp_other_mlp_called_as_is():

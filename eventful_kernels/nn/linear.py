@@ -40,7 +40,8 @@ class PackedLinear:
 
     Holds a reference to ``linear`` (weights shared, not copied into the module tree, so state dicts are
     unchanged). On CPU float32/bfloat16 with packing enabled the product runs on a cached oneDNN-reordered copy of
-    the weight with the activation fused as a post-op when oneDNN has it (GELU, ReLU); otherwise ``activation(linear(x))`` as the modules define it.
+    the weight, the activation fused as a post-op where oneDNN has it (GELU, ReLU); otherwise
+    ``activation(linear(x))`` as the modules define it.
     """
 
     def __init__(self, linear: nn.Linear, activation: Optional[nn.Module] = None):
@@ -92,16 +93,25 @@ class PackedLinear:
         return y if self._after is None else self._after(y)
 
 
+def _is_timm_mlp(mlp: nn.Module) -> bool:
+    """Exactly timm's ``Mlp`` with linear layers (not GluMlp/SwiGLU/conv variants, whose forward differs)."""
+    cls = type(mlp)
+    return (
+        cls.__name__ == "Mlp"
+        and cls.__module__.startswith("timm.")
+        and isinstance(getattr(mlp, "fc1", None), nn.Linear)
+        and isinstance(getattr(mlp, "fc2", None), nn.Linear)
+        and isinstance(getattr(mlp, "act", None), nn.Module)
+    )
+
+
 class PackedMlp:
     """timm ``Mlp`` (``fc1 -> act -> drop1 -> norm -> fc2 -> drop2``) with both linears packed and ``act`` fused
     into ``fc1``. Dropout is skipped (inference only). Any other MLP type is called as it is."""
 
     def __init__(self, mlp: nn.Module):
         self.mlp = mlp
-        names = ("fc1", "act", "fc2")
-        self._plain = all(isinstance(getattr(mlp, n, None), nn.Module) for n in names) and all(
-            isinstance(getattr(mlp, n), nn.Linear) for n in ("fc1", "fc2")
-        )
+        self._plain = _is_timm_mlp(mlp)
         if self._plain:
             self.fc1 = PackedLinear(mlp.fc1, mlp.act)
             self.fc2 = PackedLinear(mlp.fc2)
@@ -115,7 +125,6 @@ class PackedMlp:
         if self.norm is not None:
             h = self.norm(h)
         return self.fc2(h)
-
 
 
 @contextmanager
