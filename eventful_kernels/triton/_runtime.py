@@ -79,6 +79,14 @@ def cast_out(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
+def load_ids(row_ptr, slots, stride, K, n):
+    """Ids at ``slots`` of one index row (``row_ptr`` = its start): ``(ids int64, valid)``; slots >= K read -1, and
+    ``valid`` marks slots < K whose id lies in ``[0, n)``. Every kernel masks its index-driven accesses with it."""
+    ids = tl.load(row_ptr + slots * stride, mask=slots < K, other=-1).to(tl.int64)
+    return ids, (slots < K) & (ids >= 0) & (ids < n)
+
+
+@triton.jit
 def _validate_index_kernel(idx_ptr, seen_ptr, flag_ptr, K, n, stride_b, stride_k,
                            UNIQUE: tl.constexpr, BLOCK: tl.constexpr):
     # flag = 1 if any id is outside [0, n) or (UNIQUE) repeats within its row; seen is a zeroed [B, n] scratch.

@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _checks as C
-from ._runtime import (INTERPRET, as_4d, cast_out, cdiv, check_index_values, dot_precision, dot_upcast,
+from ._runtime import (INTERPRET, as_4d, cast_out, cdiv, check_index_values, dot_precision, dot_upcast, load_ids,
                        next_pow2, on_device, require_launchable, soft_bf16)
 from .gather_scatter import copy_cols, copy_rows
 
@@ -60,8 +60,7 @@ def _qk_update_kernel(l_ptr, q_ptr, k_ptr, iq_ptr, ik_ptr, rh_ptr, rw_ptr, H, Nq
         bh = pid // (n_nb * n_kqb)
         b = bh // H
         q_slots = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = tl.load(iq_ptr + b * iq_b + q_slots * iq_k, mask=q_slots < Kq, other=-1).to(tl.int64)
-        rmask = (q_slots < Kq) & (rows >= 0) & (rows < Nq)
+        rows, rmask = load_ids(iq_ptr + b * iq_b, q_slots, iq_k, Kq, Nq)
         cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < Nk
     else:  # rows [rows] x columns index_k[slots]
@@ -75,8 +74,7 @@ def _qk_update_kernel(l_ptr, q_ptr, k_ptr, iq_ptr, ik_ptr, rh_ptr, rw_ptr, H, Nq
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < Nq
         k_slots = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.load(ik_ptr + b * ik_b + k_slots * ik_k, mask=k_slots < Kk, other=-1).to(tl.int64)
-        cmask = (k_slots < Kk) & (cols >= 0) & (cols < Nk)
+        cols, cmask = load_ids(ik_ptr + b * ik_b, k_slots, ik_k, Kk, Nk)
     h = bh % H
     rows = tl.where(rmask, rows, 0)
     cols = tl.where(cmask, cols, 0)
@@ -133,8 +131,7 @@ def _av_delta_kernel(o_ptr, an_ptr, ar_ptr, vn_ptr, vr_ptr, idx_ptr, H, M, N, Dh
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        ids = tl.load(idx_ptr + b * i_b + ks * i_k, mask=ks < K, other=-1).to(tl.int64)
-        kv = (ks < K) & (ids >= 0) & (ids < N)
+        ids, kv = load_ids(idx_ptr + b * i_b, ks, i_k, K, N)
         ids = tl.where(kv, ids, 0)
         am = rm[:, None] & kv[None, :]
         vm = kv[:, None] & dm[None, :]

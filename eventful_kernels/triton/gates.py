@@ -21,8 +21,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _checks as C
-from ._runtime import (INTERPRET, cast_out, cdiv, check_index_values, next_pow2, on_device, require_launchable,
-                       soft_bf16)
+from ._runtime import (INTERPRET, cast_out, cdiv, check_index_values, load_ids, next_pow2, on_device,
+                       require_launchable, soft_bf16)
 
 
 @triton.jit
@@ -104,8 +104,7 @@ def _gate_copy_kernel(c_ptr, r_ptr, idx_ptr, sel_ptr, e_ptr, K, D, N,
     b = t // n_kb
     ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     km = ks < K
-    ids = tl.load(idx_ptr + b * i_b + ks * i_k, mask=km, other=-1).to(tl.int64)
-    valid = km & (ids >= 0) & (ids < N)
+    ids, valid = load_ids(idx_ptr + b * i_b, ks, i_k, K, N)
     ds = db * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = ds < D
     m = valid[:, None] & dm[None, :]

@@ -12,7 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _checks as C
-from ._runtime import INTERPRET, as_4d, cdiv, check_index_values, next_pow2, on_device, require_launchable
+from ._runtime import INTERPRET, as_4d, cdiv, check_index_values, load_ids, next_pow2, on_device, require_launchable
 
 
 @triton.jit
@@ -30,8 +30,7 @@ def _copy_rows_kernel(src_ptr, dst_ptr, idx_ptr, H, K, D, n_ids,
     b = bh // H
     ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     km = ks < K
-    ids = tl.load(idx_ptr + b * i_b + ks * i_k, mask=km, other=-1).to(tl.int64)
-    valid = km & (ids >= 0) & (ids < n_ids)
+    ids, valid = load_ids(idx_ptr + b * i_b, ks, i_k, K, n_ids)
     src_rows = ids if SRC_INDEXED else ks
     dst_rows = ids if DST_INDEXED else ks
     ds = db * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -57,8 +56,7 @@ def _copy_cols_kernel(src_ptr, dst_ptr, idx_ptr, H, M, K, n_ids,
     b = bh // H
     ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     km = ks < K
-    ids = tl.load(idx_ptr + b * i_b + ks * i_k, mask=km, other=-1).to(tl.int64)
-    valid = km & (ids >= 0) & (ids < n_ids)
+    ids, valid = load_ids(idx_ptr + b * i_b, ks, i_k, K, n_ids)
     src_cols = ids if SRC_INDEXED else ks
     dst_cols = ids if DST_INDEXED else ks
     rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
