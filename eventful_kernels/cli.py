@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> Dict:
     }
     if dense_packed is not None:
         out["dense_packed"] = dense_packed.to_json()
+    packed_ms = dense_packed.summary()["ms_median"] if dense_packed is not None else None
     for text, b, r in results:
         s = r.to_json()
         s.update(
@@ -160,8 +161,8 @@ def run(args: argparse.Namespace) -> Dict:
             ideal_speedup=d["gflops_mean"] / s["gflops_mean"],
         )
         s["efficiency"] = s["speedup"] / s["ideal_speedup"]
-        if dense_packed is not None:
-            s["speedup_vs_dense_packed"] = dense_packed.summary()["ms_median"] / s["ms_median"]
+        if packed_ms is not None:
+            s["speedup_vs_dense_packed"] = packed_ms / s["ms_median"]
         out["budgets"].append(s)
     if sched_run is not None:
         out["schedule"] = dict(sched_run.to_json(), changes={str(k): str(v) for k, v in schedule.items()})

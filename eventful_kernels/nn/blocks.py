@@ -94,14 +94,14 @@ class _EventfulBlockBase(EventfulModule):
         self._windows = None
 
     # ---- token-wise pieces -------------------------------------------------------------------------------
-    def _linear(self, packed, module: nn.Module, x: Tensor) -> Tensor:
-        """``module(x)``; the ops backend runs it on prepacked weights (:mod:`.linear`), the reference as is."""
-        return packed(x) if self.backend == "ops" else module(x)
+    def _linear(self, packed, x: Tensor) -> Tensor:
+        """``packed.module(x)``; the ops backend runs it on prepacked weights (:mod:`.linear`), the reference as is."""
+        return packed(x) if self.backend == "ops" else packed.module(x)
 
     def _qkv(self, h: Tensor) -> Tensor:
         """``attn.qkv`` of normalised tokens ``[B, K, D]`` -> ``[B, K, 3D]`` with q_norm/k_norm applied."""
         attn = self.block.attn
-        qkv = self._linear(self._packed_qkv, attn.qkv, h)
+        qkv = self._linear(self._packed_qkv, h)
         if self._qk_norm:
             parts = qkv.view(*qkv.shape[:-1], 3, self.heads, self.head_dim)
             parts[..., 0, :, :] = attn.q_norm(parts[..., 0, :, :])
@@ -173,10 +173,11 @@ class _EventfulBlockBase(EventfulModule):
         norm = getattr(attn, "norm", None)
         if norm is not None and not isinstance(norm, nn.Identity):
             o_sel = norm(o_sel)
-        x1 = _residual(x, getattr(block, "ls1", _IDENTITY), self.proj_buffer(self._linear(self._packed_proj, attn.proj, o_sel), idx2))
+        p_sel = self._linear(self._packed_proj, o_sel)
+        x1 = _residual(x, getattr(block, "ls1", _IDENTITY), self.proj_buffer(p_sel, idx2))
 
         idx3, h_sel = self.mlp_gate(x1)
-        m_sel = self._linear(self._packed_mlp, block.mlp, block.norm2(h_sel))
+        m_sel = self._linear(self._packed_mlp, block.norm2(h_sel))
         y = _residual(x1, getattr(block, "ls2", _IDENTITY), self.mlp_buffer(m_sel, idx3))
         self.last_macs = (
             b * (idx1.shape[1] * self._macs_qkv + idx2.shape[1] * self._macs_proj + idx3.shape[1] * self._macs_mlp)

@@ -38,8 +38,8 @@ def _fusable_activation(act: nn.Module) -> Optional[Tuple[str, str]]:
 class PackedLinear:
     """``linear(x)`` (optionally followed by ``activation``) for ``x [..., in]`` -> ``[..., out]``.
 
-    Holds a reference to ``linear`` (weights shared, not copied into the module tree, so state dicts are
-    unchanged). On CPU float32/bfloat16 with packing enabled the product runs on a cached oneDNN-reordered copy of
+    Holds a reference to ``linear`` (``.module``; weights shared, not copied into the module tree, so state dicts
+    are unchanged). On CPU float32/bfloat16 with packing enabled the product runs on a cached oneDNN-reordered copy of
     the weight, the activation fused as a post-op where oneDNN has it (GELU, ReLU); otherwise
     ``activation(linear(x))`` as the modules define it.
     """
@@ -48,7 +48,7 @@ class PackedLinear:
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"eventful: PackedLinear needs an nn.Linear, got {type(linear).__name__}")
         self._exact = type(linear) is nn.Linear  # subclasses may override forward: always called as they are
-        self.linear = linear
+        self.linear = self.module = linear
         self.activation = activation
         fused = None if activation is None else _fusable_activation(activation)
         self._post_op = fused or ("none", "")
@@ -74,10 +74,11 @@ class PackedLinear:
             or not packing_enabled()
         ):
             return None
-        if self._key != self._weight_key(w):
-            self._key, self._src, self._packed = self._weight_key(w), w.detach(), None
+        key = self._weight_key(w)
+        if self._key != key:
+            self._key, self._src, self._packed = key, w.detach(), None
             try:
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(self._src)
             except RuntimeError:  # dtype without CPU support (e.g. bf16 on a CPU lacking it): stay unpacked
                 self._packed = None
         return self._packed
@@ -107,10 +108,10 @@ def _is_timm_mlp(mlp: nn.Module) -> bool:
 
 class PackedMlp:
     """timm ``Mlp`` (``fc1 -> act -> drop1 -> norm -> fc2 -> drop2``) with both linears packed and ``act`` fused
-    into ``fc1``. Dropout is skipped (inference only). Any other MLP type is called as it is."""
+    into ``fc1``. Dropout is skipped (inference only). Any other MLP type is called as it is. ``.module`` is ``mlp``."""
 
     def __init__(self, mlp: nn.Module):
-        self.mlp = mlp
+        self.mlp = self.module = mlp
         self._plain = _is_timm_mlp(mlp)
         if self._plain:
             self.fc1 = PackedLinear(mlp.fc1, mlp.act)

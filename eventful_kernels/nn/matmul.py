@@ -89,11 +89,10 @@ class MatmulBuffer(EventfulModule):
         kq, kk = index_q.shape[1], index_k.shape[1]
         self.last_macs = b * h * (kq * nk + nq * kk) * d
         ops = self.k_ops
-        decomposed = getattr(bias, "decomposed", None)
-        if bias is None or decomposed is not None:  # a decomposed rel-pos bias is fused into the op
-            ops.qk_update_(logits, q, k, index_q, index_k, scale, *(decomposed() if decomposed else ()))
+        fused = bias.decomposed() if hasattr(bias, "decomposed") else ()  # rel-pos bias added inside the op
+        ops.qk_update_(logits, q, k, index_q, index_k, scale, *fused)
+        if bias is None or fused:
             return logits
-        ops.qk_update_(logits, q, k, index_q, index_k, scale)
         # add the bias to the recomputed entries: rows, then columns except where they cross those rows
         if kq:
             ops.scatter_rows_(logits, index_q, ops.gather_rows(logits, index_q).add_(bias.rows(index_q)))
