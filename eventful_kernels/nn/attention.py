@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .backend import EventfulModule
 from .matmul import MatmulBuffer, MatmulDeltaAccumulator
+from .placement import empty_placed
 from .relpos import DecomposedRelPos
 
 
@@ -79,7 +80,7 @@ class EventfulAttention(EventfulModule):
         bias = self.rel_pos.update(q, grid, index) if self.rel_pos is not None else None
         logits = self.qk_buffer(q, k, index, index, scale, bias)
         if self._a is None or self._a.shape != logits.shape or self._a.dtype != logits.dtype:
-            self._a = torch.empty_like(logits)
+            self._a = empty_placed(logits.shape, logits, "attention")
         a = torch.softmax(logits, -1, out=self._a)
         if fill is not None:
             ops = self.k_ops

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .backend import EventfulModule
+from .placement import empty_placed, placed_copy
 
 
 class LogitBias(Protocol):
@@ -72,7 +73,7 @@ class MatmulBuffer(EventfulModule):
         if k.shape[:2] != q.shape[:2] or k.shape[3] != d or k.dtype != q.dtype:
             raise ValueError(f"eventful: argument 'k' {tuple(k.shape)} {k.dtype} does not match 'q' {tuple(q.shape)} {q.dtype}")
         if self.logits is None:
-            logits = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+            logits = torch.matmul(q, k.transpose(-1, -2), out=empty_placed((b, h, nq, nk), q, "logits")).mul_(scale)
             if bias is not None:
                 logits.add_(bias.dense())
             self.logits = logits
@@ -140,7 +141,7 @@ class MatmulDeltaAccumulator(EventfulModule):
         if self.out is None:
             out = torch.empty(b, m, h, d, dtype=a.dtype, device=a.device)
             out.permute(0, 2, 1, 3).copy_(torch.matmul(a, v))
-            self.a_ref = a.detach().clone(memory_format=torch.contiguous_format)
+            self.a_ref = placed_copy(a.detach(), "attention_ref")
             self.v_ref = v.detach().clone(memory_format=torch.contiguous_format)
             self.out = out
             self.last_macs = b * h * m * n * d

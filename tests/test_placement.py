@@ -1,0 +1,47 @@
+"""Page placement of the large attention states (eventful_kernels/nn/placement.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eventful_kernels.nn import EventfulAttention
+from eventful_kernels.nn.placement import PAGE_BYTES, SLOTS, empty_placed, placed_copy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("slot", sorted(SLOTS))
+def test_empty_placed_offset_shape_dtype(dtype, slot):
+    like = torch.empty(1, dtype=dtype)
+    for _ in range(4):  # several allocations: the offset must not depend on where the allocator put the block
+        t = empty_placed((2, 3, 17, 33), like, slot)
+        assert t.shape == (2, 3, 17, 33) and t.dtype == dtype and t.is_contiguous()
+        assert t.data_ptr() % PAGE_BYTES == SLOTS[slot]
+        t.fill_(1)  # the whole view lies inside its allocation
+        assert bool((t == 1).all())
+
+
+def test_placed_copy_values():
+    src = torch.randn(2, 5, 7, 9).transpose(1, 2)
+    out = placed_copy(src, "attention_ref")
+    assert out.is_contiguous() and torch.equal(out, src)
+    assert out.data_ptr() % PAGE_BYTES == SLOTS["attention_ref"]
+
+
+def test_empty_placed_unknown_slot():
+    with pytest.raises(KeyError):
+        empty_placed((4,), torch.empty(1), "nope")
+
+
+def test_attention_states_get_distinct_page_offsets():
+    torch.manual_seed(0)
+    b, h, n, d = 1, 2, 16, 8
+    q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
+    att = EventfulAttention(backend="ops")
+    att(q, k, v, 0.3)
+    att(q + 0.1, k, v, 0.3, index=torch.tensor([[1, 5]]))
+    offsets = {
+        "logits": att.qk_buffer.logits.data_ptr() % PAGE_BYTES,
+        "attention": att._a.data_ptr() % PAGE_BYTES,
+        "attention_ref": att.av_buffer.a_ref.data_ptr() % PAGE_BYTES,
+    }
+    assert offsets == SLOTS
