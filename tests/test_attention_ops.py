@@ -87,6 +87,7 @@ QK_SHAPES = [  # B, H, Nq, Nk, d, Kq, Kk
     (3, 2, 10, 13, 5, 0, 13),  # rows none, columns all
     (1, 4, 33, 65, 16, 33, 1),
     (2, 2, 70, 300, 12, 20, 64),  # several row/column tiles per head
+    (2, 2, 45, 4100, 4, 7, 4100),  # column pass: 16-row tiles of the rows the row pass skipped (gaps and runs)
     (2, 2, 4, 5, 0, 2, 3),  # d = 0: selected entries become 0
 ]
 
@@ -236,6 +237,7 @@ RELPOS_SHAPES = [  # B, H, Nq, Gh, Gw, d, Kq, Kk
     (2, 2, 16, 4, 4, 8, 0, 0),  # K = 0
     (2, 2, 12, 4, 3, 4, 12, 12),  # K = N
     (1, 2, 64, 8, 8, 16, 16, 16),  # several tiles, a square grid (SAM global attention)
+    (2, 1, 40, 64, 64, 4, 9, 4096),  # column pass over several tiles of skipped rows, one bias run per grid row
 ]
 
 

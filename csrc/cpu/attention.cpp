@@ -196,40 +196,84 @@ void qk_update_impl(const at::Tensor& logits, const at::Tensor& q, const at::Ten
     });
   }
 
-  // Columns: logits[b,h,:,ik] = q @ k[ik]^T * scale, in tiles of rt rows x the Kk selected columns.
+  // Columns: logits[b,h,m,ik] = q[m] @ k[ik]^T * scale for the rows m the row pass did not write (all rows when it
+  // did not run), in tiles of rt such rows x the Kk selected columns.
   if (Kk > 0 && Nq > 0) {
     const std::vector<int64_t> ik = sorted_ids(index_k);
-    std::vector<int64_t> col_h, col_w;  // bias coordinates of the selected columns
+    const bool rows_done = Kq > 0 && Nk > 0;
+    const int64_t Nr = rows_done ? Nq - Kq : Nq;  // index rows are distinct: the same count in every batch row
+    if (Nr == 0) return;
+    std::vector<int64_t> rest(B * Nr);  // [B, Nr] ascending
+    {
+      const std::vector<int64_t> iq = rows_done ? sorted_ids(index_q) : std::vector<int64_t>();
+      for (int64_t b = 0; b < B; ++b) {
+        int64_t* out = rest.data() + b * Nr;
+        const int64_t* skip = rows_done ? iq.data() + b * Kq : nullptr;
+        for (int64_t m = 0, j = 0, n = 0; m < Nq; ++m) {
+          if (rows_done && j < Kq && skip[j] == m) {
+            ++j;
+            continue;
+          }
+          out[n++] = m;
+        }
+      }
+    }
+    // Bias columns: the selected ids ascend, so they come in runs sharing one grid row j / Gw.
+    std::vector<int64_t> col_w, run_h, run_end;  // per column: j % Gw; per run: its grid row and end
     if (bias) {
-      col_h.resize(ik.size());
       col_w.resize(ik.size());
-      for (size_t j = 0; j < ik.size(); ++j) col_h[j] = ik[j] / bias.gw, col_w[j] = ik[j] % bias.gw;
+      for (size_t j = 0; j < ik.size(); ++j) col_w[j] = ik[j] % bias.gw;
+    }
+    std::vector<int64_t> run_start(B + 1, 0);
+    if (bias) {
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t* cols = ik.data() + b * Kk;
+        for (int64_t j = 0; j < Kk; ++j) {
+          const int64_t gr = cols[j] / bias.gw;
+          if (j == 0 || gr != run_h.back()) {
+            run_h.push_back(gr);
+            run_end.push_back(j + 1);
+          } else {
+            run_end.back() = j + 1;
+          }
+        }
+        run_start[b + 1] = static_cast<int64_t>(run_h.size());
+      }
     }
     const at::Tensor ks = gather_rows_f32(kf, ik, Kk);  // [B,H,Kk,d], token order
     const float* qp = qf.const_data_ptr<float>();
     const float* ksp = ks.const_data_ptr<float>();
     const int64_t q0 = qf.stride(0), q1 = qf.stride(1), q2 = qf.stride(2);
-    const int64_t rt = std::clamp<int64_t>(16384 / Kk, 16, 256), tiles = (Nq + rt - 1) / rt;
+    const int64_t rt = std::clamp<int64_t>(65536 / Kk, 16, 256), tiles = (Nr + rt - 1) / rt;
     // Whole-row prefetch pays when the columns hit most cache lines of a row (>= 1 selected id per line on average).
     const bool prefetch_rows = l3 == 1 && Kk * static_cast<int64_t>(64 / sizeof(out_t)) >= Nk;
     at::parallel_for(0, B * H * tiles, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<float> buf(rt * Kk);
+      std::vector<float> buf(rt * Kk), qt(rt * d);
       for (int64_t t = lo; t < hi; ++t) {
-        const int64_t bh = t / tiles, m0 = (t % tiles) * rt, r = std::min(rt, Nq - m0), b = bh / H, h = bh % H;
-        gemm(r, Kk, d, scale, qp + b * q0 + h * q1 + m0 * q2, q2, ksp + bh * Kk * d, 1, d, 0.f, buf.data(), Kk);
+        const int64_t bh = t / tiles, n0 = (t % tiles) * rt, r = std::min(rt, Nr - n0), b = bh / H, h = bh % H;
+        const int64_t* mrows = rest.data() + b * Nr + n0;
+        const float* qbase = qp + b * q0 + h * q1;
+        const bool run = mrows[r - 1] - mrows[0] == r - 1;  // consecutive rows: q read in place
+        if (!run)
+          for (int64_t i = 0; i < r; ++i) std::memcpy(qt.data() + i * d, qbase + mrows[i] * q2, sizeof(float) * d);
+        gemm(r, Kk, d, scale, run ? qbase + mrows[0] * q2 : qt.data(), run ? q2 : d, ksp + bh * Kk * d, 1, d, 0.f,
+             buf.data(), Kk);
         const int64_t* cols = ik.data() + b * Kk;
-        const int64_t* cols_h = bias ? col_h.data() + b * Kk : nullptr;
-        const int64_t* cols_w = bias ? col_w.data() + b * Kk : nullptr;
         for (int64_t i = 0; i < r; ++i) {
+          const int64_t m = mrows[i];
           float* src = buf.data() + i * Kk;
           if (bias) {
-            const float *bh_row = bias.row_h(b, h, m0 + i), *bw_row = bias.row_w(b, h, m0 + i);
-            for (int64_t j = 0; j < Kk; ++j) src[j] += bh_row[cols_h[j]] + bw_row[cols_w[j]];
+            const float *bh_row = bias.row_h(b, h, m), *bw_row = bias.row_w(b, h, m);
+            const int64_t* cw = col_w.data() + b * Kk;
+            for (int64_t u = run_start[b], j = 0; u < run_start[b + 1]; ++u) {
+              const float hb = bh_row[run_h[u]];
+              for (const int64_t e = run_end[u]; j < e; ++j) src[j] += hb + bw_row[cw[j]];
+            }
           }
-          out_t* dst = lp + b * l0 + h * l1 + (m0 + i) * l2;
-          if (prefetch_rows && m0 + i + kAhead < Nq) {
+          out_t* dst = lp + b * l0 + h * l1 + m * l2;
+          if (prefetch_rows && n0 + i + kAhead < Nr) {
             // Scattered stores defeat the hardware prefetcher; fetch the row kAhead rows ahead as a whole.
-            const out_t* ahead = dst + kAhead * l2;
+            const out_t* ahead = lp + b * l0 + h * l1 + mrows[i + kAhead] * l2;
             for (int64_t n = 0; n < Nk; n += 64 / sizeof(out_t)) __builtin_prefetch(ahead + n, 1, 3);
           }
           for (int64_t j = 0; j < Kk; ++j) dst[cols[j] * l3] = static_cast<out_t>(src[j]);
