@@ -9,7 +9,9 @@ steady-state frames (frame 0 = flush / warm-up left out; the dense runs get two 
 first), GFLOPs per frame from the operation counts, measured
 speedup, ideal speedup (GFLOP ratio) and their ratio (efficiency). The eventful blocks run their linears on
 oneDNN-prepacked weights (eventful_kernels/nn/linear.py); for a like-for-like figure the dense model is also run
-with its linears packed the same way (``dense_packed``, ``speedup_vs_dense_packed``).
+with its linears packed the same way (``dense_packed``, ``speedup_vs_dense_packed``). Dense SAM frames that page-fault
+fresh heap run 1-3 s longer than fault-free ones, so the ratio against the fastest dense frame of the run
+(``speedup_vs_dense_fastest``) is reported as the conservative figure.
 Targets: speedup >= 2.5x and efficiency >= 0.7. ``--profile`` adds a torch.profiler table of eventful frames.
 glibc is told to keep freed memory (``eventful_kernels/video/malloc.py``) unless ``--system-malloc``.
 Weights are random (seeded): timing and operation counts do not depend on the values.
@@ -82,6 +84,8 @@ def bench_model(name: str, frames_n: int, budget_text: str, backend: str, video:
         "dense_packed": dense_packed.to_json(),
         "speedup": d["ms_median"] / e["ms_median"],
         "speedup_vs_dense_packed": dp["ms_median"] / e["ms_median"],
+        # conservative: the fastest dense frame of the run (dense SAM frames that page-fault new heap take longer)
+        "speedup_vs_dense_fastest": d["ms_min"] / e["ms_median"],
         "ideal_speedup": d["gflops_mean"] / e["gflops_mean"],
         "wall_s": time.perf_counter() - t0,
     }
@@ -169,7 +173,8 @@ def _print_result(r: dict, profile: bool) -> None:
           f"eventful {r['eventful']['ms_median']:.1f} ms ({r['eventful']['gflops_mean']:.1f} GFLOPs), "
           f"speedup {r['speedup']:.2f}x, ideal {r['ideal_speedup']:.2f}x, efficiency {r['efficiency']:.2f}, "
           f"rel. dev. {r['eventful']['rel_error_mean']:.3e}; dense with packed linears "
-          f"{r['dense_packed']['ms_median']:.1f} ms -> speedup {r['speedup_vs_dense_packed']:.2f}x", flush=True)
+          f"{r['dense_packed']['ms_median']:.1f} ms -> speedup {r['speedup_vs_dense_packed']:.2f}x; fastest dense frame "
+          f"{r['dense']['ms_min']:.1f} ms -> speedup {r['speedup_vs_dense_fastest']:.2f}x", flush=True)
     if profile:
         print(r["profile"])
 

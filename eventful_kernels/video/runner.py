@@ -38,6 +38,7 @@ class Run:
         ms, gf = self.steady(self.ms), self.steady(self.gflops)
         out = {
             "ms_median": statistics.median(ms),
+            "ms_min": min(ms),
             "ms_mean": statistics.fmean(ms),
             "gflops_mean": statistics.fmean(gf),
         }
