@@ -461,6 +461,26 @@ def test_decomposed_rel_pos_rows_update(backend):
         rp.rows(idx.clone())
 
 
+@pytest.mark.parametrize("grid", [(3, 4), (5, 5)])
+def test_decomposed_rel_pos_dense_matches_definition(grid):
+    """bias[i, j] = q_i . R_h[qh_i, kh_j] + q_i . R_w[qw_i, kw_j], q a strided view as the blocks pass it."""
+    gh, gw = grid
+    n, d, heads = gh * gw, 8, 2
+    attn = SamAttention(heads * d, heads, use_rel_pos=True, input_size=grid)
+    torch.nn.init.normal_(attn.rel_pos_h)
+    torch.nn.init.normal_(attn.rel_pos_w)
+    q = torch.randn(3, n, 3, heads, d).permute(2, 0, 3, 1, 4)[0]  # [B, H, N, d] view of a qkv buffer
+    rh = rel_pos_table(gh, gh, attn.rel_pos_h)  # [Gh, Gh, d]
+    rw = rel_pos_table(gw, gw, attn.rel_pos_w)
+    qg = q.reshape(3, heads, gh, gw, d)
+    by_row = torch.einsum("bnhwc,hkc->bnhwk", qg, rh)  # [B, H, Gh, Gw, Gh]: key grid row
+    by_col = torch.einsum("bnhwc,wkc->bnhwk", qg, rw)  # [B, H, Gh, Gw, Gw]: key grid column
+    want = by_row[..., :, None] + by_col[..., None, :]
+    got = DecomposedRelPos(attn).update(q, grid)
+    torch.testing.assert_close(got.dense(), want.reshape(3, heads, n, n), **TOL)
+    assert got.rel_h.is_contiguous() and got.rel_w.is_contiguous()
+
+
 def test_window_grid_partition_matches_timm():
     x = torch.randn(2, 5, 7, 6)
     grid = WindowGrid(5, 7, 3, torch.device("cpu"))
