@@ -104,6 +104,18 @@ def test_set_budget_mid_stream(kind):
     assert isinstance(ev_ops.policy, TopK) and ev_ops.policy.k(n) == n
 
 
+def test_attention_blocks_share_one_softmax_buffer():
+    """Every EventfulAttention of a converted model uses the model's workspace: one buffer per attention shape."""
+    ev = convert(tiny_vit(), 0.5)
+    attns = [b.attention for b in ev.model.blocks]
+    assert len(attns) > 1 and all(a.workspace is ev.workspace for a in attns)
+    for x in _frames("vit", t=3):
+        ev(x)
+    assert len(ev.workspace) == 1  # all blocks have the same [B, H, N, N] attention map
+    ev.reset()
+    assert len(ev.workspace) == 0
+
+
 @pytest.mark.parametrize("kind", ["vit", "sam"])
 def test_reset_starts_a_new_video(kind):
     build, _, _ = MODELS[kind]

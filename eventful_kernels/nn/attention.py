@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .backend import EventfulModule
 from .matmul import MatmulBuffer, MatmulDeltaAccumulator
-from .placement import empty_placed
+from .placement import Workspace
 from .relpos import DecomposedRelPos
 
 
@@ -53,10 +53,11 @@ class EventfulAttention(EventfulModule):
         self.qk_buffer = MatmulBuffer(backend)
         self.av_buffer = MatmulDeltaAccumulator(backend)
         self.rel_pos = DecomposedRelPos(attn, backend) if attn is not None else None
-        self._a: Optional[Tensor] = None
+        # Holds the softmax output, scratch rewritten every call; EventfulModel gives all its blocks one workspace.
+        self.workspace = Workspace()
 
     def _reset_state(self) -> None:
-        self._a = None
+        self.workspace.clear()
 
     @torch.no_grad()
     def forward(
@@ -79,9 +80,7 @@ class EventfulAttention(EventfulModule):
             return self.av_buffer.tokens
         bias = self.rel_pos.update(q, grid, index) if self.rel_pos is not None else None
         logits = self.qk_buffer(q, k, index, index, scale, bias)
-        if self._a is None or self._a.shape != logits.shape or self._a.dtype != logits.dtype:
-            self._a = empty_placed(logits.shape, logits, "attention")
-        a = torch.softmax(logits, -1, out=self._a)
+        a = torch.softmax(logits, -1, out=self.workspace.get("attention", logits.shape, logits, "attention"))
         if fill is not None:
             ops = self.k_ops
             a_sel = ops.gather_cols(a, index)
