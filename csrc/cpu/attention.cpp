@@ -158,10 +158,11 @@ void qk_update_impl(const at::Tensor& logits, const at::Tensor& q, const at::Ten
   out_t* lp = logits.data_ptr<out_t>();
   const int64_t l0 = logits.stride(0), l1 = logits.stride(1), l2 = logits.stride(2), l3 = logits.stride(3);
   const at::Tensor qf = as_f32_rows(q), kf = as_f32_rows(k);  // no copy for float32 with unit stride along d
+  const bool rows_done = Kq > 0 && Nk > 0;                       // the row pass runs
+  const std::vector<int64_t> iq = rows_done ? sorted_ids(index_q) : std::vector<int64_t>();
 
   // Rows: logits[b,h,iq,:] = q[iq] @ k^T * scale, in tiles of rt selected rows x all Nk columns.
-  if (Kq > 0 && Nk > 0) {
-    const std::vector<int64_t> iq = sorted_ids(index_q);
+  if (rows_done) {
     const at::Tensor qs = gather_rows_f32(qf, iq, Kq);  // [B,H,Kq,d]
     const float* kp = kf.const_data_ptr<float>();
     const float* qsp = qs.const_data_ptr<float>();
@@ -200,32 +201,26 @@ void qk_update_impl(const at::Tensor& logits, const at::Tensor& q, const at::Ten
   // did not run), in tiles of rt such rows x the Kk selected columns.
   if (Kk > 0 && Nq > 0) {
     const std::vector<int64_t> ik = sorted_ids(index_k);
-    const bool rows_done = Kq > 0 && Nk > 0;
     const int64_t Nr = rows_done ? Nq - Kq : Nq;  // index rows are distinct: the same count in every batch row
     if (Nr == 0) return;
     std::vector<int64_t> rest(B * Nr);  // [B, Nr] ascending
-    {
-      const std::vector<int64_t> iq = rows_done ? sorted_ids(index_q) : std::vector<int64_t>();
-      for (int64_t b = 0; b < B; ++b) {
-        int64_t* out = rest.data() + b * Nr;
-        const int64_t* skip = rows_done ? iq.data() + b * Kq : nullptr;
-        for (int64_t m = 0, j = 0, n = 0; m < Nq; ++m) {
-          if (rows_done && j < Kq && skip[j] == m) {
-            ++j;
-            continue;
-          }
-          out[n++] = m;
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t* out = rest.data() + b * Nr;
+      const int64_t* skip = rows_done ? iq.data() + b * Kq : nullptr;
+      for (int64_t m = 0, j = 0, n = 0; m < Nq; ++m) {
+        if (rows_done && j < Kq && skip[j] == m) {
+          ++j;
+          continue;
         }
+        out[n++] = m;
       }
     }
     // Bias columns: the selected ids ascend, so they come in runs sharing one grid row j / Gw.
     std::vector<int64_t> col_w, run_h, run_end;  // per column: j % Gw; per run: its grid row and end
+    std::vector<int64_t> run_start(B + 1, 0);
     if (bias) {
       col_w.resize(ik.size());
       for (size_t j = 0; j < ik.size(); ++j) col_w[j] = ik[j] % bias.gw;
-    }
-    std::vector<int64_t> run_start(B + 1, 0);
-    if (bias) {
       for (int64_t b = 0; b < B; ++b) {
         const int64_t* cols = ik.data() + b * Kk;
         for (int64_t j = 0; j < Kk; ++j) {
