@@ -4,12 +4,21 @@ Shapes (see DESIGN.md): tokens are rows. ``x`` is ``[B, N, D]`` or ``[B, H, N, D
 (int32 or int64, distinct ids in ``[0, N)``) and is shared over the optional head dim ``H``. Column ops act on
 the last dim of ``[B, M, N]`` or ``[B, H, M, N]``.
 
+Empty slots: an index entry ``-1`` (what ``token_gate_threshold`` pads with) is an empty slot, and every op skips
+it: a gather yields a zero row (column), a scatter writes nothing for it, ``token_delta_gate`` returns zero rows
+and leaves ``ref`` alone there, ``qk_update_`` recomputes nothing for it and ``av_delta_update_`` adds nothing.
+``-1`` may repeat within a row. Ids outside ``[0, N)`` are errors for the checked ops; with ``check_index=False``
+(indices the caller vouches for) the kernels treat them as empty slots too, so nothing outside the tensors is ever
+touched. This reference treats every id outside ``[0, N)`` as an empty slot and checks nothing.
+
 Selection rule shared by every gate: the score of token ``n`` is ``||c[b, n] - ref[b, n]||_2`` (computed in
 float32); the ``k`` largest scores are selected, ties broken towards the lower token id, and the returned index is
 sorted ascending (token order). Gates update ``ref`` only at the selected tokens.
 
-These functions are deliberately simple; they define semantics and perform no argument checking beyond what
-PyTorch itself does. Mutating functions (trailing ``_``) write their outputs in place.
+These functions are deliberately simple and never synchronise with the device (no data-dependent shapes); they
+define semantics and perform no argument checking beyond what PyTorch itself does (``check_index`` is accepted for
+signature parity with :mod:`eventful_kernels.ops` and ignored). Mutating functions (trailing ``_``) write their
+outputs in place.
 """
 from __future__ import annotations
 
@@ -18,53 +27,90 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+PAD = -1  # the empty-slot id
 
-def _heads(x: Tensor, token_dim: int) -> Tuple[Tensor, bool]:
+
+def _heads(x: Tensor) -> Tuple[Tensor, bool]:
     """View a rank-3 tensor as rank-4 with a singleton head dim, so one code path serves both ranks."""
     if x.dim() == 3:
         return x.unsqueeze(1), True
     return x, False
 
 
-def _row_index(index: Tensor, x4: Tensor) -> Tensor:
-    """[B, K] -> [B, H, K, D] int64 index expanded along heads and features (the standard composition)."""
-    b, h, _, d = x4.shape
-    return index.long()[:, None, :, None].expand(b, h, index.shape[1], d)
+def _expand(index: Tensor, x4: Tensor, dim: int) -> Tensor:
+    """``[B, K]`` -> int64 index shaped like ``x4 [B, H, M, D]`` with K at ``dim`` (2: rows, 3: columns)."""
+    b, h, m, d = x4.shape
+    k = index.shape[1]
+    if dim == 2:
+        return index.long()[:, None, :, None].expand(b, h, k, d)
+    return index.long()[:, None, None, :].expand(b, h, m, k)
 
 
-def gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """``y[b, (h,) k] = x[b, (h,) index[b, k]]``. ``x [B,(H,)N,D]`` -> ``y [B,(H,)K,D]`` (contiguous)."""
-    x4, squeeze = _heads(x, 2)
-    y = torch.gather(x4, 2, _row_index(index, x4))
+def _slots(index: Tensor, dim: int) -> Tensor:
+    """``[B, K]`` -> the same broadcastable against a ``[B, H, M, D]`` operand with K at ``dim``."""
+    return index[:, None, :, None] if dim == 2 else index[:, None, None, :]
+
+
+def _valid(index: Tensor, n: int) -> Tuple[Tensor, Tensor]:
+    """``(valid [B, K] bool, safe [B, K] int64)``: slots holding an id in ``[0, n)``, and the ids with every other
+    slot pointed at 0 (safe to index with)."""
+    idx = index.long()
+    valid = (idx >= 0) & (idx < n)
+    return valid, torch.where(valid, idx, 0)
+
+
+def _gather(x: Tensor, index: Tensor, dim: int) -> Tensor:
+    x4, squeeze = _heads(x)
+    n = x4.shape[dim]
+    valid, safe = _valid(index, n)
+    if n == 0:  # only empty slots can exist
+        shape = list(x4.shape)
+        shape[dim] = index.shape[1]
+        y = x4.new_zeros(shape)
+    else:
+        y = torch.gather(x4, dim, _expand(safe, x4, dim)).masked_fill_(~_slots(valid, dim), 0)
     return (y.squeeze(1) if squeeze else y).contiguous()
 
 
-def scatter_rows_(dst: Tensor, index: Tensor, src: Tensor) -> Tensor:
-    """``dst[b, (h,) index[b, k]] = src[b, (h,) k]`` in place; returns ``dst``."""
-    d4, _ = _heads(dst, 2)
-    s4, _ = _heads(src, 2)
-    d4.scatter_(2, _row_index(index, s4), s4.to(dst.dtype))
+def _scatter_(dst: Tensor, index: Tensor, src: Tensor, dim: int) -> Tensor:
+    d4, _ = _heads(dst)
+    s4, _ = _heads(src)
+    n = d4.shape[dim]
+    if n == 0 or index.shape[1] == 0:
+        return dst
+    valid, safe = _valid(index, n)
+    # scatter_ cannot skip a slot, so an empty slot is aimed at the token the first valid slot of its row writes,
+    # with that slot's value (a duplicate write of one value); in a row without a valid slot, at token 0 with
+    # token 0's current value. Either way it changes nothing, deterministically, with no data-dependent shape.
+    first = valid.int().argmax(1, keepdim=True)  # [B, 1]
+    target = torch.where(valid, safe, torch.gather(safe, 1, first))
+    src_first = torch.gather(s4, dim, _expand(first, s4, dim))
+    dst_zero = torch.gather(d4, dim, _expand(torch.zeros_like(first), d4, dim))
+    fill = torch.where(_slots(valid.any(1, keepdim=True), dim), src_first.to(dst.dtype), dst_zero)
+    values = torch.where(_slots(valid, dim), s4.to(dst.dtype), fill)
+    d4.scatter_(dim, _expand(target, s4, dim), values)
     return dst
 
 
-def _col_index(index: Tensor, x4: Tensor) -> Tensor:
-    b, h, m, _ = x4.shape
-    return index.long()[:, None, None, :].expand(b, h, m, index.shape[1])
+def gather_rows(x: Tensor, index: Tensor, *, check_index: bool = True) -> Tensor:
+    """``y[b, (h,) k] = x[b, (h,) index[b, k]]`` (zero rows at empty slots). ``x [B,(H,)N,D]`` -> ``[B,(H,)K,D]``."""
+    return _gather(x, index, 2)
 
 
-def gather_cols(x: Tensor, index: Tensor) -> Tensor:
-    """``y[b, (h,) m, k] = x[b, (h,) m, index[b, k]]``. ``x [B,(H,)M,N]`` -> ``y [B,(H,)M,K]``."""
-    x4, squeeze = _heads(x, 3)
-    y = torch.gather(x4, 3, _col_index(index, x4))
-    return (y.squeeze(1) if squeeze else y).contiguous()
+def scatter_rows_(dst: Tensor, index: Tensor, src: Tensor, *, check_index: bool = True) -> Tensor:
+    """``dst[b, (h,) index[b, k]] = src[b, (h,) k]`` in place (empty slots write nothing); returns ``dst``."""
+    return _scatter_(dst, index, src, 2)
 
 
-def scatter_cols_(dst: Tensor, index: Tensor, src: Tensor) -> Tensor:
-    """``dst[b, (h,) m, index[b, k]] = src[b, (h,) m, k]`` in place; returns ``dst``."""
-    d4, _ = _heads(dst, 3)
-    s4, _ = _heads(src, 3)
-    d4.scatter_(3, _col_index(index, s4), s4.to(dst.dtype))
-    return dst
+def gather_cols(x: Tensor, index: Tensor, *, check_index: bool = True) -> Tensor:
+    """``y[b, (h,) m, k] = x[b, (h,) m, index[b, k]]`` (zero columns at empty slots): ``[B,(H,)M,N]`` ->
+    ``[B,(H,)M,K]``."""
+    return _gather(x, index, 3)
+
+
+def scatter_cols_(dst: Tensor, index: Tensor, src: Tensor, *, check_index: bool = True) -> Tensor:
+    """``dst[b, (h,) m, index[b, k]] = src[b, (h,) m, k]`` in place (empty slots write nothing); returns ``dst``."""
+    return _scatter_(dst, index, src, 3)
 
 
 def gate_scores(c: Tensor, ref: Tensor) -> Tensor:
@@ -92,33 +138,32 @@ def token_gate(c: Tensor, ref: Tensor, k: int) -> Tuple[Tensor, Tensor]:
 def token_gate_threshold(c: Tensor, ref: Tensor, threshold: float, capacity: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Threshold gate with a fixed capacity. Returns ``(index [B, capacity], count [B], c_sel [B, capacity, D])``.
 
-    Row ``b`` selects the tokens whose score is ``> threshold``; if more than ``capacity`` qualify, the
-    ``capacity`` largest are kept (ties -> lower id). The first ``count[b]`` entries of ``index[b]`` are the
-    selection in ascending order; the rest are ``-1`` and the matching rows of ``c_sel`` are zero.
-    ``ref`` is updated at the selected tokens only.
+    Row ``b`` selects the tokens whose score is ``> threshold`` (never a NaN score); if more than ``capacity``
+    qualify, the ``capacity`` largest are kept (ties -> lower id). The first ``count[b]`` entries of ``index[b]``
+    are the selection in ascending order; the rest are ``-1`` (empty slots) and the matching rows of ``c_sel`` are
+    zero. ``ref`` is updated at the selected tokens only.
     """
     scores = gate_scores(c, ref)
     b, n = scores.shape
     cap = min(capacity, n)
     masked = torch.where(scores > threshold, scores, torch.full_like(scores, -1.0))
     order = torch.sort(masked, dim=-1, descending=True, stable=True)
-    count = (order.values[:, :cap] >= 0).sum(-1)
-    index = torch.full((b, capacity), -1, dtype=torch.long, device=c.device)
-    c_sel = torch.zeros(b, capacity, c.shape[-1], dtype=c.dtype, device=c.device)
-    for i in range(b):
-        sel = torch.sort(order.indices[i, : int(count[i])]).values
-        index[i, : sel.numel()] = sel
-        c_sel[i, : sel.numel()] = c[i, sel]
-        ref[i, sel] = c[i, sel]
+    hit = order.values[:, :cap] >= 0
+    count = hit.sum(-1)
+    ids = torch.sort(torch.where(hit, order.indices[:, :cap], n), dim=-1).values  # misses sort last
+    index = torch.full((b, capacity), PAD, dtype=torch.long, device=c.device)
+    index[:, :cap] = torch.where(ids < n, ids, PAD)
+    c_sel = gather_rows(c, index)
+    scatter_rows_(ref, index, c_sel)
     return index, count, c_sel
 
 
 def token_delta_gate(
-    c: Tensor, ref: Tensor, k: int, index: Optional[Tensor] = None
+    c: Tensor, ref: Tensor, k: int, index: Optional[Tensor] = None, *, check_index: bool = True
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Delta gate: as :func:`token_gate`, also returning ``e_sel = c_sel - ref_old[index]``.
 
-    If ``index [B, K]`` is given it forces the selection (``k`` is ignored). Returns
+    If ``index [B, K]`` is given it forces the selection (``k`` is ignored; empty slots give zero rows). Returns
     ``(index int64 [B, K], c_sel [B, K, D], e_sel [B, K, D])``; ``ref[index] = c_sel`` in place.
     """
     if index is None:
@@ -145,8 +190,11 @@ def qk_update_(
     scale: float,
     rel_h: Optional[Tensor] = None,
     rel_w: Optional[Tensor] = None,
+    *,
+    check_index: bool = True,
 ) -> Tensor:
-    """Patch attention logits in place. ``logits [B,H,Nq,Nk]``, ``q [B,H,Nq,d]``, ``k [B,H,Nk,d]``.
+    """Patch attention logits in place. ``logits [B,H,Nq,Nk]``, ``q [B,H,Nq,d]``, ``k [B,H,Nk,d]``; empty slots of
+    ``index_q`` / ``index_k`` recompute nothing.
 
     ``logits[:, :, iq, :] = q[iq] @ k^T * scale`` and ``logits[:, :, :, ik] = q @ k[ik]^T * scale``
     (products accumulated in float32, cast to ``logits.dtype``). With the decomposed rel-pos state ``rel_h
@@ -168,9 +216,10 @@ def qk_update_(
 
 
 def av_delta_update_(
-    out: Tensor, a_new: Tensor, a_ref: Tensor, v_new: Tensor, v_ref: Tensor, index: Tensor
+    out: Tensor, a_new: Tensor, a_ref: Tensor, v_new: Tensor, v_ref: Tensor, index: Tensor, *, check_index: bool = True
 ) -> Tensor:
-    """Exact delta update of ``A @ V``. ``out, v_* [B,H,N,d]``; ``a_* [B,H,M,N]``; ``index [B,K]`` (columns of A).
+    """Exact delta update of ``A @ V``. ``out, v_* [B,H,N,d]``; ``a_* [B,H,M,N]``; ``index [B,K]`` (columns of A;
+    empty slots contribute nothing and refresh nothing).
 
     ``out += a_new[..., S] @ v_new[S] - a_ref[..., S] @ v_ref[S]`` (float32 accumulation), then
     ``a_ref[..., S] = a_new[..., S]`` and ``v_ref[S] = v_new[S]``. Keeps the invariant ``out == a_ref @ v_ref``.
