@@ -135,6 +135,20 @@ def token_gate(c: Tensor, ref: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     return index, c_sel
 
 
+def select_threshold(scores: Tensor, threshold: float, capacity: int) -> Tuple[Tensor, Tensor]:
+    """``(index [B, capacity] int64, count [B] int64)``: per row the ids with ``score > threshold`` (never a NaN
+    score), the ``capacity`` largest if more qualify (ties -> lower id), ascending, then ``-1`` (empty slots)."""
+    b, n = scores.shape
+    cap = min(capacity, n)
+    masked = torch.where(scores > threshold, scores, torch.full_like(scores, -1.0))
+    order = torch.sort(masked, dim=-1, descending=True, stable=True)
+    hit = order.values[:, :cap] >= 0
+    ids = torch.sort(torch.where(hit, order.indices[:, :cap], n), dim=-1).values  # misses sort last
+    index = torch.full((b, capacity), PAD, dtype=torch.long, device=scores.device)
+    index[:, :cap] = torch.where(ids < n, ids, PAD)
+    return index, hit.sum(-1)
+
+
 def token_gate_threshold(c: Tensor, ref: Tensor, threshold: float, capacity: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Threshold gate with a fixed capacity. Returns ``(index [B, capacity], count [B], c_sel [B, capacity, D])``.
 
@@ -143,16 +157,7 @@ def token_gate_threshold(c: Tensor, ref: Tensor, threshold: float, capacity: int
     are the selection in ascending order; the rest are ``-1`` (empty slots) and the matching rows of ``c_sel`` are
     zero. ``ref`` is updated at the selected tokens only.
     """
-    scores = gate_scores(c, ref)
-    b, n = scores.shape
-    cap = min(capacity, n)
-    masked = torch.where(scores > threshold, scores, torch.full_like(scores, -1.0))
-    order = torch.sort(masked, dim=-1, descending=True, stable=True)
-    hit = order.values[:, :cap] >= 0
-    count = hit.sum(-1)
-    ids = torch.sort(torch.where(hit, order.indices[:, :cap], n), dim=-1).values  # misses sort last
-    index = torch.full((b, capacity), PAD, dtype=torch.long, device=c.device)
-    index[:, :cap] = torch.where(ids < n, ids, PAD)
+    index, count = select_threshold(gate_scores(c, ref), threshold, capacity)
     c_sel = gather_rows(c, index)
     scatter_rows_(ref, index, c_sel)
     return index, count, c_sel

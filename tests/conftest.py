@@ -11,6 +11,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Global blocks run the published method's patched attention unless a test asks for another strategy: with "auto"
+# the cost model would pick dense attention for the tiny test models, and the eventful attention path would go
+# untested. tests/test_strategy.py covers "dense" and "auto" explicitly.
+os.environ.setdefault("EVENTFUL_ATTENTION", "eventful")
+
 
 @pytest.fixture(scope="module")
 def one_thread():

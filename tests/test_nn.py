@@ -176,24 +176,36 @@ def test_token_gate_threshold_capacity(backend):
     assert torch.equal(idx, reference.select_topk(scores, 5))
 
 
+def _threshold_slots(scores, h, width):
+    """Expected threshold selection: each row's above-h ids ascending, then -1, ``width`` slots."""
+    rows = []
+    for row in scores:
+        ids = torch.nonzero(row > h).flatten().tolist()
+        rows.append(ids + [-1] * (width - len(ids)))
+    return torch.tensor(rows, dtype=torch.long)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_token_gate_threshold_batched_rule(backend):
+@pytest.mark.parametrize("trim", [None, False])
+def test_token_gate_threshold_batched_rule(backend, trim):
+    """Every stream selects exactly its own above-threshold tokens; the others' extra slots are -1 (empty) with
+    zero rows. On CPU the default trims the slots to the largest count; ``trim=False`` keeps all N (capacity)."""
     frames = random_video((3, 30, 8), frames=3)
     h = 1.0
-    gate = TokenGate(Threshold(h), backend=backend)
+    gate = TokenGate(Threshold(h, trim=trim), backend=backend)
     gate(frames[0])
     ref = frames[0].clone()
     for c in frames[1:]:
         scores = reference.gate_scores(c, ref)
         counts = (scores > h).sum(-1)
-        k = int(counts.max())
-        assert len(set(counts.tolist())) > 1  # rows differ, so the shared-K rule matters
+        assert len(set(counts.tolist())) > 1  # rows differ, so the padding matters
+        width = int(counts.max()) if trim is None else 30
         idx, sel = gate(c)
-        assert idx.shape == (3, k)
-        assert torch.equal(idx, reference.select_topk(scores, k))
-        for b in range(3):  # every above-threshold token is included
-            above = torch.nonzero(scores[b] > h).flatten()
-            assert torch.isin(above, idx[b]).all()
+        expect = _threshold_slots(scores, h, width)
+        assert torch.equal(idx, expect)
+        for b in range(3):
+            n = int(counts[b])
+            assert torch.equal(sel[b, :n], c[b, expect[b, :n]]) and not sel[b, n:].any()
         reference.scatter_rows_(ref, idx, sel)
         assert torch.equal(gate.ref, ref)
 
@@ -244,8 +256,10 @@ def test_token_delta_gate_flush_forced_and_threshold(backend):
     assert torch.equal(idx, perm) and torch.equal(err, sel) and torch.equal(gate.ref, frames[0])
     ref = frames[0].clone()
     scores = reference.gate_scores(frames[1], ref)
-    k = int((scores > 1.0).sum(-1).max())
-    e = reference.token_delta_gate(frames[1], ref, k)
+    counts = (scores > 1.0).sum(-1)
+    assert len(set(counts.tolist())) > 1  # the shorter row is padded
+    index = _threshold_slots(scores, 1.0, int(counts.max()))
+    e = reference.token_delta_gate(frames[1], ref, -1, index)
     for g, x in zip(gate(frames[1]), e):
         assert torch.equal(g, x)
 
@@ -495,23 +509,27 @@ def test_window_grid_partition_matches_timm():
 def test_window_grid_window_index():
     grid = WindowGrid(4, 4, 2, torch.device("cpu"))  # 4 windows of 4 tokens, no padding
     ids = torch.tensor([[0, 1, 5], [15, 14, 10]])  # image ids
-    index, fill = grid.window_index(grid.perm[ids])
-    # stream 0: window 0 holds image 0, 1 (window pos 0, 1); window 1 holds image 5? (row 1, col 1) -> window 0 pos 3
+    index = grid.window_index(grid.window_major(ids))
+    # width min(T, K) = 3 whatever the data; selected window positions ascending, then -1 (empty slots)
     assert index.shape == (8, 3)
-    assert index[0].tolist() == [0, 1, 3] and fill[0].tolist() == [False, False, False]
-    assert index[1].tolist() == [0, 1, 2] and fill[1].all()
+    # stream 0: image 0, 1 -> window 0 pos 0, 1; image 5 (row 1, col 1) -> window 0 pos 3
+    assert index[0].tolist() == [0, 1, 3] and index[1].tolist() == [-1, -1, -1]
     # stream 1: image 15 -> window 3 pos 3, 14 -> window 3 pos 2, 10 -> window 3 pos 0
-    assert index[7].tolist() == [0, 2, 3] and fill[7].tolist() == [False, False, False]
-    empty, efill = grid.window_index(grid.perm[ids[:, :0]])
-    assert empty.shape == (8, 0) and efill.shape == (8, 0)
+    assert index[7].tolist() == [0, 2, 3] and (index[4:7] == -1).all()
+    assert grid.window_index(grid.window_major(ids[:, :0])).shape == (8, 0)
+    # empty slots of the token index stay empty
+    padded = torch.tensor([[0, -1, 5], [-1, -1, -1]])
+    assert torch.equal(grid.window_major(padded)[1], torch.tensor([-1, -1, -1]))
+    index = grid.window_index(grid.window_major(padded))
+    assert index[0].tolist() == [0, 3, -1] and (index[1:] == -1).all()
 
 
 def test_window_grid_full_window_takes_padding():
     grid = WindowGrid(3, 3, 2, torch.device("cpu"))  # padded to 4x4; window 3 holds one real token (image 8)
-    index, fill = grid.window_index(grid.perm[torch.tensor([[8]])])
-    assert index.shape == (4, 4)
-    assert not fill[3].any()  # real token plus its 3 padding tokens
-    assert fill[0].all() and fill[1].all() and fill[2].all()
+    index = grid.window_index(grid.window_major(torch.tensor([[8]])))
+    assert index.shape == (4, 4)  # a padded grid: T slots per window
+    assert index[3].tolist() == [0, 1, 2, 3]  # the real token plus its 3 padding tokens
+    assert (index[:3] == -1).all()
 
 
 # ---------------------------------------------------------------- backends, policies, counting

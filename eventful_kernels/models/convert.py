@@ -40,11 +40,15 @@ def _check_block(block: nn.Module, i: int) -> None:
         )
 
 
-def convert(model: nn.Module, policy: Optional[Budget] = None, backend: str = "ops") -> EventfulModel:
+def convert(
+    model: nn.Module, policy: Optional[Budget] = None, backend: str = "ops", strategy: Optional[str] = None
+) -> EventfulModel:
     """Wrap ``model``'s blocks in eventful blocks; returns an :class:`EventfulModel` sharing every weight.
 
     ``model`` itself is left unchanged (still the dense model) except that both are put in eval mode.
     ``policy``: an int (top-r tokens), a float (fraction of tokens) or a policy; default all tokens (r = N).
+    ``strategy``: attention of the global blocks, ``"auto"`` / ``"eventful"`` / ``"dense"`` (see
+    :mod:`eventful_kernels.nn.strategy`); default ``EVENTFUL_ATTENTION`` or ``"auto"``.
     """
     family = model_family(model)
     pol = make_policy(1.0 if policy is None else policy)
@@ -52,8 +56,10 @@ def convert(model: nn.Module, policy: Optional[Budget] = None, backend: str = "o
     for i, block in enumerate(model.blocks):
         _check_block(block, i)
         windowed = family == "sam" and getattr(block, "window_size", 0) > 0
-        cls = EventfulTokenwiseBlock if windowed else EventfulBlock
-        blocks.append(cls(block, pol, backend=backend))
+        if windowed:
+            blocks.append(EventfulTokenwiseBlock(block, pol, backend=backend))
+        else:
+            blocks.append(EventfulBlock(block, pol, backend=backend, strategy=strategy))
     # Shallow copy with its own child table: the copy gets eventful blocks, the original keeps its dense ones;
     # every other submodule (patch embedding, norms, head, neck) is the same object in both.
     twin = copy.copy(model)

@@ -40,12 +40,10 @@ class DenseAttention(EventfulModule):
 class EventfulAttention(EventfulModule):
     """Eventful attention: logits buffer (QK^T rows/cols, + rel-pos), dense softmax, A·V delta accumulator.
 
-    ``forward(q, k, v, scale, grid, index=None, fill=None) -> [Bw, T, H*d]`` (a view of the accumulator state).
-    The first call (flush) is dense. Afterwards ``index [Bw, K]`` are the tokens whose q/k/v changed: their logit
-    rows and columns are recomputed and their A·V columns delta-updated. ``fill [Bw, K]`` (bool) marks padding slots
-    holding unchanged tokens: their logits are recomputed exactly and their A·V update is neutralised (the stored
-    attention column is kept), so padding does not change the result. ``K = 0`` leaves the output unchanged.
-    ``last_macs`` = the logits buffer's + the accumulator's.
+    ``forward(q, k, v, scale, grid, index=None) -> [Bw, T, H*d]`` (a view of the accumulator state).
+    The first call (flush) is dense. Afterwards ``index [Bw, K]`` are the tokens whose q/k/v changed (``-1``: empty
+    slot): their logit rows and columns are recomputed and their A·V columns delta-updated. ``K = 0`` leaves the
+    output unchanged. ``last_macs`` = the logits buffer's + the accumulator's.
     """
 
     def __init__(self, attn: Optional[nn.Module] = None, backend: str = "ops"):
@@ -59,6 +57,18 @@ class EventfulAttention(EventfulModule):
     def _reset_state(self) -> None:
         self.workspace.clear()
 
+    @property
+    def flushing(self) -> bool:
+        """True when the next call is a flush (no state)."""
+        return self.av_buffer.out is None
+
+    def drop_state(self) -> None:
+        """Free the attention state (the next call is a flush) but keep the workspace, which may be shared."""
+        for m in (self.qk_buffer, self.av_buffer, self.rel_pos):
+            if m is not None:
+                m.reset()
+        self.last_macs = 0
+
     @torch.no_grad()
     def forward(
         self,
@@ -68,11 +78,10 @@ class EventfulAttention(EventfulModule):
         scale: float,
         grid: Optional[Tuple[int, int]] = None,
         index: Optional[Tensor] = None,
-        fill: Optional[Tensor] = None,
     ) -> Tensor:
         flush = self.av_buffer.out is None
         if flush:
-            index = fill = None
+            index = None
         elif index is None:
             raise ValueError("eventful: argument 'index' is required after the flush call")
         elif index.shape[1] == 0:
@@ -81,11 +90,6 @@ class EventfulAttention(EventfulModule):
         bias = self.rel_pos.update(q, grid, index) if self.rel_pos is not None else None
         logits = self.qk_buffer(q, k, index, index, scale, bias)
         a = torch.softmax(logits, -1, out=self.workspace.get("attention", logits.shape, logits, "attention"))
-        if fill is not None:
-            ops = self.k_ops
-            a_sel = ops.gather_cols(a, index)
-            torch.where(fill[:, None, None, :], ops.gather_cols(self.av_buffer.a_ref, index), a_sel, out=a_sel)
-            ops.scatter_cols_(a, index, a_sel)
         self.av_buffer(a, v, index)
         self.last_macs = self.qk_buffer.last_macs + self.av_buffer.last_macs
         return self.av_buffer.tokens

@@ -29,8 +29,12 @@ class EventfulModule(nn.Module):
     ``backend`` (settable) picks the op implementation, ``reset()`` forgets the per-stream state (the next call is
     a flush), ``last_macs`` holds the multiply-accumulates of the last call, summed over the batch (a module's count
     includes its eventful children). State tensors are plain attributes allocated on first use, on the input's
-    device; after moving a module to another device call ``reset()``.
+    device; after moving a module to another device call ``reset()``. ``check_index``: whether index arguments
+    are value-checked by the ops (True for a module used on its own, which may be handed any index; the blocks set
+    it False on their parts, whose indices come from their own gates: no check, no host synchronisation).
     """
+
+    check_index: bool = True
 
     def __init__(self, backend: str = "ops"):
         super().__init__()
@@ -68,6 +72,14 @@ def _reset_tree(module: nn.Module) -> None:
     else:
         for m in module.children():
             _reset_tree(m)
+
+
+def trust_indices(module: nn.Module) -> None:
+    """Mark every eventful submodule of ``module`` (itself included) as fed by trusted indices (``check_index``
+    False): those its owner's gates produce."""
+    for m in module.modules():
+        if isinstance(m, EventfulModule):
+            m.check_index = False
 
 
 def set_backend(module: nn.Module, name: str) -> nn.Module:

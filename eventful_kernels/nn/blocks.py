@@ -17,11 +17,12 @@ from torch import Tensor, nn
 
 from ..counting import linear_macs_per_token
 from .attention import DenseAttention, EventfulAttention
-from .backend import EventfulModule
+from .backend import EventfulModule, trust_indices
 from .buffers import TokenBuffer
 from .gates import TokenGate
 from .linear import PackedLinear, PackedMlp
-from .policies import Policy, as_policy
+from .policies import Policy, Threshold, as_policy
+from .strategy import AttentionShape, check_strategy, choose, default_strategy
 from .windows import WindowGrid
 
 
@@ -167,7 +168,7 @@ class _EventfulBlockBase(EventfulModule):
             qkv = self.qkv_buffer(self._windows.partition(qkv_sel, pad), None)
             wid = None
         else:
-            wid = self._windows.perm[idx1]
+            wid = self._windows.window_major(idx1)
             qkv = self.qkv_buffer(qkv_sel, wid)
         q, k, v = self._split(qkv)
         o = self._tokens_out(self._attend(q, k, v, idx1, wid, flush), b)
@@ -199,25 +200,89 @@ class EventfulTokenwiseBlock(_EventfulBlockBase):
     def __init__(self, block: nn.Module, policy: Optional[Policy] = None, backend: str = "ops"):
         super().__init__(block, policy, backend)
         self.attention = DenseAttention(block.attn if self.use_rel_pos else None, backend)
+        trust_indices(self)
 
     def _attend(self, q, k, v, idx1, wid, flush):
         return self.attention(q, k, v, self.scale, self._attn_grid())
 
 
 class EventfulBlock(_EventfulBlockBase):
-    """Token-wise layers and attention eventful: QK^T rows/columns of changed tokens recomputed (plus their
-    rel-pos bias), A·V delta-updated at their columns. Windowed blocks do this per window (one host sync per frame
-    to size the per-window index). With ``r = N`` the block equals the dense block to float tolerance."""
+    """Token-wise layers gated and buffered; attention by one of two strategies (:mod:`.strategy`):
 
-    def __init__(self, block: nn.Module, policy: Optional[Policy] = None, backend: str = "ops"):
+    - ``"eventful"``: QK^T rows/columns of changed tokens recomputed (plus their rel-pos bias), A·V delta-updated at
+      their columns (:class:`EventfulAttention`; windowed blocks per window, through a fixed-width per-window
+      index padded with ``-1``);
+    - ``"dense"``: fused dense attention over the buffered q/k/v of all tokens (:class:`DenseAttention`), no
+      attention state;
+    - ``"auto"`` (the default unless ``EVENTFUL_ATTENTION`` says otherwise): the cheaper of the two for this
+      device, shape and budget under the cost model, decided again when the budget changes.
+
+    ``attention_mode`` is the mode of the last frame and :attr:`attention` its module (``last_macs`` follow it).
+    Switching to dense drops the attention state; switching back re-flushes it from the buffered q/k/v. With
+    ``r = N`` the block equals the dense block to float tolerance either way.
+    """
+
+    def __init__(self, block: nn.Module, policy: Optional[Policy] = None, backend: str = "ops",
+                 strategy: Optional[str] = None):
         super().__init__(block, policy, backend)
-        self.attention = EventfulAttention(block.attn if self.use_rel_pos else None, backend)
+        bias_attn = block.attn if self.use_rel_pos else None
+        self.eventful_attention = EventfulAttention(bias_attn, backend)
+        self.dense_attention = DenseAttention(bias_attn, backend)
+        self.strategy = default_strategy() if strategy is None else strategy
+        self.attention_mode = "eventful"
+        self._shape: Optional[AttentionShape] = None
+        self._modes: dict = {}
+        trust_indices(self)
+
+    @property
+    def strategy(self) -> str:
+        return self._strategy
+
+    @strategy.setter
+    def strategy(self, value: str) -> None:
+        self._strategy = check_strategy(value)
+
+    @property
+    def attention(self) -> EventfulModule:
+        """The attention module of the last frame's mode."""
+        return self.dense_attention if self.attention_mode == "dense" else self.eventful_attention
+
+    def _reset_state(self) -> None:
+        super()._reset_state()
+        self._shape = None
+
+    def _decision_k(self) -> int:
+        """Changed tokens per attention stream the current policy asks for (a threshold: its capacity)."""
+        n_tokens = self._shape.tokens if self._windows is None else self._windows.h * self._windows.w
+        pol = self._policy
+        k = pol.capacity_for(n_tokens) if isinstance(pol, Threshold) else pol.k(n_tokens)
+        if self._windows is not None:
+            return 0 if k == 0 else (self._windows.t if self._windows.padded else min(self._windows.t, k))
+        return k
+
+    def resolve_mode(self) -> str:
+        """The mode the next steady-state frame runs (decided once per budget, device and shape)."""
+        if self._strategy != "auto" or self._shape is None:
+            return "eventful" if self._strategy == "auto" else self._strategy
+        k = self._decision_k()
+        mode = self._modes.get((self._shape, k))
+        if mode is None:
+            mode = self._modes[(self._shape, k)] = choose(self._shape, k)
+        return mode
 
     def _attend(self, q, k, v, idx1, wid, flush):
         grid = self._attn_grid()
         if flush:
-            return self.attention(q, k, v, self.scale, grid)
+            self._shape = AttentionShape(q.shape[0], q.shape[1], q.shape[2], q.shape[3], q.dtype, q.device,
+                                         self.use_rel_pos)
+        mode = self.resolve_mode()
+        self.attention_mode = mode
+        if mode == "dense":
+            if not self.eventful_attention.flushing:
+                self.eventful_attention.drop_state()  # it would go stale: rebuilt if the mode comes back
+            return self.dense_attention(q, k, v, self.scale, grid)
+        if flush or self.eventful_attention.flushing:
+            return self.eventful_attention(q, k, v, self.scale, grid)
         if self._windows is None:
-            return self.attention(q, k, v, self.scale, grid, idx1)
-        index, fill = self._windows.window_index(wid)
-        return self.attention(q, k, v, self.scale, grid, index, fill)
+            return self.eventful_attention(q, k, v, self.scale, grid, idx1)
+        return self.eventful_attention(q, k, v, self.scale, grid, self._windows.window_index(wid))

@@ -13,8 +13,8 @@ from .gates import check_tokens
 class TokenBuffer(EventfulModule):
     """``forward(x_sel [B,K,D'], index [B,K] or None) -> full [B,N,D']``.
 
-    Scatters ``x_sel`` into the stored state at ``index`` (in place) and returns the state tensor itself (callers
-    must not mutate it). The flush call (state empty) stores ``x_sel`` as the state (with ``index`` given, the state
+    Scatters ``x_sel`` into the stored state at ``index`` (in place; ``-1`` slots are skipped) and returns the state
+    tensor itself (callers must not mutate it). The flush call (state empty) stores ``x_sel`` as the state (with ``index`` given, the state
     is filled through it, so any permutation of ``arange(N)`` works); ``n_tokens = K`` of that call.
     """
 
@@ -45,7 +45,7 @@ class TokenBuffer(EventfulModule):
                 self.state = x_sel.detach().clone(memory_format=torch.contiguous_format)
             else:
                 state = torch.empty_like(x_sel, memory_format=torch.contiguous_format)
-                self.k_ops.scatter_rows_(state, index, x_sel)
+                self.k_ops.scatter_rows_(state, index, x_sel, check_index=self.check_index)
                 self.state = state
             return self.state
         s = self.state
@@ -57,5 +57,5 @@ class TokenBuffer(EventfulModule):
                 f"holds {tuple(s.shape)} {s.dtype} on {s.device}; call reset() before starting a new stream"
             )
         if index.shape[1]:
-            self.k_ops.scatter_rows_(s, index, x_sel)
+            self.k_ops.scatter_rows_(s, index, x_sel, check_index=self.check_index)
         return s

@@ -3,8 +3,11 @@
 A gate keeps a reference ``ref [B, N, D]`` (the value of each token when it was last selected). The first call after
 construction or ``reset()`` is the *flush*: every token is selected and ``ref`` is filled. Afterwards the policy
 selects on the score ``||c - ref||_2`` and ``ref`` is updated at the selected tokens only (error accumulates in the
-unselected ones until they are picked). Rows of the batch are independent streams, except that a
-:class:`~eventful_kernels.nn.policies.Threshold` policy uses one K for the whole batch (see :class:`TokenGate`).
+unselected ones until they are picked). Rows of the batch are independent streams.
+
+Shapes never depend on the data: a top-k policy selects ``K = policy.k(N)`` tokens per stream, a
+:class:`~eventful_kernels.nn.policies.Threshold` policy fills ``capacity`` slots per stream and pads with ``-1``
+(empty slots, which every op skips). So a steady-state frame needs no host synchronisation.
 """
 from __future__ import annotations
 
@@ -37,6 +40,15 @@ def check_state_match(x: Tensor, name: str, state: Tensor, what: str) -> None:
         )
 
 
+def trim_slots(policy: Threshold, count: Tensor, *selected: Tensor) -> Tuple[Tensor, ...]:
+    """Cut threshold selections ``[B, capacity, ...]`` to the largest count in the batch when the policy trims on
+    their device (the only place a gate reads a value back); otherwise return them as they are."""
+    if not policy.trims(count.device):
+        return selected
+    k = int(count.max()) if count.numel() else 0
+    return tuple(t[:, :k] for t in selected)
+
+
 class _GateBase(EventfulModule):
     def __init__(self, policy: Optional[Policy] = None, backend: str = "ops"):
         super().__init__(backend)
@@ -64,25 +76,14 @@ class _GateBase(EventfulModule):
         if self.ref is not None:
             check_state_match(c, "c", self.ref, "gate reference")
 
-    def _threshold_index(self, c: Tensor, policy: Threshold) -> Tensor:
-        """Batched threshold rule: K = max over rows of #(score > h) (capped), each row takes its top-K.
-
-        One host sync (K). Computes the float32 scores with the standard composition (an ``[B, N, D]`` temporary).
-        """
-        scores = reference.gate_scores(c, self.ref)
-        cap = policy.capacity_for(c.shape[1])
-        count = (scores > policy.h).sum(-1).clamp_(max=cap)
-        k = int(count.max()) if count.numel() else 0
-        return reference.select_topk(scores, k)
-
 
 class TokenGate(_GateBase):
-    """Top-k / threshold token gate. ``forward(c [B,N,D]) -> (index [B,K] int64 ascending, c_sel [B,K,D])``.
+    """Top-k / threshold token gate. ``forward(c [B,N,D]) -> (index [B,K] int64, c_sel [B,K,D])``.
 
-    Top-k policies: ``K = policy.k(N)``, one fused ``token_gate`` call, no host sync. Threshold policy: K is the
-    largest number of above-threshold tokens over the batch (capped by the capacity; one host sync per call) and
-    every row selects its top-K, which contains all of its above-threshold tokens; for ``B = 1`` this is exactly the
-    threshold set (fused ``token_gate_threshold``). At the flush ``c_sel`` is ``c`` itself (not a copy).
+    Top-k policies: ``K = policy.k(N)``, ids ascending, one fused ``token_gate`` call. Threshold policy: one fused
+    ``token_gate_threshold`` call; each stream's above-threshold tokens (the largest ``capacity`` of them) ascending,
+    then ``-1`` with zero rows in ``c_sel``; ``K = capacity``, or the largest count when the policy trims. At the
+    flush ``c_sel`` is ``c`` itself (not a copy). No host synchronisation except a trimming threshold policy's.
     """
 
     @torch.no_grad()
@@ -95,22 +96,16 @@ class TokenGate(_GateBase):
         policy = self.policy
         if not isinstance(policy, Threshold):
             return self.k_ops.token_gate(c, self.ref, policy.k(c.shape[1]))
-        if c.shape[0] == 1:
-            index, count, c_sel = self.k_ops.token_gate_threshold(c, self.ref, policy.h, policy.capacity_for(c.shape[1]))
-            k = int(count[0])
-            return index[:, :k], c_sel[:, :k]
-        index = self._threshold_index(c, policy)
-        c_sel = self.k_ops.gather_rows(c, index)
-        self.k_ops.scatter_rows_(self.ref, index, c_sel)
-        return index, c_sel
+        index, count, c_sel = self.k_ops.token_gate_threshold(c, self.ref, policy.h, policy.capacity_for(c.shape[1]))
+        return trim_slots(policy, count, index, c_sel)
 
 
 class TokenDeltaGate(_GateBase):
     """Delta gate. ``forward(c [B,N,D], index=None) -> (index [B,K], c_sel [B,K,D], e_sel = c_sel - ref_old)``.
 
     As :class:`TokenGate`, also returning the change ``e_sel`` of each selected token since it was last selected; an
-    explicit ``index [B, K]`` (distinct ids) forces the selection. The reference starts at zero, so the flush
-    returns ``e_sel = c_sel = c`` (a forced index at the flush must select all N tokens).
+    explicit ``index [B, K]`` (distinct ids, ``-1`` for empty slots) forces the selection. The reference starts at
+    zero, so the flush returns ``e_sel = c_sel = c`` (a forced index at the flush must select all N tokens).
     """
 
     @torch.no_grad()
@@ -129,14 +124,18 @@ class TokenDeltaGate(_GateBase):
                     "(first call after reset) must select all of them"
                 )
             ref = torch.zeros_like(c, memory_format=torch.contiguous_format)
-            out = self.k_ops.token_delta_gate(c, ref, -1, index)
+            out = self.k_ops.token_delta_gate(c, ref, -1, index, check_index=self.check_index)
             self.ref = ref
             return out
-        if index is None and isinstance(self.policy, Threshold):
-            index = self._threshold_index(c, self.policy)
-        if index is None:
-            return self.k_ops.token_delta_gate(c, self.ref, self.policy.k(c.shape[1]), None)
-        return self.k_ops.token_delta_gate(c, self.ref, -1, index)
+        if index is not None:
+            return self.k_ops.token_delta_gate(c, self.ref, -1, index, check_index=self.check_index)
+        policy = self.policy
+        if not isinstance(policy, Threshold):
+            return self.k_ops.token_delta_gate(c, self.ref, policy.k(c.shape[1]), None)
+        scores = reference.gate_scores(c, self.ref)
+        index, count = reference.select_threshold(scores, policy.h, policy.capacity_for(c.shape[1]))
+        (index,) = trim_slots(policy, count, index)
+        return self.k_ops.token_delta_gate(c, self.ref, -1, index, check_index=False)
 
 
 def _check_index(index: Tensor, c: Tensor) -> None:

@@ -6,7 +6,7 @@ at ~70% of its large-M rate; a weight reordered once into oneDNN's blocked layou
 large-M rate (measured 2 threads, M=49, D=768: 105 -> ~190 GFLOP/s). The packed copy is made lazily, keyed by the
 weight's storage, version, dtype and device, so ``load_state_dict``/``.to()``/``.half()`` trigger a repack; it costs
 one extra copy of the weights. Anything the packed path does not cover (CUDA, float16 without CPU support, no
-oneDNN, ``EVENTFUL_PACKED_LINEAR=0``) runs the module as it is.
+oneDNN, ``EVENTFUL_PACKED_LINEAR=0``, tracing by ``torch.compile``) runs the module as it is.
 """
 from __future__ import annotations
 
@@ -71,6 +71,7 @@ class PackedLinear:
             or x.dtype != w.dtype
             or w.dtype not in _PACKED_DTYPES
             or w.requires_grad and torch.is_grad_enabled()
+            or torch.compiler.is_compiling()  # the packed call reads storage pointers: run F.linear in a graph
             or not packing_enabled()
         ):
             return None

@@ -91,17 +91,20 @@ class MatmulBuffer(EventfulModule):
         self.last_macs = b * h * (kq * nk + nq * kk) * d
         ops = self.k_ops
         fused = bias.decomposed() if hasattr(bias, "decomposed") else ()  # rel-pos bias added inside the op
-        ops.qk_update_(logits, q, k, index_q, index_k, scale, *fused)
+        checked = self.check_index
+        ops.qk_update_(logits, q, k, index_q, index_k, scale, *fused, check_index=checked)
         if bias is None or fused:
             return logits
         # add the bias to the recomputed entries: rows, then columns except where they cross those rows
         if kq:
-            ops.scatter_rows_(logits, index_q, ops.gather_rows(logits, index_q).add_(bias.rows(index_q)))
+            rows = ops.gather_rows(logits, index_q, check_index=checked).add_(bias.rows(index_q))
+            ops.scatter_rows_(logits, index_q, rows, check_index=checked)
         if kk:
             cols_bias = bias.cols(index_k)
             if kq:
-                ops.scatter_rows_(cols_bias, index_q, cols_bias.new_zeros(b, h, kq, kk))
-            ops.scatter_cols_(logits, index_k, ops.gather_cols(logits, index_k).add_(cols_bias))
+                ops.scatter_rows_(cols_bias, index_q, cols_bias.new_zeros(b, h, kq, kk), check_index=checked)
+            cols = ops.gather_cols(logits, index_k, check_index=checked).add_(cols_bias)
+            ops.scatter_cols_(logits, index_k, cols, check_index=checked)
         return logits
 
 
@@ -155,5 +158,5 @@ class MatmulDeltaAccumulator(EventfulModule):
         out4 = self.out.permute(0, 2, 1, 3)
         self.last_macs = 2 * b * h * m * index.shape[1] * d
         if index.shape[1]:
-            self.k_ops.av_delta_update_(out4, a, self.a_ref, v, self.v_ref, index)
+            self.k_ops.av_delta_update_(out4, a, self.a_ref, v, self.v_ref, index, check_index=self.check_index)
         return out4

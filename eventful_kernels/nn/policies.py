@@ -2,13 +2,16 @@
 
 A policy object is shared by every gate of a model, so mutating it (``policy.r = 64``) changes the cost at the
 next frame. Top-k policies give the selection size with ``policy.k(n_tokens)``; :class:`Threshold` selects the
-tokens whose change exceeds ``h`` (see :class:`eventful_kernels.nn.TokenGate` for the batched rule).
+tokens whose change exceeds ``h``, up to a fixed capacity (see :class:`eventful_kernels.nn.TokenGate`).
+``policy.key()`` identifies the policy's current setting (e.g. to cache one captured frame per budget).
 """
 from __future__ import annotations
 
 import math
 from numbers import Integral, Real
 from typing import Optional, Union
+
+import torch
 
 
 def _check_int(value, name: str) -> int:
@@ -22,6 +25,10 @@ class Policy:
 
     def k(self, n_tokens: int) -> int:
         raise TypeError(f"eventful: {type(self).__name__} has no fixed top-k size")
+
+    def key(self) -> tuple:
+        """Hashable identity of the current setting: equal keys select the same way."""
+        return (type(self).__name__, tuple(sorted(vars(self).items())))
 
 
 class TopK(Policy):
@@ -72,11 +79,35 @@ class TopFraction(Policy):
 
 
 class Threshold(Policy):
-    """Select tokens with ``||c - ref||_2 > h``, at most ``capacity`` per stream (default: all N)."""
+    """Select tokens with ``||c - ref||_2 > h``, at most ``capacity`` per stream (default: all N).
 
-    def __init__(self, h: float, capacity: Optional[int] = None):
+    The gates return ``capacity`` slots per stream, the selected tokens first and ``-1`` (empty slots, which every op
+    skips) after them, so the shapes of a frame never depend on the data: no host synchronisation, and a frame can
+    be compiled or captured as a CUDA graph. The work done per frame is then set by the capacity. ``trim``: cut the
+    slots to the largest count in the batch (one read of the counts, which is free on CPU and a synchronisation on
+    a GPU); ``None`` (default) trims on CPU tensors outside ``torch.compile`` and never on a GPU.
+    """
+
+    def __init__(self, h: float, capacity: Optional[int] = None, trim: Optional[bool] = None):
         self.h = h
         self.capacity = capacity
+        self.trim = trim
+
+    @property
+    def trim(self) -> Optional[bool]:
+        return self._trim
+
+    @trim.setter
+    def trim(self, value: Optional[bool]) -> None:
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"eventful: argument 'trim' must be None, True or False, got {value!r}")
+        self._trim = value
+
+    def trims(self, device) -> bool:
+        """Whether the gates cut the slots to the largest count for tensors on ``device``."""
+        if self._trim is not None:
+            return self._trim
+        return torch.device(device).type == "cpu" and not torch.compiler.is_compiling()
 
     @property
     def h(self) -> float:
@@ -102,7 +133,8 @@ class Threshold(Policy):
         return n if self._capacity is None else min(self._capacity, n)
 
     def __repr__(self) -> str:
-        return f"Threshold(h={self._h}, capacity={self._capacity})"
+        trim = "" if self._trim is None else f", trim={self._trim}"
+        return f"Threshold(h={self._h}, capacity={self._capacity}{trim})"
 
 
 def as_policy(value: Union[None, int, float, Policy]) -> Policy:

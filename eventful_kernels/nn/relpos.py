@@ -88,12 +88,14 @@ class DecomposedRelPos(EventfulModule):
         if index_q.shape[1] == 0:
             return self
         ops = self.k_ops
+        checked = self.check_index
         idx = index_q.long()
-        q_sel = ops.gather_rows(q, idx)  # [B,H,K,d]
-        sel_h = torch.einsum("bnkc,bkjc->bnkj", q_sel, rh[torch.div(idx, gw, rounding_mode="floor")])
-        sel_w = torch.einsum("bnkc,bkjc->bnkj", q_sel, rw[idx % gw])
-        ops.scatter_rows_(self.rel_h, idx, sel_h)
-        ops.scatter_rows_(self.rel_w, idx, sel_w)
+        cell = idx.clamp(0, n - 1)  # -1 (empty slot) reads any table row: its result is never written
+        q_sel = ops.gather_rows(q, idx, check_index=checked)  # [B,H,K,d]
+        sel_h = torch.einsum("bnkc,bkjc->bnkj", q_sel, rh[torch.div(cell, gw, rounding_mode="floor")])
+        sel_w = torch.einsum("bnkc,bkjc->bnkj", q_sel, rw[cell % gw])
+        ops.scatter_rows_(self.rel_h, idx, sel_h, check_index=checked)
+        ops.scatter_rows_(self.rel_w, idx, sel_w, check_index=checked)
         self._sel = (index_q, sel_h, sel_w)
         return self
 
@@ -110,8 +112,12 @@ class DecomposedRelPos(EventfulModule):
         gw = self._grid[1]
         idx = index_k.long()
         ops = self.k_ops
-        return ops.gather_cols(self.rel_h, torch.div(idx, gw, rounding_mode="floor")).add_(
-            ops.gather_cols(self.rel_w, idx % gw)
+        empty = idx < 0  # empty slots stay empty
+        cols_h = torch.where(empty, idx, torch.div(idx, gw, rounding_mode="floor"))
+        cols_w = torch.where(empty, idx, idx % gw)
+        checked = self.check_index
+        return ops.gather_cols(self.rel_h, cols_h, check_index=checked).add_(
+            ops.gather_cols(self.rel_w, cols_w, check_index=checked)
         )
 
     def decomposed(self) -> Tuple[Tensor, Tensor]:

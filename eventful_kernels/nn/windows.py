@@ -44,32 +44,32 @@ class WindowGrid:
         out.index_copy_(1, self.perm, x)
         return out
 
+    def window_major(self, ids: Tensor) -> Tensor:
+        """Image-order token ids ``[B, K]`` -> window-major ids (``-1`` empty slots stay ``-1``)."""
+        return torch.where(ids >= 0, self.perm[ids.clamp(min=0)], -1)
+
     def unpartition(self, y: Tensor) -> Tensor:
         """Window-major ``[B, nW*T, C]`` -> image order ``[B, h*w, C]`` (one gather; padding dropped)."""
         return torch.index_select(y, 1, self.perm)
 
-    def window_index(self, wid: Tensor) -> Tuple[Tensor, Tensor]:
-        """Per-window selection from window-major token ids ``wid [B, K]``.
+    def window_index(self, wid: Tensor) -> Tensor:
+        """Per-window selection from window-major token ids ``wid [B, K]`` (``-1``: empty slot).
 
-        Returns ``(index [B*nW, Kw] int64 ascending, fill [B*nW, Kw] bool)`` with ``Kw`` the largest number of
-        selected tokens in any window (one host sync). Each window lists its selected tokens; the remaining slots
-        are filled with its lowest-id unselected tokens, marked in ``fill``. A window whose real tokens are all
-        selected also selects its padding tokens (so its attention is refreshed exactly, e.g. at ``r = N``);
-        otherwise padding tokens count as unchanged.
+        Returns ``index [B*nW, Kw]`` int64: each window's selected tokens ascending, then ``-1`` (empty slots).
+        ``Kw`` does not depend on the data (no host synchronisation): ``T`` when the grid is padded, else
+        ``min(T, K)``. A window whose real tokens are all selected also selects its padding tokens (so its
+        attention is refreshed exactly, e.g. at ``r = N``); otherwise padding tokens count as unchanged.
         """
-        b = wid.shape[0]
+        b, k = wid.shape
+        kw = 0 if k == 0 else (self.t if self.padded else min(self.t, k))
+        valid = wid >= 0
         mask = torch.zeros(b, self.n_windows * self.t, dtype=torch.int8, device=wid.device)
-        mask.scatter_(1, wid.long(), 1)
+        mask.scatter_add_(1, torch.where(valid, wid, 0).long(), valid.to(torch.int8))  # ids distinct: 0/1
         if self.padded:
             m = mask.view(b, self.n_windows, self.t)
             full = (m.sum(-1) == self.n_real).to(torch.int8)
             m.add_(self.pad_mask * full[..., None])
         mask = mask.view(b * self.n_windows, self.t)
-        kw = int(mask.sum(-1).max()) if wid.shape[1] else 0
-        if kw == 0:
-            empty = torch.empty(b * self.n_windows, 0, dtype=torch.long, device=wid.device)
-            return empty, empty.bool()
-        order = torch.sort(mask, dim=-1, descending=True, stable=True).indices[:, :kw]
-        index = torch.sort(order, dim=-1).values
-        fill = torch.gather(mask, 1, index) == 0
-        return index, fill
+        pos = torch.arange(self.t, device=wid.device)
+        first = torch.sort(torch.where(mask > 0, pos, pos + self.t), dim=-1).values[:, :kw]  # selected first
+        return torch.where(first < self.t, first, -1)
