@@ -41,14 +41,19 @@ def _check_block(block: nn.Module, i: int) -> None:
 
 
 def convert(
-    model: nn.Module, policy: Optional[Budget] = None, backend: str = "ops", strategy: Optional[str] = None
+    model: nn.Module,
+    policy: Optional[Budget] = None,
+    backend: str = "ops",
+    strategy: Optional[str] = None,
+    cuda_graphs: bool = False,
 ) -> EventfulModel:
     """Wrap ``model``'s blocks in eventful blocks; returns an :class:`EventfulModel` sharing every weight.
 
     ``model`` itself is left unchanged (still the dense model) except that both are put in eval mode.
     ``policy``: an int (top-r tokens), a float (fraction of tokens) or a policy; default all tokens (r = N).
     ``strategy``: attention of the global blocks, ``"auto"`` / ``"eventful"`` / ``"dense"`` (see
-    :mod:`eventful_kernels.nn.strategy`); default ``EVENTFUL_ATTENTION`` or ``"auto"``.
+    :mod:`eventful_kernels.nn.strategy`); default ``EVENTFUL_ATTENTION`` or ``"auto"``. ``cuda_graphs``: replay
+    each steady-state frame on CUDA inputs as one captured CUDA graph (see :class:`EventfulModel`).
     """
     family = model_family(model)
     pol = make_policy(1.0 if policy is None else policy)
@@ -70,4 +75,4 @@ def convert(
     twin.blocks = nn.Sequential(*blocks)
     if hasattr(twin, "grad_checkpointing"):
         twin.grad_checkpointing = False
-    return EventfulModel(twin, pol, dense=model, family=family, backend=backend)
+    return EventfulModel(twin, pol, dense=model, family=family, backend=backend, cuda_graphs=cuda_graphs)

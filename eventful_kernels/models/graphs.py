@@ -1,0 +1,107 @@
+"""Replay of a steady-state frame as one CUDA graph, one graph per (input shape, dtype, device, key).
+
+A steady-state eventful frame has fixed shapes and no host synchronisation, so the whole frame (hundreds of kernel
+launches) can be recorded once and replayed with one launch. :class:`FrameGraphs` does that for any ``step(frames)``
+whose inputs and state live at fixed addresses:
+
+1. the first frame of a new key runs eagerly on a side stream (it is the real computation of that frame and the
+   warm-up: lazy initialisation, Triton autotuning), then the same step is *captured* on a copy of the input —
+   capture records kernels without running them, so the state is not touched twice;
+2. every later frame with that key copies its input into the static input buffer, replays the graph and returns a
+   copy of the static output (the next replay overwrites it).
+
+The caller owns the key (for an eventful model: the budget and the attention modes) and must :meth:`clear` the
+graphs whenever a state tensor may have been reallocated (reset, flush, a switch of attention mode, another
+backend). A step that fails to capture (e.g. something in it synchronises) runs eagerly for that key from then on;
+the reason is kept in :attr:`failures`. At most ``max_graphs`` graphs are kept (least recently used dropped).
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from typing import Callable, Dict, Hashable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+Step = Callable[[Tensor], Tensor]
+
+
+class CudaCapture:
+    """The CUDA implementation of warm-up, capture and replay."""
+
+    @staticmethod
+    def warm(step: Step, frames: Tensor) -> Tensor:
+        main = torch.cuda.current_stream(frames.device)
+        side = torch.cuda.Stream(frames.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            out = step(frames)
+        main.wait_stream(side)
+        out.record_stream(main)
+        return out
+
+    @staticmethod
+    def capture(step: Step, static_in: Tensor) -> Tuple[Callable[[], None], Tensor]:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = step(static_in)
+        return graph.replay, static_out
+
+
+class _Captured:
+    __slots__ = ("replay", "static_in", "static_out")
+
+    def __init__(self, replay: Callable[[], None], static_in: Tensor, static_out: Tensor):
+        self.replay, self.static_in, self.static_out = replay, static_in, static_out
+
+
+class FrameGraphs:
+    """``graphs(frames, key) -> out``: replay the captured ``step`` for ``key`` (capturing it on first use)."""
+
+    def __init__(self, step: Step, max_graphs: int = 8, capture=CudaCapture):
+        if max_graphs < 1:
+            raise ValueError(f"eventful: argument 'max_graphs' must be >= 1, got {max_graphs}")
+        self._step = step
+        self._capture = capture
+        self.max_graphs = max_graphs
+        self._graphs: "OrderedDict[Hashable, _Captured]" = OrderedDict()
+        self.failures: Dict[Hashable, str] = {}
+        self.captures = 0  # graphs captured so far (a count for tests and benchmarks)
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def clear(self) -> None:
+        """Drop every graph (and its memory pool); failed keys may be tried again."""
+        self._graphs.clear()
+        self.failures.clear()
+
+    def __call__(self, frames: Tensor, key: Hashable) -> Tensor:
+        full_key = (tuple(frames.shape), frames.dtype, frames.device, key)
+        graph = self._graphs.get(full_key)
+        if graph is not None:
+            self._graphs.move_to_end(full_key)
+            graph.static_in.copy_(frames)
+            graph.replay()
+            return graph.static_out.clone()
+        if full_key in self.failures:
+            return self._step(frames)
+        out = self._capture.warm(self._step, frames)
+        self._record(full_key, frames)
+        return out
+
+    def _record(self, full_key: Hashable, frames: Tensor) -> Optional[_Captured]:
+        static_in = frames.clone()
+        try:
+            replay, static_out = self._capture.capture(self._step, static_in)
+        except Exception as exc:  # noqa: BLE001 -- any capture failure means: run this key eagerly
+            self.failures[full_key] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"eventful: the frame could not be captured as a CUDA graph, running it eagerly ({exc})",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        self.captures += 1
+        graph = self._graphs[full_key] = _Captured(replay, static_in, static_out)
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return graph
