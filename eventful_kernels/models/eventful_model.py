@@ -71,7 +71,7 @@ class EventfulModel(nn.Module):
     def _prepare_steady(self) -> tuple:
         """Decide each global block's attention mode for this frame (eagerly, before any compiled or captured code)
         and return them; captured graphs are dropped when a mode changes (a switch frees or rebuilds state)."""
-        modes = tuple(b.resolve_mode() for b in self.eventful_blocks() if isinstance(b, EventfulBlock))
+        modes = tuple(b.plan() for b in self.eventful_blocks() if isinstance(b, EventfulBlock))
         if modes != self._modes:
             self.graphs.clear()
             self._modes = modes
@@ -102,7 +102,7 @@ class EventfulModel(nn.Module):
                 out = self.model(frames)
         else:
             modes = self._prepare_steady()
-            if self.cuda_graphs and frames.is_cuda:
+            if self.cuda_graphs and frames.device.type == self.graphs.device_type:
                 out = self.graphs(frames, (self._budget_key(), modes, self.backend))
             else:
                 out = self._step(frames)

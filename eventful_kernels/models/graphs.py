@@ -28,7 +28,9 @@ Step = Callable[[Tensor], Tensor]
 
 
 class CudaCapture:
-    """The CUDA implementation of warm-up, capture and replay."""
+    """The CUDA implementation of warm-up, capture and replay (for tensors on ``device_type``)."""
+
+    device_type = "cuda"
 
     @staticmethod
     def warm(step: Step, frames: Tensor) -> Tensor:
@@ -68,6 +70,11 @@ class FrameGraphs:
         self._graphs: "OrderedDict[Hashable, _Captured]" = OrderedDict()
         self.failures: Dict[Hashable, str] = {}
         self.captures = 0  # graphs captured so far (a count for tests and benchmarks)
+
+    @property
+    def device_type(self) -> str:
+        """The device type whose tensors this object captures."""
+        return self._capture.device_type
 
     def __len__(self) -> int:
         return len(self._graphs)

@@ -230,8 +230,8 @@ class EventfulBlock(_EventfulBlockBase):
         self.dense_attention = DenseAttention(bias_attn, backend)
         self.strategy = default_strategy() if strategy is None else strategy
         self.attention_mode = "eventful"
+        self.planned_mode: Optional[str] = None  # set by plan(); what compiled code runs
         self._shape: Optional[AttentionShape] = None
-        self._modes: dict = {}
         trust_indices(self)
 
     @property
@@ -261,21 +261,24 @@ class EventfulBlock(_EventfulBlockBase):
         return k
 
     def resolve_mode(self) -> str:
-        """The mode the next steady-state frame runs (decided once per budget, device and shape)."""
+        """The mode the next steady-state frame runs (the cost model's choice is remembered per shape and budget)."""
         if self._strategy != "auto" or self._shape is None:
             return "eventful" if self._strategy == "auto" else self._strategy
-        k = self._decision_k()
-        mode = self._modes.get((self._shape, k))
-        if mode is None:
-            mode = self._modes[(self._shape, k)] = choose(self._shape, k)
-        return mode
+        return choose(self._shape, self._decision_k())
+
+    def plan(self) -> str:
+        """Resolve the next frame's mode eagerly and keep it for code traced by ``torch.compile`` (which runs the
+        planned mode instead of consulting the cost model). Returns it."""
+        self.planned_mode = self.resolve_mode()
+        return self.planned_mode
 
     def _attend(self, q, k, v, idx1, wid, flush):
         grid = self._attn_grid()
         if flush:
             self._shape = AttentionShape(q.shape[0], q.shape[1], q.shape[2], q.shape[3], q.dtype, q.device,
                                          self.use_rel_pos)
-        mode = self.resolve_mode()
+        compiling = torch.compiler.is_compiling() and self.planned_mode is not None and not flush
+        mode = self.planned_mode if compiling else self.resolve_mode()
         self.attention_mode = mode
         if mode == "dense":
             if not self.eventful_attention.flushing:
