@@ -110,3 +110,22 @@ def test_cuda_graph_equals_eager(make, size, policy, strategy):
     for t, x in enumerate(video(6, size, batch=2).cuda()):
         torch.testing.assert_close(graphed(x), eager(x), **TOL, msg=f"frame {t}")
     assert graphed.graphs.captures == 1 and not graphed.graphs.failures
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("strategy", ["eventful", "dense"])
+@pytest.mark.parametrize("policy", [0.4, Threshold(0.3, capacity=12)])
+@pytest.mark.parametrize("make,size", [(tiny_vit, 32), (tiny_sam, 64)])
+def test_cuda_steady_frames_do_not_synchronise(make, size, policy, strategy):
+    """torch's sync debug mode raises on any synchronising CUDA call inside a steady-state frame."""
+    ev = convert(make().cuda(), policy, strategy=strategy)
+    frames = video(5, size, batch=2).cuda()
+    ev(frames[0])
+    ev(frames[1])  # Triton autotuning (which synchronises) happens on the first frame of each shape
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x in frames[2:]:
+            ev(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -1,15 +1,31 @@
 #!/usr/bin/env bash
-# GPU checks for a machine with a CUDA GPU and a CUDA build of torch + triton + nvcc already installed:
-# build the extension with its CUDA kernels, run the whole test suite there (CUDA and Triton tests included), and
-# benchmark the Triton ops against the standard-PyTorch composition and a device copy of the same bytes.
-#   OUT=results/gpu bash tools/gpu_check.sh      # logs + bench_triton.json under $OUT
-# The video/CLI tests are left out (they need scikit-video and a decoder, which GPU images rarely carry).
+# GPU checks, in order of value, each writing its results into $OUT as soon as it finishes (a run cut short keeps
+# what finished; at most 7 files):
+#   1. build the extension with its CUDA kernels                         -> env.txt (+ build.log on failure)
+#   2. the end-to-end table: dense timm vs eventful, interleaved frames  -> gpu_e2e.json, gpu_e2e.md
+#   3. the Triton op table against the standard-PyTorch composition      -> bench_triton.json
+#   4. the GPU tests, each file under its own time limit                 -> tests.log
+#   5. one line per step with its status and duration                    -> summary.txt (appended as it goes)
+# Needs a CUDA GPU with a CUDA build of torch, triton, timm and nvcc. Budget: ~6 min on an H200.
+#   OUT=results/gpu VIDEO=path/to/bigbuckbunny.mp4 bash tools/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu}
 PY=${PY:-python3}
+VIDEO=${VIDEO:-bigbuckbunny}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+summary="$OUT/summary.txt"
+: >"$summary"
+step() {  # step NAME SECONDS COMMAND...: run under a time limit, log status and duration to summary.txt
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS rc
+  timeout "$limit" "$@"
+  rc=$?
+  echo "$name: rc=$rc ($([ $rc = 124 ] && echo "cut at ${limit} s" || echo "$((SECONDS - t0)) s"))" | tee -a "$summary"
+  return $rc
+}
 
 { nvidia-smi -L || true
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton',
@@ -17,37 +33,43 @@ triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() el
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== build"
-# Seen on the lent H200 image (torch 2.11+cu130, built with GCC 13.3): with its default /opt/gcc/bin/g++ wrapper every
-# C++ exception thrown by the extension (any bad-input check) segfaulted; /usr/bin/g++ (GCC 13.3) works. Override
-# with CXX=... / CC=...
+# On the H200 image (torch 2.11+cu130, built with GCC 13.3) the default /opt/gcc/bin/g++ wrapper made every C++
+# exception thrown by the extension segfault; /usr/bin/g++ (GCC 13.3) works. Override with CXX=... / CC=...
 if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
-start=$SECONDS
-if ! $PY setup.py build_ext --inplace -q >"$OUT/build.log" 2>&1; then
+if ! step build 300 $PY setup.py build_ext --inplace -q >"$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"
   exit 1
 fi
-echo "built in $((SECONDS - start)) s with ${CXX:-the default compiler}"
+rm -f "$OUT/build.log"
 if ! $PY -c "
 import torch, eventful_kernels.ops as o
 try:
     o.gather_rows(torch.zeros(2, 3), torch.zeros(1, 1, dtype=torch.long))
 except RuntimeError as e:
     print('bad-input check raises:', str(e).splitlines()[0])
-"; then
-  echo "a C++ exception from the extension crashed the process: rebuild with another CXX"; exit 1
+" >>"$OUT/env.txt" 2>&1; then
+  echo "a C++ exception from the extension crashed the process: rebuild with another CXX" | tee -a "$summary"
+  exit 1
 fi
 
-echo "== tests"
-xdist=()
-$PY -c "import xdist" 2>/dev/null && xdist=(-n "${XDIST:-8}")
-# -v: failures are listed as they happen, so a run cut short by the timeout still names them.
-timeout "${TEST_TIMEOUT:-330}" $PY -m pytest -v -p no:cacheprovider "${xdist[@]}" tests \
-  --ignore=tests/test_video_cli.py 2>&1 | tee "$OUT/tests.log" \
-  | grep -E "FAILED|ERROR|passed|failed" | tail -40
-echo "results per file (also when cut short):"
-sed -nE 's/^(tests\/[a-z_]+\.py)::.* (PASSED|FAILED|ERROR|SKIPPED).*/\2 \1/p; s/.*(PASSED|FAILED|ERROR|SKIPPED) (tests\/[a-z_]+\.py).*/\1 \2/p' \
-  "$OUT/tests.log" | sort | uniq -c
+echo "== end-to-end table"
+step e2e "${E2E_TIMEOUT:-240}" $PY benchmarks/bench_gpu.py --video "$VIDEO" --out "$OUT/gpu_e2e.json" \
+  ${E2E_ARGS:-} 2>&1 | grep -v "^|" | tail -20
+[ -f "$OUT/gpu_e2e.json" ] && $PY benchmarks/bench_gpu.py --report "$OUT/gpu_e2e.json" >"$OUT/gpu_e2e.md" \
+  && cat "$OUT/gpu_e2e.md"
 
-echo "== Triton op benchmarks"
-timeout "${BENCH_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider benchmarks/bench_triton.py \
-  --benchmark-json "$OUT/bench_triton.json" --benchmark-columns=mean,median,rounds 2>&1 | tail -4 | tee "$OUT/bench.log"
+echo "== Triton op table"
+step ops "${OPS_TIMEOUT:-120}" $PY -m pytest -q -p no:cacheprovider benchmarks/bench_triton.py \
+  --benchmark-json "$OUT/bench_triton.json" --benchmark-columns=median,rounds 2>&1 | tail -3
+
+echo "== GPU tests"
+: >"$OUT/tests.log"
+# file:seconds:selection (every test of test_triton.py / test_cuda_ops.py runs on the GPU when one is present)
+for spec in "test_graphs.py:60:cuda" "test_cuda_ops.py:120:" "test_triton.py:150:" "test_blocks.py:60:cuda"; do
+  IFS=: read -r file limit select <<<"$spec"
+  # -v: each result is logged as it happens, so a file cut at its limit still shows what ran
+  step "tests/$file" "$limit" $PY -m pytest -v -p no:cacheprovider --maxfail=20 "tests/$file" ${select:+-k "$select"} \
+    >>"$OUT/tests.log" 2>&1
+  grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -3
+done
+cat "$summary"

@@ -48,17 +48,40 @@ def fit_frame(frame: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def iter_frames(path: str, size: int, max_frames: Optional[int] = None) -> Iterator[torch.Tensor]:
-    """Decode ``path`` with PyAV and yield frames fitted to ``size`` (``[3, size, size]`` uint8, RGB)."""
+    """Decode ``path`` and yield frames fitted to ``size`` (``[3, size, size]`` uint8, RGB). Decodes with PyAV, or
+    with OpenCV (``cv2``) where PyAV is not installed."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"iter_frames: no video file at {path}")
     try:
         import av
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("iter_frames: decoding video needs PyAV (`pip install av`)") from e
+    except ImportError:
+        yield from _iter_frames_cv2(path, size, max_frames)
+        return
     with av.open(path) as container:
         for i, frame in enumerate(container.decode(video=0)):
             if max_frames is not None and i >= max_frames:
                 break
             rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
             yield fit_frame(rgb, size)
+
+
+def _iter_frames_cv2(path: str, size: int, max_frames: Optional[int]) -> Iterator[torch.Tensor]:
+    try:
+        import cv2
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("iter_frames: decoding video needs PyAV (`pip install av`) or OpenCV") from e
+    cap = cv2.VideoCapture(path)
+    try:
+        i = 0
+        while max_frames is None or i < max_frames:
+            ok, bgr = cap.read()
+            if not ok:
+                break
+            rgb = torch.from_numpy(bgr[:, :, ::-1].copy()).permute(2, 0, 1)
+            yield fit_frame(rgb, size)
+            i += 1
+    finally:
+        cap.release()
 
 
 def read_frames(path: str, size: int, max_frames: Optional[int] = None) -> torch.Tensor:
