@@ -19,7 +19,9 @@ from .relpos import DecomposedRelPos
 class DenseAttention(EventfulModule):
     """``softmax(q k^T * scale + bias) v`` computed densely every call (the attention of a token-wise block).
 
-    With ``attn`` given, the decomposed rel-pos bias of ``attn`` is added. ``last_macs = 2*Bw*H*T*T*d``.
+    With ``attn`` given, the decomposed rel-pos bias of ``attn`` is added; its per-row terms are state, recomputed
+    only at ``index`` (the query rows that changed since the previous call) when given, else in full.
+    ``last_macs = 2*Bw*H*T*T*d``.
     """
 
     def __init__(self, attn: Optional[nn.Module] = None, backend: str = "ops"):
@@ -27,11 +29,12 @@ class DenseAttention(EventfulModule):
         self.rel_pos = DecomposedRelPos(attn, backend) if attn is not None else None
 
     @torch.no_grad()
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float, grid: Optional[Tuple[int, int]] = None) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float, grid: Optional[Tuple[int, int]] = None,
+                index: Optional[Tensor] = None) -> Tensor:
         bw, h, t, d = q.shape
         bias = None
         if self.rel_pos is not None:
-            bias = self.rel_pos.update(q, grid).dense()
+            bias = self.rel_pos.update(q, grid, index).dense()
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
         self.last_macs = 2 * bw * h * t * t * d
         return o.transpose(1, 2).reshape(bw, t, h * d)

@@ -279,11 +279,13 @@ class EventfulBlock(_EventfulBlockBase):
                                          self.use_rel_pos)
         compiling = torch.compiler.is_compiling() and self.planned_mode is not None and not flush
         mode = self.planned_mode if compiling else self.resolve_mode()
-        self.attention_mode = mode
+        previous, self.attention_mode = self.attention_mode, mode
         if mode == "dense":
             if not self.eventful_attention.flushing:
                 self.eventful_attention.drop_state()  # it would go stale: rebuilt if the mode comes back
-            return self.dense_attention(q, k, v, self.scale, grid)
+            # rel-pos rows: only the changed queries, when the previous frame kept them current
+            rows = idx1 if not flush and previous == "dense" and self._windows is None else None
+            return self.dense_attention(q, k, v, self.scale, grid, rows)
         if flush or self.eventful_attention.flushing:
             return self.eventful_attention(q, k, v, self.scale, grid)
         if self._windows is None:
