@@ -7,7 +7,11 @@ by at most delta = 2 * n * eps32 * sum|terms|, which we compute elementwise from
 float16/bfloat16 output then rounds each float32 result once, so the outputs may differ by delta plus one ulp of the
 output dtype (relative 2^-10 for float16, 2^-7 for bfloat16; float16 subnormal spacing 2^-24 near zero).
 Everything the ops must not touch is compared exactly, and the state copies (a_ref, v_ref) are exact.
+
+Index entries -1 are empty slots (nothing recomputed, added or refreshed there); with check_index=False every id
+outside [0, N) is one.
 """
+import re
 import zlib
 
 import pytest
@@ -28,6 +32,28 @@ def make_index(b, n, k, dtype, gen):
     """[b, k] distinct ids in [0, n) per row, unsorted."""
     rows = [torch.randperm(n, generator=gen)[:k] for _ in range(b)]
     return torch.stack(rows).to(dtype) if b else torch.empty(0, k, dtype=dtype)
+
+
+def with_empty_slots(index, gen, frac=0.4, empty_rows=(), fill=-1):
+    """`index` with about `frac` of its entries (random positions) and every row in `empty_rows` set to `fill`."""
+    out = index.clone()
+    out[torch.rand(index.shape, generator=gen) < frac] = fill
+    for b in empty_rows:
+        out[b] = fill
+    return out
+
+
+def out_of_range(index, n, gen, frac=0.4):
+    """`index` with about `frac` of its entries replaced by ids outside [0, n): -1, -5, n, 2n + 3, the dtype's max."""
+    bad = torch.tensor([-1, -5, n, 2 * n + 3, torch.iinfo(index.dtype).max], dtype=index.dtype)
+    pick = bad[torch.randint(0, len(bad), index.shape, generator=gen)]
+    return torch.where(torch.rand(index.shape, generator=gen) < frac, pick, index)
+
+
+def valid_ids(row, n):
+    """The ids of one index row that name a token of [0, n), as int64."""
+    row = row.long()
+    return row[(row >= 0) & (row < n)]
 
 
 def randn(shape, dtype, gen):
@@ -55,12 +81,12 @@ def qk_delta(q, k, scale):
     return 2 * d * EPS32 * abs(scale) * (q.float().abs() @ k.float().abs().transpose(-1, -2))
 
 
-def check_qk(logits, q, k, iq, ik, scale):
+def check_qk(logits, q, k, iq, ik, scale, **kwargs):
     """Run the op on a same-layout copy of `logits` and compare with the reference."""
     ours = clone_layout(logits)
     assert ours.stride() == logits.stride()
     ref = reference.qk_update_(logits.clone(), q, k, iq, ik, scale)
-    out = ops.qk_update_(ours, q, k, iq, ik, scale)
+    out = ops.qk_update_(ours, q, k, iq, ik, scale, **kwargs)
     assert out is ours
     assert_within(ours, ref, qk_delta(q, k, scale), logits.dtype)
     # Entries outside the selected rows and columns are untouched, bit for bit.
@@ -70,12 +96,12 @@ def check_qk(logits, q, k, iq, ik, scale):
 
 
 def untouched(logits, iq, ik):
-    """Mask of the logits outside rows `iq` and columns `ik` (per batch row, all heads)."""
+    """Mask of the logits outside rows `iq` and columns `ik` (per batch row, all heads; empty slots name nothing)."""
     b, h, nq, nk = logits.shape
     keep = torch.ones(b, nq, nk, dtype=torch.bool)
     for i in range(b):
-        keep[i, iq[i].long(), :] = False
-        keep[i, :, ik[i].long()] = False
+        keep[i, valid_ids(iq[i], nq), :] = False
+        keep[i, :, valid_ids(ik[i], nk)] = False
     return keep[:, None].expand(b, h, nq, nk)
 
 
@@ -189,6 +215,14 @@ QK_BAD = {  # name: (args -> args, error type, argument named in the message)
     "index_q_dup": (lambda a: {**a, "index_q": _dup(a["index_q"])}, RuntimeError, "'index_q'"),
     "index_k_dup": (lambda a: {**a, "index_k": _dup(a["index_k"])}, RuntimeError, "'index_k'"),
     "logits_expanded": (lambda a: {**a, "logits": a["logits"][:, :1].expand(2, 2, 6, 5)}, RuntimeError, "'logits'"),
+    "index_q_minus_two": (lambda a: {**a, "index_q": torch.tensor([[-1, 0, -1], [3, -2, -1]])}, IndexError,
+                          re.escape("eventful: argument 'index_q' holds -2 at [1, 1], out of range [0, 6)")),
+    "index_k_n_after_empty": (lambda a: {**a, "index_k": torch.tensor([[-1, -1], [-1, 5]], dtype=torch.int32)},
+                              IndexError,
+                              re.escape("eventful: argument 'index_k' holds 5 at [1, 1], out of range [0, 5)")),
+    "index_k_dup_after_empty": (lambda a: {**a, "index_k": torch.tensor([[-1, -1, 1], [2, -1, 2]])}, RuntimeError,
+                                re.escape("eventful: argument 'index_k' repeats token id 2 in row 1 (ids must be "
+                                          "distinct)")),
 }
 
 
@@ -214,12 +248,12 @@ def test_qk_update_logits_aliasing_q_rejected():
 
 # ------------------------------------------------------------------------------------- qk_update_ with rel-pos
 
-def check_qk_relpos(logits, q, k, iq, ik, scale, rel_h, rel_w):
+def check_qk_relpos(logits, q, k, iq, ik, scale, rel_h, rel_w, **kwargs):
     """As check_qk, with the decomposed rel-pos bias. The bias is added to the float32 accumulator in both; besides
     the summation-order bound, the two float32 additions may round differently (2 * eps32 * (|qk| + |bias|))."""
     ours = clone_layout(logits)
     ref = reference.qk_update_(logits.clone(), q, k, iq, ik, scale, rel_h, rel_w)
-    assert ops.qk_update_(ours, q, k, iq, ik, scale, rel_h, rel_w) is ours
+    assert ops.qk_update_(ours, q, k, iq, ik, scale, rel_h, rel_w, **kwargs) is ours
     bias = reference.relpos_bias(rel_h, rel_w)
     qk = (q.float() @ k.float().transpose(-1, -2) * scale).abs()
     assert_within(ours, ref, qk_delta(q, k, scale) + 2 * EPS32 * (qk + bias.abs()), logits.dtype)
@@ -317,23 +351,22 @@ def av_state(b, h, m, n, d, dtype, out_dtype, gen):
 
 def av_delta(out, a_new, a_ref, v_new, v_ref, index):
     """Elementwise bound: both sides sum out and 2K products in float32 in different orders."""
-    idx = index.long()
     terms = out.float().abs()
     for i in range(index.shape[0]):
-        s = idx[i]
+        s = valid_ids(index[i], a_new.shape[-1])
         terms[i] += a_new[i][..., s].float().abs() @ v_new[i][:, s].float().abs()
         terms[i] += a_ref[i][..., s].float().abs() @ v_ref[i][:, s].float().abs()
     return 2 * (2 * index.shape[1] + 1) * EPS32 * terms
 
 
-def check_av(out, a_new, a_ref, v_new, v_ref, index):
+def check_av(out, a_new, a_ref, v_new, v_ref, index, **kwargs):
     delta = av_delta(out, a_new, a_ref, v_new, v_ref, index)
     ref = [t.clone() for t in (out, a_new, a_ref, v_new, v_ref)]
     reference.av_delta_update_(*ref, index)
     keep = [t.clone() for t in (out, a_new, a_ref, v_new, v_ref)]
     ours = [clone_layout(out), a_new, clone_layout(a_ref), v_new, clone_layout(v_ref)]
     assert ours[0].stride() == out.stride() and ours[2].stride() == a_ref.stride()
-    res = ops.av_delta_update_(*ours, index)
+    res = ops.av_delta_update_(*ours, index, **kwargs)
     assert res is ours[0]
     assert_within(ours[0], ref[0], delta, out.dtype)
     assert torch.equal(ours[1], keep[1]) and torch.equal(ours[3], keep[3])  # inputs untouched
@@ -451,6 +484,13 @@ AV_BAD = {
     "v_ref_expanded": (lambda a: {**a, "v_ref": _expand_heads(a["v_ref"])}, RuntimeError, "'v_ref'"),
     "a_ref_is_a_new": (lambda a: {**a, "a_ref": a["a_new"]}, RuntimeError, "'a_ref'.*'a_new'"),
     "v_ref_is_v_new": (lambda a: {**a, "v_ref": a["v_new"]}, RuntimeError, "'v_ref'.*'v_new'"),
+    "index_minus_two": (lambda a: {**a, "index": torch.tensor([[-1, -1, -2], [0, 1, 2]])}, IndexError,
+                        re.escape("eventful: argument 'index' holds -2 at [0, 2], out of range [0, 5)")),
+    "index_n": (lambda a: {**a, "index": torch.tensor([[4, -1, 3], [-1, 5, -1]], dtype=torch.int32)}, IndexError,
+                re.escape("eventful: argument 'index' holds 5 at [1, 1], out of range [0, 5)")),
+    "index_dup_after_empty": (lambda a: {**a, "index": torch.tensor([[-1, 4, -1], [-1, 1, 1]])}, RuntimeError,
+                              re.escape("eventful: argument 'index' repeats token id 1 in row 1 (ids must be "
+                                        "distinct)")),
 }
 
 
@@ -483,3 +523,244 @@ def test_ops_under_inference_mode():
         iq, ik = make_index(2, 70, 20, torch.int64, gen), make_index(2, 70, 30, torch.int64, gen)
         check_qk(logits, q, k, iq, ik, 0.5)
         check_av(*av_state(2, 2, 70, 70, 8, torch.float32, torch.float32, gen), ik)
+
+
+# --------------------------------------------------------------------------------- empty slots and check_index
+
+QK_EMPTY_SHAPES = [  # B, H, Nq, Nk, d, Kq, Kk, batch rows holding only -1 (in both indices)
+    (1, 1, 8, 8, 4, 3, 3, ()),
+    (3, 2, 17, 11, 8, 5, 4, (1,)),  # B > 1: per-row id counts differ
+    (2, 2, 16, 16, 8, 0, 0, ()),  # K = 0
+    (2, 2, 9, 7, 4, 9, 7, ()),  # K = N with some slots empty
+    (2, 3, 6, 5, 4, 4, 3, (0, 1)),  # every slot empty
+    (3, 2, 70, 300, 12, 40, 64, (2,)),  # several row/column tiles per head
+    (3, 1, 45, 4100, 4, 30, 4100, (0,)),  # column pass: 16-row tiles, a different row count per batch row
+    (3, 1, 200, 4100, 4, 150, 6, ()),  # row pass: several 63-row tiles, a different row count per batch row
+]
+
+
+def _qk_case(shape, dtype, index_dtype, salt, frac=0.4):
+    b, h, nq, nk, d, kq, kk, empty_rows = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype, index_dtype, salt)).encode()))
+    q, k = randn((b, h, nq, d), dtype, gen), randn((b, h, nk, d), dtype, gen)
+    logits = randn((b, h, nq, nk), dtype, gen)
+    iq = with_empty_slots(make_index(b, nq, kq, index_dtype, gen), gen, frac, empty_rows)
+    ik = with_empty_slots(make_index(b, nk, kk, index_dtype, gen), gen, frac, empty_rows)
+    if b > 1 and kq > 1:
+        iq[-1, :2] = -1  # repeated -1
+        if 0 not in empty_rows:
+            iq[0] = make_index(1, nq, kq, index_dtype, gen)[0]  # a row without empty slots
+    return gen, logits, q, k, iq, ik, max(d, 1) ** -0.5
+
+
+@pytest.mark.parametrize("check_index", [True, False], ids=["checked", "unchecked"])
+@pytest.mark.parametrize("shape", QK_EMPTY_SHAPES)
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_qk_update_empty_slots(dtype, index_dtype, shape, check_index):
+    _, logits, q, k, iq, ik, scale = _qk_case(shape, dtype, index_dtype, "empty")
+    check_qk(logits, q, k, iq, ik, scale, check_index=check_index)
+
+
+@pytest.mark.parametrize("check_index", [True, False], ids=["checked", "unchecked"])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_qk_update_relpos_empty_slots(dtype, check_index):
+    gen = torch.Generator().manual_seed(31)
+    shapes = [(3, 2, 20, 5, 7, 8, 6, 9, (1,)), (2, 1, 40, 64, 64, 4, 9, 4096, ())]  # as RELPOS_SHAPES, + empty rows
+    for b, h, nq, gh, gw, d, kq, kk, empty_rows in shapes:
+        nk = gh * gw
+        q, k = randn((b, h, nq, d), dtype, gen), randn((b, h, nk, d), dtype, gen)
+        rel_h, rel_w = randn((b, h, nq, gh), dtype, gen), randn((b, h, nq, gw), dtype, gen)
+        iq = with_empty_slots(make_index(b, nq, kq, torch.int64, gen), gen, 0.4, empty_rows)
+        ik = with_empty_slots(make_index(b, nk, kk, torch.int32, gen), gen, 0.4, empty_rows)
+        if not check_index:
+            iq, ik = out_of_range(iq, nq, gen, 0.2), out_of_range(ik, nk, gen, 0.2)
+        check_qk_relpos(randn((b, h, nq, nk), dtype, gen), q, k, iq, ik, d**-0.5, rel_h, rel_w, check_index=check_index)
+
+
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_qk_update_unchecked_out_of_range_ids(dtype, index_dtype):
+    """check_index=False: ids outside [0, N) (N, 2N + 3, -5, the dtype's max) recompute nothing, like -1."""
+    for shape in QK_EMPTY_SHAPES[:6]:
+        gen, logits, q, k, iq, ik, scale = _qk_case(shape, dtype, index_dtype, "oor", frac=0.0)
+        iq, ik = out_of_range(iq, shape[2], gen), out_of_range(ik, shape[3], gen)
+        check_qk(logits, q, k, iq, ik, scale, check_index=False)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_qk_update_unchecked_equals_checked(dtype):
+    for shape in QK_EMPTY_SHAPES:
+        _, logits, q, k, iq, ik, scale = _qk_case(shape, dtype, torch.int64, "same")
+        checked, unchecked = logits.clone(), logits.clone()
+        ops.qk_update_(checked, q, k, iq, ik, scale)
+        ops.qk_update_(unchecked, q, k, iq, ik, scale, check_index=False)
+        assert torch.equal(checked, unchecked)
+
+
+def test_qk_update_unchecked_duplicates():
+    """check_index=False with repeated ids: no crash, and (every copy recomputing the same values) the result is
+    the reference's for the distinct ids."""
+    gen = torch.Generator().manual_seed(32)
+    b, h, nq, nk, d = 2, 2, 40, 30, 8
+    q, k = randn((b, h, nq, d), torch.float32, gen), randn((b, h, nk, d), torch.float32, gen)
+    logits = randn((b, h, nq, nk), torch.float32, gen)
+    iq = torch.tensor([[3, 3, 3, 7, -1, 39], [0, 39, 0, 5, 5, 5]])
+    ik = torch.tensor([[29, 29, 0, 2, 2, -1], [4, 4, 4, 4, 4, 4]])
+    ours = logits.clone()
+    ops.qk_update_(ours, q, k, iq, ik, 0.5, check_index=False)
+    def dedup(t):
+        return torch.stack([torch.cat([r.unique(), r.new_full((t.shape[1] - len(r.unique()),), -1)]) for r in t])
+
+    ref = reference.qk_update_(logits.clone(), q, k, dedup(iq), dedup(ik), 0.5)
+    assert_within(ours, ref, qk_delta(q, k, 0.5), torch.float32)
+    keep = untouched(logits, iq, ik)
+    assert torch.equal(ours[keep], logits[keep])
+
+
+def test_qk_update_unchecked_still_checks_metadata():
+    cases = [c for c in sorted(QK_BAD) if not re.search("range|negative|dup|minus|_n_", c)]
+    assert len(cases) >= 14
+    for case in cases:
+        fix, exc, name = QK_BAD[case]
+        args = fix(qk_args())
+        before = args["logits"].clone()
+        with pytest.raises(exc, match=name):
+            ops.qk_update_(**args, check_index=False)
+        assert torch.equal(args["logits"], before), case
+    for case in sorted(RELPOS_BAD):
+        fix, name = RELPOS_BAD[case]
+        args = fix(relpos_args())
+        with pytest.raises((RuntimeError, ValueError), match=name):
+            ops.qk_update_(**args, check_index=False)
+
+
+def test_qk_update_opcheck_empty_slots():
+    gen = torch.Generator().manual_seed(33)
+    logits, q, k = (randn((2, 2, 9, 6), torch.float32, gen), randn((2, 2, 9, 4), torch.float32, gen),
+                    randn((2, 2, 6, 4), torch.float32, gen))
+    rel = (randn((2, 2, 9, 2), torch.float32, gen), randn((2, 2, 9, 3), torch.float32, gen))
+    iq, ik = torch.tensor([[3, -1, 0], [-1, -1, -1]]), torch.tensor([[-1, 5], [2, -1]], dtype=torch.int32)
+    op = torch.ops.eventful.qk_update_.default
+    for kwargs, (a, b) in (({}, (iq, ik)), ({"check_index": False}, (iq, ik)),
+                           ({"check_index": False}, (torch.where(iq < 0, 9, iq), torch.where(ik < 0, -4, ik)))):
+        torch.library.opcheck(op, (logits, q, k, a, b, 0.5), kwargs)
+        torch.library.opcheck(op, (logits, q, k, a, b, 0.5, *rel), kwargs)
+
+
+AV_EMPTY_SHAPES = [  # B, H, M, N, d, K, batch rows holding only -1
+    (1, 1, 8, 8, 4, 3, ()),
+    (3, 3, 11, 17, 8, 5, (1,)),  # B > 1: per-row id counts differ
+    (2, 2, 9, 9, 4, 0, ()),  # K = 0
+    (2, 2, 7, 7, 6, 7, ()),  # K = N with some slots empty
+    (2, 2, 5, 6, 3, 4, (0, 1)),  # every slot empty
+    (3, 2, 300, 90, 16, 40, (0,)),  # several row tiles per head
+    (2, 2, 0, 5, 3, 2, ()),  # M = 0: only v_ref changes
+]
+
+
+def _av_case(shape, dtype, out_dtype, index_dtype, salt, frac=0.4):
+    b, h, m, n, d, k, empty_rows = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype, out_dtype, index_dtype, salt)).encode()))
+    state = av_state(b, h, m, n, d, dtype, out_dtype, gen)
+    index = with_empty_slots(make_index(b, n, k, index_dtype, gen), gen, frac, empty_rows)
+    if b > 1 and k > 1:
+        index[-1, :2] = -1  # repeated -1
+    return gen, state, index
+
+
+@pytest.mark.parametrize("check_index", [True, False], ids=["checked", "unchecked"])
+@pytest.mark.parametrize("shape", AV_EMPTY_SHAPES)
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("dtype,out_dtype", DTYPE_PAIRS)
+def test_av_delta_update_empty_slots(dtype, out_dtype, index_dtype, shape, check_index):
+    _, state, index = _av_case(shape, dtype, out_dtype, index_dtype, "empty")
+    check_av(*state, index, check_index=check_index)
+
+
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("dtype,out_dtype", DTYPE_PAIRS)
+def test_av_delta_update_unchecked_out_of_range_ids(dtype, out_dtype, index_dtype):
+    """check_index=False: ids outside [0, N) add nothing and refresh nothing, like -1."""
+    for shape in AV_EMPTY_SHAPES:
+        gen, state, index = _av_case(shape, dtype, out_dtype, index_dtype, "oor", frac=0.0)
+        check_av(*state, out_of_range(index, shape[3], gen), check_index=False)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_av_delta_update_unchecked_equals_checked(dtype):
+    for shape in AV_EMPTY_SHAPES:
+        _, state, index = _av_case(shape, dtype, dtype, torch.int64, "same")
+        checked, unchecked = [t.clone() for t in state], [t.clone() for t in state]
+        ops.av_delta_update_(*checked, index)
+        ops.av_delta_update_(*unchecked, index, check_index=False)
+        assert all(torch.equal(x, y) for x, y in zip(checked, unchecked))
+
+
+def test_av_delta_update_empty_slots_keep_invariant_over_frames():
+    """out == a_ref @ v_ref after every update, with -1 padded selections of varying size per batch row."""
+    gen = torch.Generator().manual_seed(34)
+    out, a_new, a_ref, v_new, v_ref = av_state(3, 2, 12, 10, 4, torch.float32, torch.float32, gen)
+    for frame in range(5):
+        a_new = torch.rand(a_new.shape, generator=gen).softmax(-1)
+        v_new = torch.randn(v_new.shape, generator=gen)
+        index = with_empty_slots(make_index(3, 10, 6, torch.int64, gen), gen, 0.5, (frame % 3,))
+        ops.av_delta_update_(out, a_new, a_ref, v_new, v_ref, index, check_index=frame % 2 == 0)
+        torch.testing.assert_close(out, a_ref @ v_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_av_delta_update_unchecked_duplicates():
+    """check_index=False with repeated ids: no crash; the state copies get the (single) new value and nothing else
+    changes. out is unspecified at the rows of a repeated id."""
+    gen = torch.Generator().manual_seed(35)
+    state = av_state(2, 2, 6, 8, 3, torch.float32, torch.float32, gen)
+    index = torch.tensor([[1, 1, 5, -1], [7, 7, 7, 7]])
+    ours = [t.clone() for t in state]
+    ops.av_delta_update_(*ours, index, check_index=False)
+    want = [t.clone() for t in state]
+    reference.av_delta_update_(*want, torch.tensor([[1, 5, -1, -1], [7, -1, -1, -1]]))
+    assert torch.equal(ours[2], want[2]) and torch.equal(ours[4], want[4])
+    assert torch.equal(ours[1], state[1]) and torch.equal(ours[3], state[3])
+    assert bool(ours[0].isfinite().all())
+
+
+def test_av_delta_update_unchecked_still_checks_metadata():
+    cases = [c for c in sorted(AV_BAD) if not re.search("range|negative|dup|minus|index_n", c)]
+    assert len(cases) >= 20
+    for case in cases:
+        fix, exc, name = AV_BAD[case]
+        args = fix(av_args())
+        state = {key: args[key].clone() for key in ("out", "a_new", "a_ref", "v_new", "v_ref")}
+        with pytest.raises(exc, match=name):
+            ops.av_delta_update_(**args, check_index=False)
+        for key, before in state.items():
+            assert torch.equal(args[key], before), (case, key)
+
+
+def test_av_delta_update_opcheck_empty_slots():
+    gen = torch.Generator().manual_seed(36)
+    state = av_state(2, 2, 6, 5, 3, torch.float32, torch.float32, gen)
+    op = torch.ops.eventful.av_delta_update_.default
+    index = torch.tensor([[4, -1, -1], [-1, -1, -1]])
+    torch.library.opcheck(op, (*state, index))
+    torch.library.opcheck(op, (*state, index), {"check_index": False})
+    unchecked = torch.tensor([[4, 5, -3], [12, 0, 1]], dtype=torch.int32)
+    torch.library.opcheck(op, (*state, unchecked), {"check_index": False})
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    b=st.integers(1, 3), h=st.integers(1, 3), m=st.integers(1, 12), n=st.integers(1, 12), d=st.integers(1, 9),
+    fq=st.floats(0, 1), fk=st.floats(0, 1), empty=st.floats(0, 1), check_index=st.booleans(),
+    dtype=st.sampled_from(FLOATS), index_dtype=st.sampled_from(INDEX_DTYPES), seed=st.integers(0, 2**16),
+)
+def test_random_empty_slots(b, h, m, n, d, fq, fk, empty, check_index, dtype, index_dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    pad = (lambda t, size: with_empty_slots(t, gen, empty)) if check_index else (
+        lambda t, size: out_of_range(t, size, gen, empty))
+    q, k = randn((b, h, m, d), dtype, gen), randn((b, h, n, d), dtype, gen)
+    iq = pad(make_index(b, m, round(fq * m), index_dtype, gen), m)
+    ik = pad(make_index(b, n, round(fk * n), index_dtype, gen), n)
+    check_qk(randn((b, h, m, n), dtype, gen), q, k, iq, ik, 1.0 / (d + 1), check_index=check_index)
+    state = av_state(b, h, m, n, d, dtype, dtype, gen)
+    check_av(*state, ik, check_index=check_index)

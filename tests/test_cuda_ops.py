@@ -2,12 +2,14 @@
 eventful_kernels/reference.py. Skipped without a CUDA GPU.
 
 Gathers and scatters move data without arithmetic, so results must be bitwise equal to the reference (torch.equal)
-for every dtype. token_gate's scores are float32 sums whose order differs from the reference's reduction; the
-selection must equal the reference's except where two reference scores are within 1e-5 relative of each other at
-the top-k boundary (a near-tie decided by rounding). Exact ties (identical rows, unchanged tokens) must follow the
-reference's rule: lower id first. c_sel and ref are then checked bitwise against the kernel's own selection.
+for every dtype, also with empty index slots (-1; with check_index=False any id outside [0, N)). token_gate's scores
+are float32 sums whose order differs from the reference's reduction; the selection must equal the reference's except
+where two reference scores are within 1e-5 relative of each other at the top-k boundary (a near-tie decided by
+rounding). Exact ties (identical rows, unchanged tokens) must follow the reference's rule: lower id first. c_sel and
+ref are then checked bitwise against the kernel's own selection.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,7 +41,8 @@ def _gen(seed):
 
 
 def make(shape, dtype, layout, gen):
-    """Random tensor of `shape` on DEV with the given memory layout; also returns (base, view_fn) for aliasing checks."""
+    """Random tensor of `shape` on DEV with the given memory layout; also returns (base, view_fn) for aliasing
+    checks."""
     shape = tuple(shape)
     if layout == "contiguous":
         base_shape, view = shape, lambda t: t
@@ -67,6 +70,26 @@ def rand_index(B, N, K, idtype, gen, unique, transposed=False):
     if transposed:  # strides (1, B)
         idx = idx.t().contiguous().t()
     return idx.to(DEV)
+
+
+def with_empty_slots(idx, gen, frac=0.4, fill=-1):
+    """`idx` with about `frac` of its entries (random positions), the first two of the last batch row and, if B > 1,
+    all of batch row 0 set to `fill` (-1, an empty slot, or a [B, K] tensor of ids outside [0, N))."""
+    out = idx.cpu().clone()
+    mask = torch.rand(out.shape, generator=gen) < frac
+    if out.shape[0] > 1:
+        mask[0] = True
+    if out.shape[0] > 0:
+        mask[-1, :2] = True
+    fill = torch.as_tensor(fill, dtype=out.dtype).expand(out.shape)
+    out[mask] = fill[mask]
+    return out.to(DEV)
+
+
+def out_of_range_ids(shape, N, idtype, gen):
+    """Ids outside [0, N) of the given shape: -1, -5, N, 2N + 3 and the dtype's max, at random."""
+    bad = torch.tensor([-1, -5, N, 2 * N + 3, torch.iinfo(idtype).max], dtype=idtype)
+    return bad[torch.randint(0, len(bad), tuple(shape), generator=gen)]
 
 
 def ks_for(N, unique):
@@ -365,7 +388,8 @@ def test_scatter_bad_input_leaves_state_unchanged(cols, idtype):
 
     cases = [
         (idx_with(1, 2, N), src, IndexError, r"'index' holds 10 at \[1, 2\], out of range \[0, 10\)"),
-        (idx_with(0, 0, -1), src, IndexError, r"'index' holds -1 at \[0, 0\]"),
+        (idx_with(0, 0, -2), src, IndexError, re.escape("eventful: argument 'index' holds -2 at [0, 0], out of range "
+                                                        "[0, 10)")),
         (idx_with(1, 3, 2), src, RuntimeError, r"'index' repeats token id 2 in row 1"),
         (good, src.double(), RuntimeError, "'src'"),
         (good, src[:, :, :, :-1] if not cols else src[:, :, :-1], RuntimeError, "'src'"),
@@ -383,10 +407,15 @@ def test_scatter_bad_input_leaves_state_unchanged(cols, idtype):
     exp = _x(1, H, N, D).expand(B, H, N, D) if not cols else _x(1, H, D, N).expand(B, H, D, N)
     with pytest.raises(RuntimeError, match="'dst'"):
         op(exp, good, src)
-    # the same call with a good index works (the checks above were not vacuous)
+    # the same call with a good index works (the checks above were not vacuous), also with repeated -1 slots
     op(dst, good, src)
     expected = (R.scatter_cols_ if cols else R.scatter_rows_)(dst0.clone(), good, src)
     assert torch.equal(dst, expected)
+    padded = idx_with(1, 0, -1)
+    padded[1, 2] = -1
+    before = dst.clone()
+    op(dst, padded, src)
+    assert torch.equal(dst, (R.scatter_cols_ if cols else R.scatter_rows_)(before, padded, src))
 
 
 def test_token_gate_bad_input_leaves_ref_unchanged():
@@ -410,27 +439,147 @@ def test_token_gate_bad_input_leaves_ref_unchanged():
         ops.token_gate(c, _x(1, 10, 8).expand(2, 10, 8), 3)
 
 
+@pytest.mark.parametrize("idtype", IDTYPES)
 @pytest.mark.parametrize("op", ["gather_rows", "gather_cols"])
-def test_gather_out_of_range_trips_device_assert(op):
-    # Gathers do not sync to check ids; a bad id must trip the kernel's assert (a CUDA error at the next sync),
-    # never read out of bounds. Run in a subprocess: a device assert poisons the CUDA context.
-    code = textwrap.dedent(
-        f"""
-        import torch, eventful_kernels
-        x = torch.randn(2, 8, 8, device="cuda")
-        idx = torch.tensor([[0, 8], [1, 2]], device="cuda")
-        try:
-            torch.ops.eventful.{op}(x, idx)
-            torch.cuda.synchronize()
-        except RuntimeError as e:
-            print("RAISED:", str(e).splitlines()[0])
-        else:
-            print("NO ERROR")
-        """
-    )
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    assert "RAISED:" in proc.stdout and "assert" in proc.stdout.lower(), proc.stdout + proc.stderr
+def test_gather_checked_rejects_out_of_range(op, idtype):
+    # check_index=True (the default): the ids are checked on the device and one flag read back; -1 is accepted.
+    x = _x(2, 8, 8)
+    for bad, msg in [([[0, 8], [1, 2]], "holds 8 at [0, 1], out of range [0, 8)"),
+                     ([[-1, 3], [-2, -1]], "holds -2 at [1, 0], out of range [0, 8)")]:
+        idx = torch.tensor(bad, dtype=idtype, device=DEV)
+        with pytest.raises(IndexError, match=re.escape("eventful: argument 'index' " + msg)):
+            getattr(ops, op)(x, idx)
+    idx = torch.tensor([[-1, 7, -1], [-1, -1, -1]], dtype=idtype, device=DEV)
+    assert torch.equal(getattr(ops, op)(x, idx), getattr(R, op)(x, idx))
+
+
+# ------------------------------------------------------------------------------------------------ empty slots
+
+
+@pytest.mark.parametrize("check_index", [True, False], ids=["checked", "unchecked"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("idtype", IDTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_with_empty_slots(dtype, idtype, layout, check_index):
+    gen = _gen(15)
+    src_layout = LAYOUTS[(LAYOUTS.index(layout) + 1) % len(LAYOUTS)]
+    scatter = lambda d, i, s: ops.scatter_rows_(d, i, s, check_index=check_index)  # noqa: E731
+    for rank in (3, 4):
+        for shape in ROW_SHAPES:
+            B, H, N, D = shape
+            x, _, _ = make(as_rank(shape, rank), dtype, layout, gen)
+            for K in ks_for(N, unique=False):
+                idx = with_empty_slots(rand_index(B, N, K, idtype, gen, unique=False), gen)
+                assert torch.equal(ops.gather_rows(x, idx, check_index=check_index), R.gather_rows(x, idx)), (shape, K)
+            for K in ks_for(N, unique=True):
+                dst, base, view = make(as_rank(shape, rank), dtype, layout, gen)
+                src, _, _ = make(as_rank((B, H, K, D), rank), dtype, src_layout, gen)
+                idx = with_empty_slots(rand_index(B, N, K, idtype, gen, unique=True), gen)
+                if K % 2 == 1:
+                    idx = idx.t().contiguous().t()
+                _check_scatter(scatter, R.scatter_rows_, dst, base, view, idx, src)
+
+
+@pytest.mark.parametrize("check_index", [True, False], ids=["checked", "unchecked"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("idtype", IDTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cols_with_empty_slots(dtype, idtype, layout, check_index):
+    gen = _gen(16)
+    src_layout = LAYOUTS[(LAYOUTS.index(layout) + 1) % len(LAYOUTS)]
+    scatter = lambda d, i, s: ops.scatter_cols_(d, i, s, check_index=check_index)  # noqa: E731
+    for rank in (3, 4):
+        for shape in COL_SHAPES:
+            B, H, M, N = shape
+            x, _, _ = make(as_rank(shape, rank), dtype, layout, gen)
+            for K in ks_for(N, unique=False):
+                idx = with_empty_slots(rand_index(B, N, K, idtype, gen, unique=False), gen)
+                assert torch.equal(ops.gather_cols(x, idx, check_index=check_index), R.gather_cols(x, idx)), (shape, K)
+            for K in ks_for(N, unique=True):
+                dst, base, view = make(as_rank(shape, rank), dtype, layout, gen)
+                src, _, _ = make(as_rank((B, H, M, K), rank), dtype, src_layout, gen)
+                idx = with_empty_slots(rand_index(B, N, K, idtype, gen, unique=True), gen)
+                if K % 2 == 1:
+                    idx = idx.t().contiguous().t()
+                _check_scatter(scatter, R.scatter_cols_, dst, base, view, idx, src)
+
+
+@pytest.mark.parametrize("idtype", IDTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unchecked_out_of_range_ids_are_empty_slots(dtype, idtype):
+    # check_index=False: ids outside [0, N) are never read or written through (no device assert, no fault); gathers
+    # give zeros there, scatters skip them, exactly as the reference.
+    gen = _gen(17)
+    scatter_rows = lambda d, i, s: ops.scatter_rows_(d, i, s, check_index=False)  # noqa: E731
+    scatter_cols = lambda d, i, s: ops.scatter_cols_(d, i, s, check_index=False)  # noqa: E731
+    for layout in LAYOUTS:
+        for shape in ROW_SHAPES:
+            B, H, N, D = shape
+            x, base, view = make(shape, dtype, layout, gen)
+            idx = rand_index(B, N, N + 3, idtype, gen, unique=False)
+            idx = with_empty_slots(idx, gen, fill=out_of_range_ids(idx.shape, N, idtype, gen))
+            assert torch.equal(ops.gather_rows(x, idx, check_index=False), R.gather_rows(x, idx))
+            uidx = rand_index(B, N, N, idtype, gen, unique=True)
+            uidx = with_empty_slots(uidx, gen, fill=out_of_range_ids(uidx.shape, N, idtype, gen))
+            src, _, _ = make((B, H, N, D), dtype, "contiguous", gen)
+            _check_scatter(scatter_rows, R.scatter_rows_, x, base, view, uidx, src)
+        for shape in COL_SHAPES:
+            B, H, M, N = shape
+            a, base, view = make(shape, dtype, layout, gen)
+            idx = rand_index(B, N, N + 3, idtype, gen, unique=False)
+            idx = with_empty_slots(idx, gen, fill=out_of_range_ids(idx.shape, N, idtype, gen))
+            assert torch.equal(ops.gather_cols(a, idx, check_index=False), R.gather_cols(a, idx))
+            uidx = rand_index(B, N, N, idtype, gen, unique=True)
+            uidx = with_empty_slots(uidx, gen, fill=out_of_range_ids(uidx.shape, N, idtype, gen))
+            src, _, _ = make((B, H, M, N), dtype, "contiguous", gen)
+            _check_scatter(scatter_cols, R.scatter_cols_, a, base, view, uidx, src)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("cols", [False, True])
+def test_unchecked_valid_ids_equal_checked(cols):
+    gen = _gen(18)
+    gather, scatter = (ops.gather_cols, ops.scatter_cols_) if cols else (ops.gather_rows, ops.scatter_rows_)
+    for shape in COL_SHAPES if cols else ROW_SHAPES:
+        N = shape[3] if cols else shape[2]
+        x, _, _ = make(shape, torch.float16, "misaligned", gen)
+        idx = rand_index(shape[0], N, N, torch.int64, gen, unique=True)
+        assert torch.equal(gather(x, idx), gather(x, idx, check_index=False))
+        src = gather(x, idx.flip(1))
+        a, b = x.clone(), x.clone()
+        scatter(a, idx, src)
+        scatter(b, idx, src, check_index=False)
+        assert torch.equal(a, b)
+
+
+def test_unchecked_ops_are_cuda_graph_capturable():
+    # check_index=False launches kernels only (no flag read back, unlike the checked ops), so a frame's gathers and
+    # scatters can be captured and replayed.
+    gen = _gen(19)
+    x = torch.randn(2, 3, 64, 32, generator=gen).to(DEV)
+    a = torch.randn(2, 3, 16, 64, generator=gen).to(DEV)
+    idx = torch.tensor([[5, -1, 63, 0, -1], [-1, -1, 7, 8, 9]], device=DEV)
+    x_ref, a_ref = x.clone(), a.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture
+        ops.gather_rows(x, idx, check_index=False)
+        ops.gather_cols(a, idx, check_index=False)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        rows = ops.gather_rows(x, idx, check_index=False)
+        ops.scatter_rows_(x, idx, rows * 2, check_index=False)
+        cols = ops.gather_cols(a, idx, check_index=False)
+        ops.scatter_cols_(a, idx, cols + 1, check_index=False)
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        r = R.gather_rows(x_ref, idx)
+        R.scatter_rows_(x_ref, idx, r * 2)
+        c = R.gather_cols(a_ref, idx)
+        R.scatter_cols_(a_ref, idx, c + 1)
+        assert torch.equal(x, x_ref) and torch.equal(a, a_ref) and torch.equal(rows, r) and torch.equal(cols, c)
 
 
 # ---------------------------------------------------------------------------------------------------- opcheck
@@ -444,8 +593,16 @@ def test_opcheck_cuda():
     a = torch.randn(2, 6, 10, generator=gen).to(DEV)
     torch.library.opcheck(torch.ops.eventful.gather_rows.default, (x, idx))
     torch.library.opcheck(torch.ops.eventful.gather_cols.default, (a, idx32))
-    torch.library.opcheck(torch.ops.eventful.scatter_rows_.default, (x.clone(), idx32, torch.randn(2, 3, 4, 8).half().to(DEV)))
-    torch.library.opcheck(torch.ops.eventful.scatter_cols_.default, (a.clone(), idx, torch.randn(2, 6, 4).to(DEV)))
+    src_rows, src_cols = torch.randn(2, 3, 4, 8).half().to(DEV), torch.randn(2, 6, 4).to(DEV)
+    torch.library.opcheck(torch.ops.eventful.scatter_rows_.default, (x.clone(), idx32, src_rows))
+    torch.library.opcheck(torch.ops.eventful.scatter_cols_.default, (a.clone(), idx, src_cols))
+    padded = torch.tensor([[3, -1, 0, -1], [-1, -1, -1, -1]], device=DEV)
+    unchecked = {"check_index": False}
+    for kwargs, p in (({}, padded), (unchecked, padded), (unchecked, torch.where(padded < 0, 10, padded))):
+        torch.library.opcheck(torch.ops.eventful.gather_rows.default, (x, p), kwargs)
+        torch.library.opcheck(torch.ops.eventful.gather_cols.default, (a, p.int()), kwargs)
+        torch.library.opcheck(torch.ops.eventful.scatter_rows_.default, (x.clone(), p.int(), src_rows), kwargs)
+        torch.library.opcheck(torch.ops.eventful.scatter_cols_.default, (a.clone(), p, src_cols), kwargs)
     c = torch.randn(2, 10, 16, generator=gen).bfloat16().to(DEV)
     torch.library.opcheck(torch.ops.eventful.token_gate.default, (c, torch.zeros_like(c), 3))
     torch.library.opcheck(torch.ops.eventful.token_gate.default, (c, torch.zeros_like(c), 0))
@@ -456,7 +613,8 @@ def test_opcheck_cuda():
 
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not on PATH")
 def test_kernels_clean_under_compute_sanitizer():
-    # Every kernel on odd shapes and layouts (vector and element paths, K = 0 and N, rejected scatters) under
+    # Every kernel on odd shapes and layouts (vector and element paths, K = 0 and N, empty slots, unchecked
+    # out-of-range ids, rejected scatters) under
     # memcheck and racecheck: no out-of-bounds access, no hazard.
     code = textwrap.dedent(
         """
@@ -471,6 +629,11 @@ def test_kernels_clean_under_compute_sanitizer():
                 y = ops.gather_rows(x, idx); ops.scatter_rows_(x, idx, y)
                 a = x.transpose(-1, -2)
                 z = ops.gather_cols(a, idx); ops.scatter_cols_(a, idx, z)
+                for bad in (-1, 9, -5, 2**40):  # empty slots: -1 (checked and not), other ids outside [0, 9) unchecked
+                    pidx = idx.clone(); pidx[:, ::2] = bad
+                    kw = dict(check_index=bad == -1 and K % 2 == 0)
+                    y = ops.gather_rows(x, pidx, **kw); ops.scatter_rows_(x, pidx, y, **kw)
+                    z = ops.gather_cols(a, pidx, **kw); ops.scatter_cols_(a, pidx, z, **kw)
             c = r(2, 50, 40).to(dt)
             for k in (0, 7, 50):
                 ops.token_gate(c, r(2, 50, 40).to(dt), k)

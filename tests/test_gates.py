@@ -11,6 +11,7 @@ Two oracles:
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -71,10 +72,10 @@ def score_tol(scores: torch.Tensor, d: int) -> float:
 
 
 def rows_at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[b, index[b, j]] for index >= 0 (ids < 0 give zero rows), computed by plain indexing."""
+    """x[b, index[b, j]] for ids in [0, N) (other ids are empty slots: zero rows), computed by plain indexing."""
     out = torch.zeros(index.shape[0], index.shape[1], x.shape[2], dtype=x.dtype)
     for b in range(index.shape[0]):
-        valid = index[b] >= 0
+        valid = (index[b] >= 0) & (index[b] < x.shape[1])
         out[b, valid] = x[b, index[b, valid]]
     return out
 
@@ -82,7 +83,7 @@ def rows_at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def expected_ref(ref_before: torch.Tensor, c: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     out = ref_before.clone()
     for b in range(index.shape[0]):
-        sel = index[b][index[b] >= 0]
+        sel = index[b][(index[b] >= 0) & (index[b] < c.shape[1])]
         out[b, sel] = c[b, sel]
     return out
 
@@ -120,12 +121,12 @@ def check_topk_selection(c, ref_before, index, k, ref_index):
                 assert same(row, ref_index[i])
 
 
-def run_both(op_name, c, ref, *args):
+def run_both(op_name, c, ref, *args, **kwargs):
     """Run the op on (c, ref) in place and the reference on contiguous clones; returns (out, ref_out, ref_ref)."""
     ref_before = ref.clone()
     r_ref = ref.clone()
     want = getattr(R, op_name)(c.clone(), r_ref, *args)
-    got = getattr(torch.ops.eventful, op_name)(c, ref, *args)
+    got = getattr(torch.ops.eventful, op_name)(c, ref, *args, **kwargs)
     return got, want, ref_before, r_ref
 
 
@@ -139,8 +140,8 @@ def assert_gate(c, ref, k, integer):
         check_topk_selection(c, ref_before, index, k, want[0])
 
 
-def assert_delta_gate(c, ref, k, integer, index=None):
-    got, want, ref_before, r_ref = run_both("token_delta_gate", c, ref, k, index)
+def assert_delta_gate(c, ref, k, integer, index=None, **kwargs):
+    got, want, ref_before, r_ref = run_both("token_delta_gate", c, ref, k, index, **kwargs)
     idx, c_sel, e_sel = got
     check_movement(c, ref_before, ref, idx, c_sel, e_sel)
     if integer or index is not None:
@@ -251,6 +252,89 @@ def test_token_delta_gate_strided_and_strided_index(layout_c, layout_ref):
     assert_delta_gate(c, ref, 4, integer=False, index=given)
 
 
+def forced_index(b, n, kk, index_dtype, g, empty_frac, empty_row=None):
+    """[b, kk] distinct ids in [0, n) (kk <= n), unsorted, with about `empty_frac` of the slots (random positions)
+    and the whole of row `empty_row` set to -1."""
+    index = torch.stack([torch.randperm(n, generator=g)[:kk] for _ in range(b)]).to(index_dtype)
+    index[torch.rand(index.shape, generator=g) < empty_frac] = -1
+    if empty_row is not None:
+        index[empty_row] = -1
+    return index
+
+
+@pytest.mark.parametrize("check_index", [True, False], ids=["checked", "unchecked"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("shape", [(1, 1, 4), (2, 9, 17), (3, 32, 24)])
+def test_token_delta_gate_empty_slots(dtype, index_dtype, shape, check_index):
+    """Forced index with -1 slots (repeated, a row of only -1 when B > 1): zero c_sel / e_sel rows there, ref
+    untouched there, the rest exactly as the reference."""
+    b, n, _ = shape
+    g = torch.Generator().manual_seed(n + 100)
+    for kk in sorted({0, 1, n // 2, n}):
+        given = forced_index(b, n, kk, index_dtype, g, 0.4, empty_row=1 if b > 1 else None)
+        if kk >= 2:
+            given[0, :2] = -1
+        c, ref = make_pair(shape, dtype, integer=False, seed=kk)
+        before = given.clone()
+        assert_delta_gate(c, ref, -1, integer=False, index=given, check_index=check_index)
+        assert same(given, before)
+        _, c_sel, e_sel = ops.token_delta_gate(c, ref.clone(), kk, given, check_index=check_index)
+        empty = (given < 0)[..., None].expand_as(c_sel)
+        assert bool((c_sel[empty] == 0).all()) and bool((e_sel[empty] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_token_delta_gate_unchecked_out_of_range_ids(dtype, index_dtype):
+    """check_index=False: ids outside [0, N) (N, 2N + 3, -5, the dtype's max) are empty slots like -1."""
+    g = torch.Generator().manual_seed(5)
+    b, n, d = 3, 12, 10
+    given = forced_index(b, n, 8, index_dtype, g, 0.0)
+    bad = torch.tensor([n, 2 * n + 3, -5, torch.iinfo(index_dtype).max, -1], dtype=index_dtype)
+    given[0, :5] = bad
+    given[1, 3] = bad[1]
+    given[2] = bad[torch.randint(0, 5, (8,), generator=g)]
+    for integer in (True, False):
+        c, ref = make_pair((b, n, d), dtype, integer, seed=3)
+        assert_delta_gate(c, ref, 8, integer, index=given, check_index=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_delta_gate_unchecked_valid_ids_equal_checked(dtype):
+    g = torch.Generator().manual_seed(9)
+    for kk in (0, 5, 16):
+        given = forced_index(2, 16, kk, torch.int64, g, 0.0)
+        c, ref = make_pair((2, 16, 12), dtype, integer=False, seed=kk)
+        r1, r2 = ref.clone(), ref.clone()
+        got1 = ops.token_delta_gate(c, r1, -1, given)
+        got2 = ops.token_delta_gate(c, r2, -1, given, check_index=False)
+        assert all(same(x, y) for x, y in zip(got1, got2)) and same(r1, r2)
+
+
+def test_token_delta_gate_unchecked_duplicates():
+    """check_index=False with a repeated id: no crash; every copy of it gathers the same row and ref gets it."""
+    c, ref = make_pair((1, 6, 4), torch.float32, integer=False, seed=2)
+    given = torch.tensor([[4, 1, 4, -1]])
+    ref_before = ref.clone()
+    idx, c_sel, e_sel = ops.token_delta_gate(c, ref, -1, given, check_index=False)
+    assert same(idx, given)
+    assert same(c_sel, rows_at(c, given)) and same(ref, expected_ref(ref_before, c, given))
+    assert same(e_sel, (rows_at(c, given) - rows_at(ref_before, given)))
+
+
+@pytest.mark.parametrize("layout_c,layout_ref", [("transposed", "sliced"), ("sliced", "token_major")])
+@pytest.mark.parametrize("check_index", [True, False], ids=["checked", "unchecked"])
+def test_token_delta_gate_empty_slots_strided(layout_c, layout_ref, check_index):
+    c0, r0 = make_pair((3, 20, 19), torch.bfloat16, integer=True, seed=4)
+    c, ref = layout(c0, layout_c), layout(r0, layout_ref)
+    given = torch.tensor([[5, -1, 19, -1], [-1, -1, -1, -1], [18, 17, -1, 15]], dtype=torch.int32).t().contiguous().t()
+    if not check_index:
+        given[2, 2] = 20
+    assert not given.is_contiguous()
+    assert_delta_gate(c, ref, 4, integer=True, index=given, check_index=check_index)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("integer", [True, False])
@@ -348,15 +432,17 @@ def test_token_gate_random(shape, kfrac, dtype, lc, lr, integer, seed):
 
 @hsettings
 @given(shape=shape_st, kfrac=st.floats(0, 1), forced=st.booleans(), idt=st.sampled_from([torch.int32, torch.int64]),
-       **common)
-def test_token_delta_gate_random(shape, kfrac, forced, idt, dtype, lc, lr, integer, seed):
+       empty=st.floats(0, 1), check_index=st.booleans(), **common)
+def test_token_delta_gate_random(shape, kfrac, forced, idt, empty, check_index, dtype, lc, lr, integer, seed):
     c0, r0 = make_pair(shape, dtype, integer, seed)
     k = round(kfrac * shape[1])
     index = None
     if forced:
         g = torch.Generator().manual_seed(seed)
-        index = torch.stack([torch.randperm(shape[1], generator=g)[:k] for _ in range(shape[0])]).to(idt)
-    assert_delta_gate(layout(c0, lc), layout(r0, lr), k, integer, index)
+        index = forced_index(shape[0], shape[1], k, idt, g, empty)
+        if not check_index:  # any id outside [0, N) is an empty slot
+            index = torch.where(index < 0, torch.tensor([-1, shape[1], -7], dtype=idt)[seed % 3], index)
+    assert_delta_gate(layout(c0, lc), layout(r0, lr), k, integer, index, check_index=check_index)
 
 
 @hsettings
@@ -400,8 +486,14 @@ def _bad_cases():
         ("delta-k-big", lambda c, r: ops.token_delta_gate(c, r, 7), c, ref, "'k'"),
         ("delta-k-mismatch", lambda c, r: delta(c, r, 3), c, ref, "'k'"),
         ("delta-idx-range", lambda c, r: delta(c, r, -1, torch.tensor([[0, 6], [1, 2]])), c, ref, "'index'"),
-        ("delta-idx-neg", lambda c, r: delta(c, r, -1, torch.tensor([[0, 1], [-1, 2]])), c, ref, "'index'"),
+        ("delta-idx-neg", lambda c, r: delta(c, r, -1, torch.tensor([[0, 1], [-2, 2]])), c, ref, "'index'"),
         ("delta-idx-dup", lambda c, r: delta(c, r, -1, torch.tensor([[0, 1], [4, 4]])), c, ref, "'index'"),
+        ("delta-idx-dup-after-empty", lambda c, r: delta(c, r, -1, torch.tensor([[-1, -1, 3, 3], [0, 1, 2, -1]])), c,
+         ref, re.escape("eventful: argument 'index' repeats token id 3 in row 0 (ids must be distinct)")),
+        ("delta-idx-minus-two-after-empty", lambda c, r: delta(c, r, -1, torch.tensor([[-1, 2], [-1, -2]])), c, ref,
+         re.escape("eventful: argument 'index' holds -2 at [1, 1], out of range [0, 6)")),
+        ("delta-idx-n", lambda c, r: delta(c, r, -1, torch.tensor([[-1, 2], [6, -1]], dtype=torch.int32)), c, ref,
+         re.escape("eventful: argument 'index' holds 6 at [1, 0], out of range [0, 6)")),
         ("delta-idx-int8", lambda c, r: delta(c, r, -1, idx_ok.to(torch.int8)), c, ref, "'index'"),
         ("delta-idx-float", lambda c, r: delta(c, r, -1, idx_ok.float()), c, ref, "'index'"),
         ("delta-idx-rank", lambda c, r: delta(c, r, -1, idx_ok[0]), c, ref, "'index'"),
@@ -420,6 +512,25 @@ def test_bad_input_raises_and_leaves_state(case):
     assert same(c, c_before) and same(ref, ref_before)
 
 
+def test_unchecked_index_still_checks_metadata():
+    """check_index=False skips only the index value scan: shapes, dtypes, k and overlap are still checked."""
+    c, ref = _pair()
+    idx = torch.tensor([[0, 9], [-5, 2]])  # values that would fail a check, never looked at here
+    cases = [
+        (lambda: ops.token_delta_gate(c, ref, 3, idx, check_index=False), "'k'"),
+        (lambda: ops.token_delta_gate(c, ref[:, :5], -1, idx, check_index=False), "'ref'"),
+        (lambda: ops.token_delta_gate(c, ref, -1, idx.float(), check_index=False), "'index'"),
+        (lambda: ops.token_delta_gate(c, ref, -1, idx[:1], check_index=False), "'index'"),
+        (lambda: ops.token_delta_gate(c, ref, -1, idx[0], check_index=False), "'index'"),
+        (lambda: ops.token_delta_gate(c, ref[:, :1].expand(2, 6, 4), -1, idx, check_index=False), "'ref'"),
+    ]
+    for fn, name in cases:
+        c_before, ref_before = c.clone(), ref.clone()
+        with pytest.raises(ERRORS, match=name):
+            fn()
+        assert same(c, c_before) and same(ref, ref_before)
+
+
 # ---------------------------------------------------------------- opcheck
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -431,3 +542,9 @@ def test_opcheck(dtype):
     torch.library.opcheck(gate.token_delta_gate.default, (c, ref.clone(), 5, None))
     idx = torch.tensor([[3, 0, 7], [11, 2, 5]], dtype=torch.int32)
     torch.library.opcheck(gate.token_delta_gate.default, (c, ref.clone(), -1, idx))
+    padded = torch.tensor([[3, -1, -1], [-1, -1, -1]])
+    torch.library.opcheck(gate.token_delta_gate.default, (c, ref.clone(), -1, padded))
+    torch.library.opcheck(gate.token_delta_gate.default, (c, ref.clone(), -1, padded), {"check_index": False})
+    torch.library.opcheck(gate.token_delta_gate.default, (c, ref.clone(), -1, torch.tensor([[3, 12, -5], [40, 1, 0]])),
+                          {"check_index": False})
+    torch.library.opcheck(gate.token_delta_gate.default, (c, ref.clone(), 5, None), {"check_index": False})

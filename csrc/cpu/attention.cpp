@@ -44,14 +44,36 @@ void gemm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t 
   at::addmm_out(C, C, A, Bm, beta, alpha);
 }
 
-// Index rows as int64, each row sorted ascending: gathering and scattering in token order walks memory forwards.
-std::vector<int64_t> sorted_ids(const at::Tensor& index) {
-  const at::Tensor idx = index.to(at::kLong).contiguous();
-  std::vector<int64_t> ids(idx.data_ptr<int64_t>(), idx.data_ptr<int64_t>() + idx.numel());
-  const int64_t K = index.size(1);
-  for (int64_t b = 0; b < index.size(0); ++b) std::sort(ids.begin() + b * K, ids.begin() + (b + 1) * K);
-  return ids;
-}
+// The ids of each index row that name a token of [0, n), sorted ascending and without repeats: empty slots (-1, or
+// any id outside [0, n) when the index was not checked) are dropped, so a row holds count[b] <= K ids. Gathering
+// and scattering in token order walks memory forwards.
+struct RowIds {
+  std::vector<int64_t> ids;    // row b at ids[b * K, b * K + count[b])
+  std::vector<int64_t> count;  // per batch row
+  int64_t K = 0;               // the index's row length
+  int64_t width = 0;           // the largest count
+  int64_t total = 0;           // the sum of the counts
+
+  RowIds(const at::Tensor& index, int64_t n) : count(index.size(0)), K(index.size(1)) {
+    const at::Tensor idx = index.to(at::kLong).contiguous();
+    const int64_t* p = idx.const_data_ptr<int64_t>();
+    ids.resize(idx.numel());
+    for (int64_t b = 0; b < index.size(0); ++b) {
+      int64_t* out = ids.data() + b * K;
+      int64_t c = 0;
+      for (int64_t j = 0; j < K; ++j) {
+        out[c] = p[b * K + j];
+        c += valid_id(out[c], n);
+      }
+      std::sort(out, out + c);
+      c = std::unique(out, out + c) - out;
+      count[b] = c;
+      width = std::max(width, c);
+      total += c;
+    }
+  }
+  const int64_t* row(int64_t b) const { return ids.data() + b * K; }
+};
 
 // Float32 view of a [B,H,N,d] tensor with unit stride along d (no copy when it already is one).
 at::Tensor as_f32_rows(const at::Tensor& t) {
@@ -59,17 +81,19 @@ at::Tensor as_f32_rows(const at::Tensor& t) {
   return f.stride(3) == 1 ? f : f.contiguous();
 }
 
-// Gather rows ids[b, j] of src [B,H,N,d] (float32, unit stride along d) into a contiguous [B,H,K,d] float32 tensor.
-at::Tensor gather_rows_f32(const at::Tensor& src, const std::vector<int64_t>& ids, int64_t K) {
-  const int64_t B = src.size(0), H = src.size(1), d = src.size(3);
-  at::Tensor out = at::empty({B, H, K, d}, f32());
+// Gather rows ids.row(b)[j] of src [B,H,N,d] (float32, unit stride along d) into a contiguous [B,H,ids.width,d]
+// float32 tensor; rows past count[b] are left unset.
+at::Tensor gather_rows_f32(const at::Tensor& src, const RowIds& ids) {
+  const int64_t B = src.size(0), H = src.size(1), d = src.size(3), W = ids.width;
+  at::Tensor out = at::empty({B, H, W, d}, f32());
   const float* sp = src.const_data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t s0 = src.stride(0), s1 = src.stride(1), s2 = src.stride(2);
-  at::parallel_for(0, B * H * K, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)), [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B * H * W, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
-      const int64_t j = r % K, bh = r / K, b = bh / H, h = bh % H;
-      std::memcpy(op + r * d, sp + b * s0 + h * s1 + ids[b * K + j] * s2, sizeof(float) * d);
+      const int64_t j = r % W, bh = r / W, b = bh / H, h = bh % H;
+      if (j >= ids.count[b]) continue;
+      std::memcpy(op + r * d, sp + b * s0 + h * s1 + ids.row(b)[j] * s2, sizeof(float) * d);
     }
   });
   return out;
@@ -78,7 +102,7 @@ at::Tensor gather_rows_f32(const at::Tensor& src, const std::vector<int64_t>& id
 // ------------------------------------------------------------------------------------------------ qk_update_
 
 void check_qk(const at::Tensor& logits, const at::Tensor& q, const at::Tensor& k, const at::Tensor& index_q,
-              const at::Tensor& index_k) {
+              const at::Tensor& index_k, bool check_index) {
   check_rank(logits, "logits", 4, 4);
   check_rank(q, "q", 4, 4);
   check_rank(k, "k", 4, 4);
@@ -102,6 +126,7 @@ void check_qk(const at::Tensor& logits, const at::Tensor& q, const at::Tensor& k
   check_writable(logits, "logits");
   check_no_overlap(logits, "logits", q, "q");
   check_no_overlap(logits, "logits", k, "k");
+  if (!check_index) return;
   check_index_values_cpu(index_q, "index_q", logits.size(2), /*unique=*/true);
   check_index_values_cpu(index_k, "index_k", logits.size(3), /*unique=*/true);
 }
@@ -151,19 +176,17 @@ struct RelPos {
 };
 
 template <typename out_t>
-void qk_update_impl(const at::Tensor& logits, const at::Tensor& q, const at::Tensor& k, const at::Tensor& index_q,
-                    const at::Tensor& index_k, float scale, const RelPos& bias) {
+void qk_update_impl(const at::Tensor& logits, const at::Tensor& q, const at::Tensor& k, const RowIds& iq,
+                    const RowIds& ik, float scale, const RelPos& bias) {
   const int64_t B = logits.size(0), H = logits.size(1), Nq = logits.size(2), Nk = logits.size(3), d = q.size(3);
-  const int64_t Kq = index_q.size(1), Kk = index_k.size(1);
   out_t* lp = logits.data_ptr<out_t>();
   const int64_t l0 = logits.stride(0), l1 = logits.stride(1), l2 = logits.stride(2), l3 = logits.stride(3);
   const at::Tensor qf = as_f32_rows(q), kf = as_f32_rows(k);  // no copy for float32 with unit stride along d
-  const bool rows_done = Kq > 0 && Nk > 0;                       // the row pass runs
-  const std::vector<int64_t> iq = rows_done ? sorted_ids(index_q) : std::vector<int64_t>();
 
   // Rows: logits[b,h,iq,:] = q[iq] @ k^T * scale, in tiles of rt selected rows x all Nk columns.
-  if (rows_done) {
-    const at::Tensor qs = gather_rows_f32(qf, iq, Kq);  // [B,H,Kq,d]
+  if (iq.width > 0) {
+    const int64_t Kq = iq.width;
+    const at::Tensor qs = gather_rows_f32(qf, iq);  // [B,H,Kq,d]
     const float* kp = kf.const_data_ptr<float>();
     const float* qsp = qs.const_data_ptr<float>();
     const int64_t k0 = kf.stride(0), k1 = kf.stride(1), k2 = kf.stride(2);
@@ -171,11 +194,13 @@ void qk_update_impl(const at::Tensor& logits, const at::Tensor& q, const at::Ten
     at::parallel_for(0, B * H * tiles, 1, [&](int64_t lo, int64_t hi) {
       std::vector<float> buf(rt * Nk);
       for (int64_t t = lo; t < hi; ++t) {
-        const int64_t bh = t / tiles, r0 = (t % tiles) * rt, r = std::min(rt, Kq - r0), b = bh / H, h = bh % H;
+        const int64_t bh = t / tiles, r0 = (t % tiles) * rt, b = bh / H, h = bh % H;
+        if (r0 >= iq.count[b]) continue;
+        const int64_t r = std::min(rt, iq.count[b] - r0);
         gemm(r, Nk, d, scale, qsp + (bh * Kq + r0) * d, d, kp + b * k0 + h * k1, 1, k2, 0.f, buf.data(), Nk);
         for (int64_t i = 0; i < r; ++i) {
           float* src = buf.data() + i * Nk;
-          const int64_t row = iq[b * Kq + r0 + i];
+          const int64_t row = iq.row(b)[r0 + i];
           if (bias) {  // whole bias row: Gh blocks of Gw columns
             const float *bh_row = bias.row_h(b, h, row), *bw_row = bias.row_w(b, h, row);
             for (int64_t a = 0; a < bias.gh; ++a) {
@@ -197,33 +222,37 @@ void qk_update_impl(const at::Tensor& logits, const at::Tensor& q, const at::Ten
     });
   }
 
-  // Columns: logits[b,h,m,ik] = q[m] @ k[ik]^T * scale for the rows m the row pass did not write (all rows when it
-  // did not run), in tiles of rt such rows x the Kk selected columns.
-  if (Kk > 0 && Nq > 0) {
-    const std::vector<int64_t> ik = sorted_ids(index_k);
-    const int64_t Nr = rows_done ? Nq - Kq : Nq;  // index rows are distinct: the same count in every batch row
-    if (Nr == 0) return;
-    std::vector<int64_t> rest(B * Nr);  // [B, Nr] ascending
+  // Columns: logits[b,h,m,ik] = q[m] @ k[ik]^T * scale for the rows m the row pass did not write, in tiles of rt
+  // such rows x the selected columns of the batch row.
+  if (ik.width > 0) {
+    const int64_t Kk = ik.width;
+    std::vector<int64_t> rest(B * Nq), nr(B);  // batch row b: its nr[b] unwritten rows at rest[b * Nq], ascending
+    int64_t nr_max = 0;
     for (int64_t b = 0; b < B; ++b) {
-      int64_t* out = rest.data() + b * Nr;
-      const int64_t* skip = rows_done ? iq.data() + b * Kq : nullptr;
-      for (int64_t m = 0, j = 0, n = 0; m < Nq; ++m) {
-        if (rows_done && j < Kq && skip[j] == m) {
+      int64_t* out = rest.data() + b * Nq;
+      const int64_t* skip = iq.row(b);
+      const int64_t kq = iq.count[b];
+      int64_t n = 0;
+      for (int64_t m = 0, j = 0; m < Nq; ++m) {
+        if (j < kq && skip[j] == m) {
           ++j;
           continue;
         }
         out[n++] = m;
       }
+      nr[b] = n;
+      nr_max = std::max(nr_max, n);
     }
+    if (nr_max == 0) return;
     // Bias columns: the selected ids ascend, so they come in runs sharing one grid row j / Gw.
     std::vector<int64_t> col_w, run_h, run_end;  // per column: j % Gw; per run: its grid row and end
     std::vector<int64_t> run_start(B + 1, 0);
     if (bias) {
-      col_w.resize(ik.size());
-      for (size_t j = 0; j < ik.size(); ++j) col_w[j] = ik[j] % bias.gw;
+      col_w.resize(B * Kk);
       for (int64_t b = 0; b < B; ++b) {
-        const int64_t* cols = ik.data() + b * Kk;
-        for (int64_t j = 0; j < Kk; ++j) {
+        const int64_t* cols = ik.row(b);
+        for (int64_t j = 0; j < ik.count[b]; ++j) {
+          col_w[b * Kk + j] = cols[j] % bias.gw;
           const int64_t gr = cols[j] / bias.gw;
           if (j == 0 || gr != run_h.back()) {
             run_h.push_back(gr);
@@ -235,28 +264,32 @@ void qk_update_impl(const at::Tensor& logits, const at::Tensor& q, const at::Ten
         run_start[b + 1] = static_cast<int64_t>(run_h.size());
       }
     }
-    const at::Tensor ks = gather_rows_f32(kf, ik, Kk);  // [B,H,Kk,d], token order
+    const at::Tensor ks = gather_rows_f32(kf, ik);  // [B,H,Kk,d], token order
     const float* qp = qf.const_data_ptr<float>();
     const float* ksp = ks.const_data_ptr<float>();
     const int64_t q0 = qf.stride(0), q1 = qf.stride(1), q2 = qf.stride(2);
-    const int64_t rt = std::clamp<int64_t>(65536 / Kk, 16, 256), tiles = (Nr + rt - 1) / rt;
-    // Whole-row prefetch pays when the columns hit most cache lines of a row (>= 1 selected id per line on average).
-    const bool prefetch_rows = l3 == 1 && Kk * static_cast<int64_t>(64 / sizeof(out_t)) >= Nk;
+    const int64_t rt = std::clamp<int64_t>(65536 / Kk, 16, 256), tiles = (nr_max + rt - 1) / rt;
     at::parallel_for(0, B * H * tiles, 1, [&](int64_t lo, int64_t hi) {
       std::vector<float> buf(rt * Kk), qt(rt * d);
       for (int64_t t = lo; t < hi; ++t) {
-        const int64_t bh = t / tiles, n0 = (t % tiles) * rt, r = std::min(rt, Nr - n0), b = bh / H, h = bh % H;
-        const int64_t* mrows = rest.data() + b * Nr + n0;
+        const int64_t bh = t / tiles, n0 = (t % tiles) * rt, b = bh / H, h = bh % H;
+        const int64_t kk = ik.count[b];
+        if (n0 >= nr[b] || kk == 0) continue;
+        const int64_t r = std::min(rt, nr[b] - n0);
+        const int64_t* mrows = rest.data() + b * Nq + n0;
         const float* qbase = qp + b * q0 + h * q1;
         const bool run = mrows[r - 1] - mrows[0] == r - 1;  // consecutive rows: q read in place
         if (!run)
           for (int64_t i = 0; i < r; ++i) std::memcpy(qt.data() + i * d, qbase + mrows[i] * q2, sizeof(float) * d);
-        gemm(r, Kk, d, scale, run ? qbase + mrows[0] * q2 : qt.data(), run ? q2 : d, ksp + bh * Kk * d, 1, d, 0.f,
-             buf.data(), Kk);
-        const int64_t* cols = ik.data() + b * Kk;
+        gemm(r, kk, d, scale, run ? qbase + mrows[0] * q2 : qt.data(), run ? q2 : d, ksp + bh * Kk * d, 1, d, 0.f,
+             buf.data(), kk);
+        const int64_t* cols = ik.row(b);
+        // Whole-row prefetch pays when the columns hit most cache lines of a row (>= 1 selected id per line on
+        // average).
+        const bool prefetch_rows = l3 == 1 && kk * static_cast<int64_t>(64 / sizeof(out_t)) >= Nk;
         for (int64_t i = 0; i < r; ++i) {
           const int64_t m = mrows[i];
-          float* src = buf.data() + i * Kk;
+          float* src = buf.data() + i * kk;
           if (bias) {
             const float *bh_row = bias.row_h(b, h, m), *bw_row = bias.row_w(b, h, m);
             const int64_t* cw = col_w.data() + b * Kk;
@@ -266,12 +299,12 @@ void qk_update_impl(const at::Tensor& logits, const at::Tensor& q, const at::Ten
             }
           }
           out_t* dst = lp + b * l0 + h * l1 + m * l2;
-          if (prefetch_rows && n0 + i + kAhead < Nr) {
+          if (prefetch_rows && n0 + i + kAhead < nr[b]) {
             // Scattered stores defeat the hardware prefetcher; fetch the row kAhead rows ahead as a whole.
             const out_t* ahead = lp + b * l0 + h * l1 + mrows[i + kAhead] * l2;
             for (int64_t n = 0; n < Nk; n += 64 / sizeof(out_t)) __builtin_prefetch(ahead + n, 1, 3);
           }
-          for (int64_t j = 0; j < Kk; ++j) dst[cols[j] * l3] = static_cast<out_t>(src[j]);
+          for (int64_t j = 0; j < kk; ++j) dst[cols[j] * l3] = static_cast<out_t>(src[j]);
         }
       }
     });
@@ -279,25 +312,27 @@ void qk_update_impl(const at::Tensor& logits, const at::Tensor& q, const at::Ten
 }
 
 // logits [B,H,Nq,Nk] (float32 or q's dtype), q [B,H,Nq,d], k [B,H,Nk,d], index_q [B,Kq], index_k [B,Kk] (distinct
-// ids): logits[:,:,iq,:] = q[iq] @ k^T * scale, then logits[:,:,:,ik] = q @ k[ik]^T * scale. Float32 accumulation.
-// Optional rel_h [B,H,Nq,Gh] / rel_w [B,H,Nq,Gw] (Gh*Gw = Nk): rel_h[i, j / Gw] + rel_w[i, j % Gw] is added to every
-// recomputed entry in float32, before the cast.
+// ids, -1 for an empty slot): logits[:,:,iq,:] = q[iq] @ k^T * scale, then logits[:,:,:,ik] = q @ k[ik]^T * scale.
+// Float32 accumulation. Optional rel_h [B,H,Nq,Gh] / rel_w [B,H,Nq,Gw] (Gh*Gw = Nk): rel_h[i, j / Gw] +
+// rel_w[i, j % Gw] is added to every recomputed entry in float32, before the cast.
 void qk_update_cpu(const at::Tensor& logits, const at::Tensor& q, const at::Tensor& k, const at::Tensor& index_q,
                    const at::Tensor& index_k, double scale, const std::optional<at::Tensor>& rel_h,
-                   const std::optional<at::Tensor>& rel_w) {
-  check_qk(logits, q, k, index_q, index_k);
+                   const std::optional<at::Tensor>& rel_w, bool check_index) {
+  check_qk(logits, q, k, index_q, index_k, check_index);
   check_relpos(rel_h, rel_w, logits, q);
   if (logits.numel() == 0 || index_q.numel() + index_k.numel() == 0) return;
+  const RowIds iq(index_q, logits.size(2)), ik(index_k, logits.size(3));
+  if (iq.total + ik.total == 0) return;
   const RelPos bias(rel_h, rel_w);
   EVENTFUL_DISPATCH_FLOATS(logits.scalar_type(), "qk_update_", [&] {
-    qk_update_impl<scalar_t>(logits, q, k, index_q, index_k, static_cast<float>(scale), bias);
+    qk_update_impl<scalar_t>(logits, q, k, iq, ik, static_cast<float>(scale), bias);
   });
 }
 
 // ------------------------------------------------------------------------------------------------ av_delta_update_
 
 void check_av(const at::Tensor& out, const at::Tensor& a_new, const at::Tensor& a_ref, const at::Tensor& v_new,
-              const at::Tensor& v_ref, const at::Tensor& index) {
+              const at::Tensor& v_ref, const at::Tensor& index, bool check_index) {
   const at::Tensor* all[] = {&out, &a_new, &a_ref, &v_new, &v_ref};
   const char* names[] = {"out", "a_new", "a_ref", "v_new", "v_ref"};
   for (int i = 0; i < 5; ++i) {
@@ -323,26 +358,28 @@ void check_av(const at::Tensor& out, const at::Tensor& a_new, const at::Tensor& 
     for (int j = 0; j < 5; ++j)
       if (j != i) check_no_overlap(*all[i], names[i], *all[j], names[j]);
   }
-  check_index_values_cpu(index, "index", N, /*unique=*/true);
+  if (check_index) check_index_values_cpu(index, "index", N, /*unique=*/true);
 }
 
 template <typename in_t, typename out_t>
 void av_delta_update_impl(const at::Tensor& out, const at::Tensor& a_new, const at::Tensor& a_ref,
-                          const at::Tensor& v_new, const at::Tensor& v_ref, const at::Tensor& index) {
-  const int64_t B = out.size(0), H = out.size(1), M = out.size(2), d = out.size(3), K = index.size(1);
+                          const at::Tensor& v_new, const at::Tensor& v_ref, const RowIds& ids) {
+  const int64_t B = out.size(0), H = out.size(1), M = out.size(2), d = out.size(3), K = ids.width;
   const int64_t K2 = 2 * K;
-  const std::vector<int64_t> ids = sorted_ids(index);
   const in_t* vnp = v_new.const_data_ptr<in_t>();
   in_t* vrp = v_ref.data_ptr<in_t>();
   const auto vns = v_new.strides(), vrs = v_ref.strides();
 
-  // vcat [B,H,2K,d] float32 = [v_new[S]; v_ref[S]] (old v_ref), the right operand of the one GEMM per tile.
+  // vcat [B,H,2K,d] float32: per batch row b with k = count[b] ids, its first 2k rows are [v_new[S]; v_ref[S]]
+  // (old v_ref), the right operand of the one GEMM per tile.
   at::Tensor vcat = at::empty({B, H, K2, d}, f32());
   float* vcp = vcat.data_ptr<float>();
   at::parallel_for(0, B * H * K2, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
-      const int64_t j = r % K2, bh = r / K2, b = bh / H, h = bh % H, s = ids[b * K + j % K];
-      const bool is_new = j < K;
+      const int64_t j = r % K2, bh = r / K2, b = bh / H, h = bh % H, kb = ids.count[b];
+      if (j >= 2 * kb) continue;
+      const bool is_new = j < kb;
+      const int64_t s = ids.row(b)[is_new ? j : j - kb];
       const auto& st = is_new ? vns : vrs;
       const in_t* src = (is_new ? vnp : vrp) + b * st[0] + h * st[1] + s * st[2];
       float* dst = vcp + r * d;
@@ -350,7 +387,7 @@ void av_delta_update_impl(const at::Tensor& out, const at::Tensor& a_new, const 
     }
   });
 
-  // Per tile of rt rows of A: acat [rt, 2K] = [a_new[m,S], -a_ref[m,S]] (then a_ref[m,S] = a_new[m,S]);
+  // Per tile of rt rows of A: acat [rt, 2k] = [a_new[m,S], -a_ref[m,S]] (then a_ref[m,S] = a_new[m,S]);
   // out[m] += acat @ vcat, straight into out when it is float32 with unit stride along d.
   if (M > 0) {
     const in_t* anp = a_new.const_data_ptr<in_t>();
@@ -363,25 +400,27 @@ void av_delta_update_impl(const at::Tensor& out, const at::Tensor& a_new, const 
       std::vector<float> acat(rt * K2), buf(direct ? 0 : rt * d);
       for (int64_t t = lo; t < hi; ++t) {
         const int64_t bh = t / tiles, m0 = (t % tiles) * rt, r = std::min(rt, M - m0), b = bh / H, h = bh % H;
-        const int64_t* cols = ids.data() + b * K;
+        const int64_t kb = ids.count[b], kb2 = 2 * kb;
+        if (kb == 0) continue;
+        const int64_t* cols = ids.row(b);
         for (int64_t i = 0; i < r; ++i) {
           const in_t* an = anp + b * ans[0] + h * ans[1] + (m0 + i) * ans[2];
           in_t* ar = arp + b * ars[0] + h * ars[1] + (m0 + i) * ars[2];
-          float* row = acat.data() + i * K2;
-          for (int64_t j = 0; j < K; ++j) {
+          float* row = acat.data() + i * kb2;
+          for (int64_t j = 0; j < kb; ++j) {
             const in_t x = an[cols[j] * ans[3]];
             in_t& y = ar[cols[j] * ars[3]];
             row[j] = static_cast<float>(x);
-            row[K + j] = -static_cast<float>(y);
+            row[kb + j] = -static_cast<float>(y);
             y = x;
           }
         }
         out_t* orow = op + b * os[0] + h * os[1] + m0 * os[2];
         const float* vc = vcp + bh * K2 * d;
         if (direct) {
-          gemm(r, d, K2, 1.f, acat.data(), K2, vc, d, 1, 1.f, reinterpret_cast<float*>(orow), os[2]);
+          gemm(r, d, kb2, 1.f, acat.data(), kb2, vc, d, 1, 1.f, reinterpret_cast<float*>(orow), os[2]);
         } else {
-          gemm(r, d, K2, 1.f, acat.data(), K2, vc, d, 1, 0.f, buf.data(), d);
+          gemm(r, d, kb2, 1.f, acat.data(), kb2, vc, d, 1, 0.f, buf.data(), d);
           for (int64_t i = 0; i < r; ++i)
             for (int64_t c = 0; c < d; ++c) {
               out_t& o = orow[i * os[2] + c * os[3]];
@@ -395,7 +434,9 @@ void av_delta_update_impl(const at::Tensor& out, const at::Tensor& a_new, const 
   // v_ref[S] = v_new[S], after vcat has read the old rows.
   at::parallel_for(0, B * H * K, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
-      const int64_t bh = r / K, b = bh / H, h = bh % H, s = ids[b * K + r % K];
+      const int64_t j = r % K, bh = r / K, b = bh / H, h = bh % H;
+      if (j >= ids.count[b]) continue;
+      const int64_t s = ids.row(b)[j];
       const in_t* src = vnp + b * vns[0] + h * vns[1] + s * vns[2];
       in_t* dst = vrp + b * vrs[0] + h * vrs[1] + s * vrs[2];
       for (int64_t c = 0; c < d; ++c) dst[c * vrs[3]] = src[c * vns[3]];
@@ -403,18 +444,21 @@ void av_delta_update_impl(const at::Tensor& out, const at::Tensor& a_new, const 
   });
 }
 
-// out [B,H,M,d] (float32 or a_new's dtype), a_new/a_ref [B,H,M,N], v_new/v_ref [B,H,N,d], index [B,K] (distinct ids):
-// out += [a_new[..,S], -a_ref[..,S]] @ [v_new[S]; v_ref[S]] (one float32 GEMM over the 2K contraction), then
-// a_ref[..,S] = a_new[..,S] and v_ref[S] = v_new[S].
+// out [B,H,M,d] (float32 or a_new's dtype), a_new/a_ref [B,H,M,N], v_new/v_ref [B,H,N,d], index [B,K] (distinct ids,
+// -1 for an empty slot): out += [a_new[..,S], -a_ref[..,S]] @ [v_new[S]; v_ref[S]] (one float32 GEMM over the 2K
+// contraction), then a_ref[..,S] = a_new[..,S] and v_ref[S] = v_new[S].
 void av_delta_update_cpu(const at::Tensor& out, const at::Tensor& a_new, const at::Tensor& a_ref,
-                         const at::Tensor& v_new, const at::Tensor& v_ref, const at::Tensor& index) {
-  check_av(out, a_new, a_ref, v_new, v_ref, index);
+                         const at::Tensor& v_new, const at::Tensor& v_ref, const at::Tensor& index,
+                         bool check_index) {
+  check_av(out, a_new, a_ref, v_new, v_ref, index, check_index);
   if (index.numel() == 0 || a_new.size(0) * a_new.size(1) == 0) return;
+  const RowIds ids(index, a_new.size(3));
+  if (ids.total == 0) return;
   EVENTFUL_DISPATCH_FLOATS(a_new.scalar_type(), "av_delta_update_", [&] {
     if (out.scalar_type() == at::kFloat) {
-      av_delta_update_impl<scalar_t, float>(out, a_new, a_ref, v_new, v_ref, index);
+      av_delta_update_impl<scalar_t, float>(out, a_new, a_ref, v_new, v_ref, ids);
     } else {
-      av_delta_update_impl<scalar_t, scalar_t>(out, a_new, a_ref, v_new, v_ref, index);
+      av_delta_update_impl<scalar_t, scalar_t>(out, a_new, a_ref, v_new, v_ref, ids);
     }
   });
 }

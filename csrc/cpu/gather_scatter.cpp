@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <vector>
 
 #include "eventful/checks.h"
 
@@ -23,8 +24,10 @@ inline void next_coord(int64_t& inner, int64_t& h, int64_t& b, int64_t n_inner, 
 
 template <typename elem_t, typename index_t>
 void copy_rows(const at::Tensor& src4, const at::Tensor& dst4, const at::Tensor& index, bool gather) {
-  // gather: dst[b,h,k,:] = src[b,h,index[b,k],:]; scatter: dst[b,h,index[b,k],:] = src[b,h,k,:]
+  // gather: dst[b,h,k,:] = src[b,h,index[b,k],:]; scatter: dst[b,h,index[b,k],:] = src[b,h,k,:]. An id outside
+  // [0, n) is an empty slot: a gather writes a zero row, a scatter nothing.
   const int64_t B = src4.size(0), H = src4.size(1), D = src4.size(3), K = index.size(1);
+  const int64_t n = gather ? src4.size(2) : dst4.size(2);
   const elem_t* sp = reinterpret_cast<const elem_t*>(src4.data_ptr());
   elem_t* dp = reinterpret_cast<elem_t*>(dst4.data_ptr());
   const index_t* ip = index.data_ptr<index_t>();
@@ -36,6 +39,13 @@ void copy_rows(const at::Tensor& src4, const at::Tensor& dst4, const at::Tensor&
     int64_t k = begin % K, h = (begin / K) % H, b = begin / K / H;  // advanced incrementally below
     for (int64_t r = begin; r < end; ++r, next_coord(k, h, b, K, H)) {
       const int64_t tok = static_cast<int64_t>(ip[b * is0 + k * is1]);
+      if (!valid_id(tok, n)) {
+        if (gather) {
+          elem_t* d = dp + b * ds[0] + h * ds[1] + k * ds[2];
+          for (int64_t j = 0; j < D; ++j) d[j * ds[3]] = elem_t(0);
+        }
+        continue;
+      }
       const int64_t srow = gather ? tok : k, drow = gather ? k : tok;
       const elem_t* s = sp + b * ss[0] + h * ss[1] + srow * ss[2];
       elem_t* d = dp + b * ds[0] + h * ds[1] + drow * ds[2];
@@ -50,13 +60,19 @@ void copy_rows(const at::Tensor& src4, const at::Tensor& dst4, const at::Tensor&
 
 template <typename elem_t, typename index_t>
 void copy_cols(const at::Tensor& src4, const at::Tensor& dst4, const at::Tensor& index, bool gather) {
-  // gather: dst[b,h,m,k] = src[b,h,m,index[b,k]]; scatter: dst[b,h,m,index[b,k]] = src[b,h,m,k]
+  // gather: dst[b,h,m,k] = src[b,h,m,index[b,k]]; scatter: dst[b,h,m,index[b,k]] = src[b,h,m,k]. Empty slots
+  // (ids outside [0, n)) as in copy_rows.
   const int64_t B = src4.size(0), H = src4.size(1), M = src4.size(2), K = index.size(1);
+  const int64_t n = gather ? src4.size(3) : dst4.size(3);
   const elem_t* sp = reinterpret_cast<const elem_t*>(src4.data_ptr());
   elem_t* dp = reinterpret_cast<elem_t*>(dst4.data_ptr());
   const index_t* ip = index.data_ptr<index_t>();
   const auto ss = src4.strides(), ds = dst4.strides();
   const int64_t is0 = index.stride(0), is1 = index.stride(1);
+  // Batch rows without an empty slot take the unguarded loops.
+  std::vector<uint8_t> full(B, 1);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < K && full[b]; ++k) full[b] = valid_id(static_cast<int64_t>(ip[b * is0 + k * is1]), n);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
   at::parallel_for(0, B * H * M, grain, [&](int64_t begin, int64_t end) {
     int64_t m = begin % M, h = (begin / M) % H, b = begin / M / H;
@@ -64,10 +80,22 @@ void copy_cols(const at::Tensor& src4, const at::Tensor& dst4, const at::Tensor&
       const index_t* irow = ip + b * is0;
       const elem_t* s = sp + b * ss[0] + h * ss[1] + m * ss[2];
       elem_t* d = dp + b * ds[0] + h * ds[1] + m * ds[2];
-      if (gather) {
-        for (int64_t k = 0; k < K; ++k) d[k * ds[3]] = s[static_cast<int64_t>(irow[k * is1]) * ss[3]];
+      if (full[b]) {
+        if (gather) {
+          for (int64_t k = 0; k < K; ++k) d[k * ds[3]] = s[static_cast<int64_t>(irow[k * is1]) * ss[3]];
+        } else {
+          for (int64_t k = 0; k < K; ++k) d[static_cast<int64_t>(irow[k * is1]) * ds[3]] = s[k * ss[3]];
+        }
+      } else if (gather) {
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t tok = static_cast<int64_t>(irow[k * is1]);
+          d[k * ds[3]] = valid_id(tok, n) ? s[tok * ss[3]] : elem_t(0);
+        }
       } else {
-        for (int64_t k = 0; k < K; ++k) d[static_cast<int64_t>(irow[k * is1]) * ds[3]] = s[k * ss[3]];
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t tok = static_cast<int64_t>(irow[k * is1]);
+          if (valid_id(tok, n)) d[tok * ds[3]] = s[k * ss[3]];
+        }
       }
     }
   });
@@ -84,35 +112,35 @@ void copy_cols(const at::Tensor& src4, const at::Tensor& dst4, const at::Tensor&
     }                                                                                         \
   } while (0)
 
-at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& index) {
+at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& index, bool check_index) {
   check_gather_args(x, "x", index);
   const at::Tensor x4 = as_4d(x);
-  check_index_values_cpu(index, "index", x4.size(2), /*unique=*/false);
+  if (check_index) check_index_values_cpu(index, "index", x4.size(2), /*unique=*/false);
   at::Tensor y4 = at::empty({x4.size(0), x4.size(1), index.size(1), x4.size(3)}, x.options());
   if (y4.numel() > 0) EVENTFUL_DISPATCH_COPY(copy_rows, x, index, x4, y4, index, true);
   return x.dim() == 3 ? y4.squeeze(1) : y4;
 }
 
-void scatter_rows_cpu(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) {
+void scatter_rows_cpu(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src, bool check_index) {
   check_scatter_args(dst, index, src, /*cols=*/false);
   const at::Tensor d4 = as_4d(dst), s4 = as_4d(src);
-  check_index_values_cpu(index, "index", d4.size(2), /*unique=*/true);
+  if (check_index) check_index_values_cpu(index, "index", d4.size(2), /*unique=*/true);
   if (s4.numel() > 0) EVENTFUL_DISPATCH_COPY(copy_rows, dst, index, s4, d4, index, false);
 }
 
-at::Tensor gather_cols_cpu(const at::Tensor& x, const at::Tensor& index) {
+at::Tensor gather_cols_cpu(const at::Tensor& x, const at::Tensor& index, bool check_index) {
   check_gather_args(x, "x", index);
   const at::Tensor x4 = as_4d(x);
-  check_index_values_cpu(index, "index", x4.size(3), /*unique=*/false);
+  if (check_index) check_index_values_cpu(index, "index", x4.size(3), /*unique=*/false);
   at::Tensor y4 = at::empty({x4.size(0), x4.size(1), x4.size(2), index.size(1)}, x.options());
   if (y4.numel() > 0) EVENTFUL_DISPATCH_COPY(copy_cols, x, index, x4, y4, index, true);
   return x.dim() == 3 ? y4.squeeze(1) : y4;
 }
 
-void scatter_cols_cpu(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) {
+void scatter_cols_cpu(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src, bool check_index) {
   check_scatter_args(dst, index, src, /*cols=*/true);
   const at::Tensor d4 = as_4d(dst), s4 = as_4d(src);
-  check_index_values_cpu(index, "index", d4.size(3), /*unique=*/true);
+  if (check_index) check_index_values_cpu(index, "index", d4.size(3), /*unique=*/true);
   if (s4.numel() > 0) EVENTFUL_DISPATCH_COPY(copy_cols, dst, index, s4, d4, index, false);
 }
 

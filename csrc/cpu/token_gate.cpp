@@ -191,11 +191,12 @@ std::tuple<at::Tensor, at::Tensor> select_threshold(std::vector<uint64_t>& keys,
 // ---- data movement ----
 
 // c_sel[b, j] = c[b, index[b, j]] and, if e_sel is defined, e_sel[b, j] = c_sel[b, j] - ref[b, index[b, j]]
-// (float32 difference, cast back). Rows with index -1 (threshold padding) are zeroed. Outputs are contiguous.
+// (float32 difference, cast back). Rows at empty slots (ids outside [0, N): -1, the threshold padding, or an
+// unchecked bad id) are zeroed. Outputs are contiguous.
 template <typename scalar_t>
 void gather_selected(const at::Tensor& c, const at::Tensor& ref, const at::Tensor& index, const at::Tensor& c_sel,
                      const at::Tensor& e_sel) {
-  const int64_t B = index.size(0), K = index.size(1), D = c.size(2);
+  const int64_t B = index.size(0), K = index.size(1), N = c.size(1), D = c.size(2);
   const scalar_t* cp = c.const_data_ptr<scalar_t>();
   const scalar_t* rp = ref.const_data_ptr<scalar_t>();
   const int64_t* ip = index.const_data_ptr<int64_t>();
@@ -207,8 +208,9 @@ void gather_selected(const at::Tensor& c, const at::Tensor& ref, const at::Tenso
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / K, tok = ip[r];
       scalar_t* s = sp + r * D;
-      if (tok < 0) {
+      if (!valid_id(tok, N)) {
         std::fill(s, s + D, scalar_t(0));
+        if (ep) std::fill(ep + r * D, ep + (r + 1) * D, scalar_t(0));
         continue;
       }
       const scalar_t* crow = cp + b * cst[0] + tok * cst[1];
@@ -227,10 +229,10 @@ void gather_selected(const at::Tensor& c, const at::Tensor& ref, const at::Tenso
   });
 }
 
-// ref[b, index[b, j]] = c_sel[b, j] for every j with index >= 0.
+// ref[b, index[b, j]] = c_sel[b, j] for every j that is not an empty slot.
 template <typename scalar_t>
 void scatter_selected(const at::Tensor& ref, const at::Tensor& index, const at::Tensor& c_sel) {
-  const int64_t B = index.size(0), K = index.size(1), D = ref.size(2);
+  const int64_t B = index.size(0), K = index.size(1), N = ref.size(1), D = ref.size(2);
   scalar_t* rp = ref.data_ptr<scalar_t>();
   const int64_t* ip = index.const_data_ptr<int64_t>();
   const scalar_t* sp = c_sel.const_data_ptr<scalar_t>();
@@ -239,7 +241,7 @@ void scatter_selected(const at::Tensor& ref, const at::Tensor& index, const at::
   at::parallel_for(0, B * K, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / K, tok = ip[r];
-      if (tok < 0) continue;
+      if (!valid_id(tok, N)) continue;
       const scalar_t* s = sp + r * D;
       scalar_t* d = rp + b * rst[0] + tok * rst[1];
       if (rst[2] == 1) {
@@ -321,10 +323,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_gate_threshold_cpu(const at
 }
 
 // As token_gate, also returning e_sel = c_sel - ref_old[index]. A given index [B, K] (int32/int64, distinct ids in
-// [0, N)) forces the selection and is returned as int64 in its own order; k must then be -1 or K.
+// [0, N) or -1 for an empty slot, which gives zero rows and leaves ref alone) forces the selection and is returned
+// as int64 in its own order; k must then be -1 or K.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_delta_gate_cpu(const at::Tensor& c, const at::Tensor& ref,
                                                                     int64_t k,
-                                                                    const std::optional<at::Tensor>& index_opt) {
+                                                                    const std::optional<at::Tensor>& index_opt,
+                                                                    bool check_index) {
   check_gate_inputs(c, ref);
   at::Tensor index;
   if (index_opt.has_value() && index_opt->defined()) {
@@ -332,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_delta_gate_cpu(const at::Te
     check_index_meta(given, "index", c.size(0), c, "c");
     TORCH_CHECK_VALUE(k == -1 || k == given.size(1), "eventful: argument 'k' must be -1 or equal to the size of "
                       "'index' at dim 1 (", given.size(1), ") when 'index' is given, got ", k);
-    check_index_values_cpu(given, "index", c.size(1), /*unique=*/true);
+    if (check_index) check_index_values_cpu(given, "index", c.size(1), /*unique=*/true);
     index = at::empty(given.sizes(), given.options().dtype(at::kLong));
     index.copy_(given);
   } else {

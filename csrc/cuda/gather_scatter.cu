@@ -41,13 +41,13 @@ __global__ void __launch_bounds__(kBlockThreads) copy_rows_kernel(RowArgs a, con
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < a.rows; r += step) {
     const int64_t k = r % a.K, bh = r / a.K, h = bh % a.H, b = bh / a.H;
     const int64_t tok = static_cast<int64_t>(index[b * a.is0 + k * a.is1]);
-    const bool ok = tok >= 0 && tok < a.n;
-    CUDA_KERNEL_ASSERT_MSG(ok, "eventful: index holds a token id out of range [0, N)");
-    if (!ok) {
-      // Never touch the indexed operand; a gather still defines its output row (zeros).
+    if (tok < 0 || tok >= a.n) {
+      // An empty slot (-1, or any id outside [0, N) of an unchecked index): the indexed operand is never touched;
+      // a gather writes a zero row, a scatter nothing.
       if constexpr (kIndexedSrc) {
         char* d = a.dst.ptr + b * a.dst.s0 + h * a.dst.s1 + k * a.dst.s2;
-        for (int64_t j = threadIdx.x; j < a.units; j += blockDim.x) *reinterpret_cast<unit_t*>(d + j * a.dst.s3) = unit_t{};
+        for (int64_t j = threadIdx.x; j < a.units; j += blockDim.x)
+          *reinterpret_cast<unit_t*>(d + j * a.dst.s3) = unit_t{};
       }
       continue;
     }
@@ -151,9 +151,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     const int64_t k = kt * blockDim.x + threadIdx.x;
     if (k >= a.K) continue;
     const int64_t tok = static_cast<int64_t>(index[b * a.is0 + k * a.is1]);
-    const bool ok = tok >= 0 && tok < a.n;
-    CUDA_KERNEL_ASSERT_MSG(ok, "eventful: index holds a token id out of range [0, N)");
-    if (!kGather && !ok) continue;  // a scatter never writes through a bad id
+    const bool ok = tok >= 0 && tok < a.n;  // otherwise an empty slot: a zero column, or no write
+    if (!kGather && !ok) continue;
     const int64_t r0 = rc * a.chunk_rows + threadIdx.y;
     const int64_t r1 = std::min(rc * a.chunk_rows + a.chunk_rows, a.plane);
     if (r0 >= r1) continue;
@@ -191,8 +190,9 @@ void launch_cols(dim3 grid, dim3 block, const ColArgs& a, const at::TensorBase& 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Index validation: grid-stride over the B*K ids. Range errors keep the smallest flat position, duplicates the
-// smallest b*n+id (both as UINT64_MAX - value under atomicMax, so a zeroed workspace means "no error").
+// Index validation: grid-stride over the B*K ids. -1 (an empty slot) is accepted and never counted as a repeat.
+// Range errors keep the smallest flat position, duplicates the smallest b*n+id (both as UINT64_MAX - value under
+// atomicMax, so a zeroed workspace means "no error").
 
 template <typename index_t>
 __global__ void __launch_bounds__(kBlockThreads)
@@ -202,6 +202,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += step) {
     const int64_t b = i / K, j = i % K;
     const int64_t v = static_cast<int64_t>(index[b * is0 + j * is1]);
+    if (v == -1) continue;
     if (v < 0 || v >= n) {
       atomicMax(&err[0], ~static_cast<unsigned long long>(i));
       continue;

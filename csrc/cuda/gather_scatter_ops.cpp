@@ -1,9 +1,9 @@
 // CUDA gather_rows, scatter_rows_, gather_cols, scatter_cols_ (semantics: eventful_kernels/reference.py).
 // Metadata checks are the shared ones (same order and messages as csrc/cpu/gather_scatter.cpp). Index values:
-//  - gathers never synchronize: the kernels guard every id (device assert, no out-of-bounds access);
-//  - scatters validate range and uniqueness with a small kernel and read back one 16-byte flag (a host sync)
-//    before writing anything, so a bad index raises a clear error and leaves dst unchanged. This makes the scatters
-//    unsuitable for CUDA-graph capture; gathers are capturable.
+//  - check_index=true: a small kernel validates range (and, for scatters, uniqueness) and one 16-byte flag is read
+//    back (a host sync) before anything is written, so a bad index raises a clear error and leaves dst unchanged;
+//  - check_index=false: no check and no sync (CUDA-graph capturable). The kernels treat every id outside [0, N) as an
+//    empty slot, so nothing out of bounds is ever accessed.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -39,33 +39,35 @@ void check_index_values_cuda(const at::TensorBase& index_base, const char* name,
 
 namespace {
 
-at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& index) {
+at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& index, bool check_index) {
   check_gather_args(x, "x", index);
   const at::Tensor x4 = as_4d(x);
+  if (check_index) check_index_values_cuda(index, "index", x4.size(2), /*unique=*/false);
   at::Tensor y4 = at::empty({x4.size(0), x4.size(1), index.size(1), x4.size(3)}, x.options());
   copy_rows_cuda(x4, y4, index, RowMode::kGather);
   return x.dim() == 3 ? y4.squeeze(1) : y4;
 }
 
-void scatter_rows_cuda(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) {
+void scatter_rows_cuda(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src, bool check_index) {
   check_scatter_args(dst, index, src, /*cols=*/false);
   const at::Tensor d4 = as_4d(dst), s4 = as_4d(src);
-  check_index_values_cuda(index, "index", d4.size(2), /*unique=*/true);
+  if (check_index) check_index_values_cuda(index, "index", d4.size(2), /*unique=*/true);
   copy_rows_cuda(s4, d4, index, RowMode::kScatter);
 }
 
-at::Tensor gather_cols_cuda(const at::Tensor& x, const at::Tensor& index) {
+at::Tensor gather_cols_cuda(const at::Tensor& x, const at::Tensor& index, bool check_index) {
   check_gather_args(x, "x", index);
   const at::Tensor x4 = as_4d(x);
+  if (check_index) check_index_values_cuda(index, "index", x4.size(3), /*unique=*/false);
   at::Tensor y4 = at::empty({x4.size(0), x4.size(1), x4.size(2), index.size(1)}, x.options());
   copy_cols_cuda(x4, y4, index, /*gather=*/true);
   return x.dim() == 3 ? y4.squeeze(1) : y4;
 }
 
-void scatter_cols_cuda(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) {
+void scatter_cols_cuda(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src, bool check_index) {
   check_scatter_args(dst, index, src, /*cols=*/true);
   const at::Tensor d4 = as_4d(dst), s4 = as_4d(src);
-  check_index_values_cuda(index, "index", d4.size(3), /*unique=*/true);
+  if (check_index) check_index_values_cuda(index, "index", d4.size(3), /*unique=*/true);
   copy_cols_cuda(s4, d4, index, /*gather=*/false);
 }
 

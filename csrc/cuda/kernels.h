@@ -18,18 +18,19 @@ enum class RowMode {
 };
 
 // Row copy over 4-d views [B, H, rows, D] (gather_rows, scatter_rows_, token_gate). index [B, K] int32/int64;
-// ref only for kGate (shape of src). Token ids outside [0, N) trip a device assert; the row is skipped (gather
-// destinations get zeros), never accessed out of bounds.
+// ref only for kGate (shape of src). A token id outside [0, N) (-1, or a bad id of an unchecked index) is an empty
+// slot: the indexed operand is never accessed there, gather destinations get zeros, scatters write nothing.
 void copy_rows_cuda(const at::TensorBase& src, const at::TensorBase& dst, const at::TensorBase& index, RowMode mode,
                     const at::TensorBase& ref = at::TensorBase());
 
 // Column copy over 4-d views [B, H, M, cols] (gather_cols, scatter_cols_):
 //   gather: dst[b, h, m, k] = src[b, h, m, index[b, k]];  scatter: dst[b, h, m, index[b, k]] = src[b, h, m, k].
+// Empty slots (ids outside [0, cols)) as in copy_rows_cuda.
 void copy_cols_cuda(const at::TensorBase& src, const at::TensorBase& dst, const at::TensorBase& index, bool gather);
 
-// Validates index [B, K] against [0, n) (and distinct ids per row if `unique`) into `workspace`, a zeroed int64
-// tensor of index_check_workspace_size(...) elements: workspace[0] = UINT64_MAX - (first bad flat position b*K+j),
-// workspace[1] = UINT64_MAX - (smallest b*n+id repeated in row b); 0 = no error.
+// Validates index [B, K] against [0, n) or -1 (and distinct ids per row if `unique`, -1 excepted) into
+// `workspace`, a zeroed int64 tensor of index_check_workspace_size(...) elements: workspace[0] = UINT64_MAX - (first
+// bad flat position b*K+j), workspace[1] = UINT64_MAX - (smallest b*n+id repeated in row b); 0 = no error.
 int64_t index_check_workspace_size(int64_t batch, int64_t n, bool unique);
 void index_check_cuda(const at::TensorBase& index, int64_t n, bool unique, const at::TensorBase& workspace);
 
@@ -37,7 +38,7 @@ void index_check_cuda(const at::TensorBase& index, int64_t n, bool unique, const
 void gate_keys_cuda(const at::TensorBase& c, const at::TensorBase& ref, const at::TensorBase& keys);
 
 // Range (and uniqueness) check of a CUDA index with one device-to-host read of a 16-byte flag; throws the same
-// errors as check_index_values_cpu. Defined in gather_scatter.cpp.
+// errors as check_index_values_cpu. Defined in gather_scatter_ops.cpp; ops call it only when check_index is true.
 void check_index_values_cuda(const at::TensorBase& index, const char* name, int64_t n, bool unique);
 
 }  // namespace cuda

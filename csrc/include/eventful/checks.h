@@ -1,6 +1,7 @@
 // Argument checks shared by every backend, so each rejects bad input with the same message and before
-// touching any state. Metadata checks (rank, shape, dtype, device) are device-agnostic; index *value* checks
-// (range, uniqueness) run on the host for CPU tensors (check_index_values_cpu) and inside kernels on CUDA.
+// touching any state. Metadata checks (rank, shape, dtype, device) are device-agnostic and always run; index *value*
+// checks (range, uniqueness) run only when the op's check_index is true, on the host for CPU tensors
+// (check_index_values_cpu) and in a kernel on CUDA.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -82,7 +83,8 @@ inline void check_index_meta(const at::Tensor& index, const char* name, int64_t 
   check_same_device(index, name, like, like_name);
 }
 
-// Host-side value check for CPU indices: every entry in [0, n); if `unique`, no row repeats an id.
+// Host-side value check for CPU indices: every entry in [0, n) or -1 (an empty slot); if `unique`, no row repeats
+// an id (empty slots may repeat).
 inline void check_index_values_cpu(const at::Tensor& index, const char* name, int64_t n, bool unique) {
   if (index.numel() == 0) return;
   const at::Tensor idx = index.to(at::kLong).contiguous();
@@ -95,6 +97,7 @@ inline void check_index_values_cpu(const at::Tensor& index, const char* name, in
     if (unique) std::fill(seen.begin(), seen.end(), uint8_t(0));
     for (int64_t j = 0; j < k; ++j) {
       const int64_t v = row[j];
+      if (v == -1) continue;
       TORCH_CHECK_INDEX(v >= 0 && v < n, "eventful: argument '", name, "' holds ", v, " at [", b, ", ", j,
                         "], out of range [0, ", n, ")");
       if (unique) {
@@ -105,6 +108,9 @@ inline void check_index_values_cpu(const at::Tensor& index, const char* name, in
     }
   }
 }
+
+// Whether `id` names a token of [0, n). Any other id is an empty slot: -1, or whatever an unchecked index holds.
+inline bool valid_id(int64_t id, int64_t n) { return static_cast<uint64_t>(id) < static_cast<uint64_t>(n); }
 
 // Gate inputs: c [B, N, D] float, ref the same shape/dtype/device and writable (it is updated in place).
 inline void check_gate_inputs(const at::Tensor& c, const at::Tensor& ref) {
