@@ -5,9 +5,12 @@ before triton is imported); with a GPU the same checks run on CUDA tensors, and 
 through torch.ops.eventful plus opcheck. Shapes are deliberately small and odd (masking of partial tiles).
 
 Tolerances: data-movement ops and gates are compared bit for bit (they copy values, or compute one fp32 difference
-and one rounding exactly as the reference does). qk_update_/av_delta_update_ accumulate fp32 dot products in a
-different order than torch.matmul: fp32 results agree to ~1e-6 relative; fp16/bf16 results are the same fp32
-value rounded once, so they may differ by one unit in the last place of the output type (2^-10 / 2^-7 relative).
+and one rounding exactly as the reference does). Exception: on CUDA torch sums the reference's gate scores in
+another order than the kernel, so a near-tie at the k-th score may be selected either way; there a gate's selection
+is checked tie-tolerantly (_assert_gate) and everything the returned index implies bit for bit.
+qk_update_/av_delta_update_ accumulate fp32 dot products in a different order than torch.matmul: fp32 results agree
+to ~1e-6 relative; fp16/bf16 results are the same fp32 value rounded once, so they may differ by one unit in the
+last place of the output type (2^-10 / 2^-7 relative).
 """
 from __future__ import annotations
 
@@ -139,17 +142,70 @@ def _gate_inputs(b, n, d, dtype, g, device, layout="contig"):
     return _strided(c, layout), _strided(ref, layout)
 
 
+def _exact_scores(c, ref):
+    """float64 gate scores on the host (NaN ranks first, as +inf) -- the yardstick of the tie-tolerant check."""
+    s = (c.detach().cpu().double() - ref.detach().cpu().double()).pow(2).sum(-1).sqrt()
+    return torch.where(s.isnan(), torch.full_like(s, float("inf")), s)
+
+
+def _assert_gate(device, c, ref0, ref1, got, want, ref_want, kind, k=None, threshold=None, capacity=None, exact=None):
+    """A gate result ``got`` (``kind`` topk: (index, c_sel); threshold: (index, count, c_sel); delta: (index, c_sel,
+    e_sel)) against the reference's ``want`` / ``ref_want`` from the same ``c`` and ``ref0`` (``ref1``: the gate's
+    ``ref`` after the call).
+
+    Under the interpreter the scores are summed in the reference's order, so everything must match bit for bit. On
+    CUDA torch reduces the reference scores in another order, so their last bit may differ from the kernel's and a
+    near-tie at the k-th score may fall either way; there the selection is checked for what it must be: ids
+    ascending and distinct, every selected score >= every eligible unselected one within fp32 rounding of the score,
+    the threshold respected within the same rounding, and c_sel / e_sel / ref exactly what the returned index
+    implies. ``exact`` overrides the choice (tests of this check itself)."""
+    if device == "cpu" if exact is None else exact:
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(ref1, ref_want, rtol=0, atol=0, equal_nan=True)
+        return
+    index = got[0].cpu()
+    B, N, D = c.shape
+    scores = _exact_scores(c, ref0)
+    count = got[1].cpu() if kind == "threshold" else torch.full((B,), index.size(1))
+    for b in range(B):
+        n_sel = int(count[b])
+        ids, pad = index[b, :n_sel], index[b, n_sel:]
+        assert bool((pad == -1).all()), index[b]
+        assert bool(((ids >= 0) & (ids < N)).all()) and bool((ids[1:] > ids[:-1]).all()), index[b]
+        s = scores[b]
+        finite = s[s.isfinite()]
+        tol = max(D, 16) * 2.0 ** -23 * (float(finite.max()) if len(finite) else 0.0)
+        chosen = torch.zeros(N, dtype=torch.bool)
+        chosen[ids] = True
+        eligible = ~chosen
+        if kind == "threshold":
+            assert n_sel <= min(capacity, N)
+            assert bool((s[chosen] > threshold - tol).all()), (threshold, s[chosen])
+            eligible &= s > threshold + tol
+            if n_sel < min(capacity, N):
+                assert not bool(eligible.any()), (threshold, s[eligible])
+        else:
+            assert n_sel == k
+        if chosen.any() and eligible.any():
+            assert float(s[chosen].min()) >= float(s[eligible].max()) - tol, (b, s[chosen].min(), s[eligible].max())
+    rr = ref0.clone()
+    _, c_sel, e_sel = R.token_delta_gate(c, rr, -1, got[0])
+    torch.testing.assert_close(got[-1] if kind != "delta" else got[1], c_sel, rtol=0, atol=0, equal_nan=True)
+    if kind == "delta":
+        torch.testing.assert_close(got[2], e_sel, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(ref1, rr, rtol=0, atol=0, equal_nan=True)
+
+
 def check_token_gate(impl, device, dtype, seed=2):
     g = _gen(seed)
     for (b, n, d), layout in [((2, 12, 19), "contig"), ((3, 9, 150), "step"), ((1, 10, 8), "colmajor")]:
         for k in (0, 1, 5, n - 1, n):
             c, ref = _gate_inputs(b, n, d, dtype, g, device, layout)
-            ref_r = ref.clone()
-            index, c_sel = impl.token_gate(c, ref, k)
-            index_r, c_sel_r = R.token_gate(c, ref_r, k)
-            _assert_same(index, index_r)
-            _assert_same(c_sel, c_sel_r)
-            _assert_same(ref, ref_r)
+            ref0, ref_r = ref.clone(), ref.clone()
+            got = impl.token_gate(c, ref, k)
+            want = R.token_gate(c, ref_r, k)
+            _assert_gate(device, c, ref0, ref, got, want, ref_r, "topk", k=k)
 
 
 def check_token_gate_ties_long_rows(impl, device, dtype, seed=3):
@@ -166,17 +222,12 @@ def check_token_gate_ties_long_rows(impl, device, dtype, seed=3):
     n_above_tie = int((scores[0] > scores[0, 3]).sum())
     for k in (n_above_tie + 5, 1500, n):  # cut inside the tied group, then inside the zeros, then everything
         rc, rr = ref.clone(), ref.clone()
-        index, c_sel = impl.token_gate(c, rc, k)
-        index_r, c_sel_r = R.token_gate(c, rr, k)
-        _assert_same(index, index_r)
-        _assert_same(c_sel, c_sel_r)
-        _assert_same(rc, rr)
+        got, want = impl.token_gate(c, rc, k), R.token_gate(c, rr, k)
+        _assert_gate(device, c, ref, rc, got, want, rr, "topk", k=k)
     for h, cap in ((_between_scores(scores[0, 3:4], 0.0) * 0.999, 40), (0.0, 3000), (_between_scores(scores, 0.5), 700)):
         rc, rr = ref.clone(), ref.clone()
         got, want = impl.token_gate_threshold(c, rc, h, cap), R.token_gate_threshold(c, rr, h, cap)
-        for x, y in zip(got, want):
-            _assert_same(x, y)
-        _assert_same(rc, rr)
+        _assert_gate(device, c, ref, rc, got, want, rr, "threshold", threshold=h, capacity=cap)
 
 
 def check_token_gate_threshold(impl, device, dtype, seed=4):
@@ -189,12 +240,9 @@ def check_token_gate_threshold(impl, device, dtype, seed=4):
         for h, cap in ((med, n), (med, 2), (0.0, n + 5), (1e9, 4), (-1.0, n), (-1.0, 3), (med, 0), (0.0, 1)):
             rc = ref.clone()
             rr = ref.clone()
-            index, count, c_sel = impl.token_gate_threshold(c, rc, h, cap)
-            index_r, count_r, c_sel_r = R.token_gate_threshold(c, rr, h, cap)
-            _assert_same(index, index_r)
-            _assert_same(count, count_r)
-            _assert_same(c_sel, c_sel_r)
-            _assert_same(rc, rr)
+            got = impl.token_gate_threshold(c, rc, h, cap)
+            want = R.token_gate_threshold(c, rr, h, cap)
+            _assert_gate(device, c, ref, rc, got, want, rr, "threshold", threshold=h, capacity=cap)
 
 
 def check_token_delta_gate(impl, device, dtype, idt, seed=5):
@@ -204,10 +252,8 @@ def check_token_delta_gate(impl, device, dtype, idt, seed=5):
             c, ref = _gate_inputs(b, n, d, dtype, g, device, layout)
             rc, rr = ref.clone(), ref.clone()
             got, want = impl.token_delta_gate(c, rc, k), R.token_delta_gate(c, rr, k)
-            for x, y in zip(got, want):
-                _assert_same(x, y)
-            _assert_same(rc, rr)
-            # explicit (unsorted, strided) index forces the selection; k is ignored
+            _assert_gate(device, c, ref, rc, got, want, rr, "delta", k=k)
+            # explicit (unsorted, strided) index forces the selection; k is ignored: bit-exact on every device
             idx = _index(b, k, n, idt, g, device, strided=True)
             rc, rr = ref.clone(), ref.clone()
             got, want = impl.token_delta_gate(c, rc, -1, idx), R.token_delta_gate(c, rr, -1, idx)
@@ -362,6 +408,33 @@ def test_qk_update_relpos(dtype, idt):
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 def test_av_delta_update(dtype, idt):
     check_av_delta_update(T, DEVICE, dtype, idt)
+
+
+def test_tie_tolerant_gate_check_itself():
+    """The CUDA-side check of _assert_gate on interpreter results: it accepts the kernel's selection and rejects a
+    selection that swaps a clearly larger score for a smaller one."""
+    g = _gen(18)
+    c, ref = _gate_inputs(2, 12, 19, torch.float32, g, DEVICE)
+    for k in (1, 5, 12):
+        rc, rr = ref.clone(), ref.clone()
+        got, want = T.token_gate(c, rc, k), R.token_gate(c, rr, k)
+        _assert_gate(DEVICE, c, ref, rc, got, want, rr, "topk", k=k, exact=False)
+    h = _between_scores(R.gate_scores(c, ref), 0.5)
+    rc, rr = ref.clone(), ref.clone()
+    got, want = T.token_gate_threshold(c, rc, h, 4), R.token_gate_threshold(c, rr, h, 4)
+    _assert_gate(DEVICE, c, ref, rc, got, want, rr, "threshold", threshold=h, capacity=4, exact=False)
+    rc, rr = ref.clone(), ref.clone()
+    got, want = T.token_delta_gate(c, rc, 5), R.token_delta_gate(c, rr, 5)
+    _assert_gate(DEVICE, c, ref, rc, got, want, rr, "delta", k=5, exact=False)
+    scores = R.gate_scores(c, ref)[0].cpu()
+    worst = int(scores.argmin())
+    wrong = got[0].clone()
+    wrong[0, 0] = worst
+    wrong[0] = wrong[0].sort().values
+    rc = ref.clone()
+    _, cs, es = R.token_delta_gate(c, rc, -1, wrong)
+    with pytest.raises(AssertionError):
+        _assert_gate(DEVICE, c, ref, rc, (wrong, cs, es), want, rr, "delta", k=5, exact=False)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # numpy (interpreter) computing inf - inf
@@ -532,23 +605,32 @@ def test_duplicate_far_apart_in_a_long_index_is_caught():
 
 @pytest.mark.parametrize("name", ["gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_"])
 def test_messages_match_cpp_checks(name):
-    """Same bad input, same message from the Triton path and the C++ CPU kernels (checks.h)."""
+    """Same bad input, same message (or, where both accept it, the same result) from the Triton path on DEVICE and
+    the C++ CPU kernels (checks.h). The C++ side gets CPU tensors only; the Triton side gets copies on DEVICE."""
     g = _gen(11)
-    x = _randn((2, 6, 4), torch.float32, g)
-    src = _randn((2, 2, 4), torch.float32, g) if name == "scatter_rows_" else _randn((2, 6, 2), torch.float32, g)
+    x = _randn((2, 6, 4), torch.float32, g, "cpu")
+    src = _randn((2, 2, 4), torch.float32, g, "cpu") if name == "scatter_rows_" else \
+        _randn((2, 6, 2), torch.float32, g, "cpu")
     bad = [torch.tensor([[1, 3], [0, 6]]), torch.tensor([[1, 3], [2, 2]]), torch.tensor([[1.0, 2.0], [0.0, 1.0]]),
            torch.tensor([[1, 2]]), torch.tensor([[-3, 1], [0, 1]])]
+    gather = name.startswith("gather")
     for idx in bad:
-        for args_cpu in ([x, idx] if name.startswith("gather") else [x.clone(), idx, src],
-                         [x.double(), idx] if name.startswith("gather") else [x.clone(), idx, src.half()]):
+        for args_cpu in ([x, idx] if gather else [x.clone(), idx, src],
+                         [x.double(), idx] if gather else [x.clone(), idx, src.half()]):
+            args = [a.to(DEVICE) if a is not args_cpu[0] else a.clone().to(DEVICE) for a in args_cpu]
             try:
                 want = getattr(torch.ops.eventful, name)(*args_cpu)
             except (RuntimeError, IndexError) as exc:
                 with pytest.raises(type(exc)) as got:
-                    getattr(T, name)(*[a.to(DEVICE) for a in args_cpu])
+                    getattr(T, name)(*args)
                 assert str(got.value) == str(exc).split("\nException raised from")[0]
-            else:  # e.g. repeated ids are fine for a gather
-                _assert_same(getattr(T, name)(*[a.to(DEVICE) for a in args_cpu]), want)
+                _assert_same(args[0], args_cpu[0])
+            else:  # e.g. repeated ids are fine for a gather: the same result, compared on the host
+                out = getattr(T, name)(*args)
+                if gather:
+                    _assert_same(out.cpu(), want)
+                else:
+                    _assert_same(args[0].cpu(), args_cpu[0])
 
 
 # ---------------------------------------------------------------- registration and import guard
