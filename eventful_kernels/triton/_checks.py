@@ -83,11 +83,14 @@ def check_in_range(value: int, name: str, lo: int, hi: int, what: str) -> None:
 
 
 def raise_index_error(index: Tensor, name: str, n: int, unique: bool) -> None:
-    """Host scan in the C++ order (row by row, range before uniqueness); raises the first error found."""
+    """Host scan in the C++ order (row by row, range before uniqueness; -1, an empty slot, is skipped); raises the
+    first error found."""
     rows = index.detach().to("cpu", torch.int64).tolist()
     for b, row in enumerate(rows):
         seen = set()
         for j, v in enumerate(row):
+            if v == -1:
+                continue
             if not 0 <= v < n:
                 fail(f"argument '{name}' holds {v} at [{b}, {j}], out of range [0, {n})", IndexError)
             if unique:

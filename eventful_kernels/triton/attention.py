@@ -12,7 +12,8 @@ av_delta_update_: one GEMM-like kernel per ``[BLOCK_M rows] x [BLOCK_D head feat
 concatenated 2K selected tokens, ``[a_new[:, S], -a_ref[:, S]] @ [v_new[S]; v_ref[S]]``, accumulated in float32 and
 added to ``out``; then the indexed-copy kernels refresh ``a_ref[:, S]`` and ``v_ref[S]`` (launched after the GEMM,
 on the same stream, so the GEMM reads the old references).
-Shapes: ``[B, H, N, d]`` / ``[B, H, M, N]`` (rank 3 = one head); ``index [B, K]`` shared over heads.
+Shapes: ``[B, H, N, d]`` / ``[B, H, M, N]`` (rank 3 = one head); ``index [B, K]`` shared over heads; slots holding
+-1 (or, unchecked, any id outside ``[0, N)``) are skipped by both ops.
 """
 from __future__ import annotations
 
@@ -188,13 +189,14 @@ def _check_relpos(rel_h, rel_w, logits: Tensor, q: Tensor) -> None:
 
 @on_device
 def qk_update_(logits: Tensor, q: Tensor, k: Tensor, index_q: Tensor, index_k: Tensor, scale: float,
-               rel_h: Optional[Tensor] = None, rel_w: Optional[Tensor] = None) -> Tensor:
+               rel_h: Optional[Tensor] = None, rel_w: Optional[Tensor] = None, *, check_index: bool = True) -> Tensor:
     """Recompute rows ``index_q`` and columns ``index_k`` of ``logits [B,H,Nq,Nk] = q @ k^T * scale`` in place.
 
     ``q [B,H,Nq,d]``, ``k [B,H,Nk,d]`` (same dtype), ``index_q/index_k [B,Kq]/[B,Kk]``; products accumulate in
     float32 and are cast to ``logits.dtype``. Optional ``rel_h [B,H,Nq,Gh]`` and ``rel_w [B,H,Nq,Gw]`` (both or
     neither; rank, dtype of ``q``, ``Gh*Gw = Nk``): every recomputed entry ``(i, j)`` also gets
-    ``rel_h[.., i, j // Gw] + rel_w[.., i, j % Gw]``, added in float32 before the cast. Returns ``logits``.
+    ``rel_h[.., i, j // Gw] + rel_w[.., i, j % Gw]``, added in float32 before the cast. Empty slots (-1) of either
+    index recompute nothing; ``check_index=False``: no value check, no host sync. Returns ``logits``.
     """
     C.check_rank(logits, "logits", 3, 4)
     _check_operands(("logits", "q", "k"), (logits, q, k), "logits", logits)
@@ -210,7 +212,8 @@ def qk_update_(logits: Tensor, q: Tensor, k: Tensor, index_q: Tensor, index_k: T
     C.check_writable(logits, "logits")
     require_launchable(logits)
     Nq, Nk = logits.size(-2), logits.size(-1)
-    check_index_values((index_q, "index_q", Nq, False), (index_k, "index_k", Nk, False))
+    if check_index:
+        check_index_values((index_q, "index_q", Nq, False), (index_k, "index_k", Nk, False))
     l4, q4, k4 = as_4d(logits), as_4d(q), as_4d(k)
     B, H, _, Dh = q4.shape
     Kq, Kk = index_q.size(1), index_k.size(1)
@@ -238,10 +241,12 @@ def qk_update_(logits: Tensor, q: Tensor, k: Tensor, index_q: Tensor, index_k: T
 
 
 @on_device
-def av_delta_update_(out: Tensor, a_new: Tensor, a_ref: Tensor, v_new: Tensor, v_ref: Tensor, index: Tensor) -> Tensor:
+def av_delta_update_(out: Tensor, a_new: Tensor, a_ref: Tensor, v_new: Tensor, v_ref: Tensor, index: Tensor, *,
+                     check_index: bool = True) -> Tensor:
     """``out += a_new[...,S] @ v_new[S] - a_ref[...,S] @ v_ref[S]`` (float32), then ``a_ref[...,S] = a_new[...,S]``
     and ``v_ref[S] = v_new[S]``. ``out [B,H,M,d]``, ``a_* [B,H,M,N]``, ``v_* [B,H,N,d]``, ``index [B,K]`` distinct
-    ids in ``[0, N)``; ``a_*`` and ``v_*`` share one dtype, ``out`` may have any float dtype. Returns ``out``.
+    ids in ``[0, N)`` or -1 (empty slots: no contribution, no refresh); ``a_*`` and ``v_*`` share one dtype, ``out``
+    may have any float dtype. ``check_index=False``: no value check, no host sync. Returns ``out``.
     """
     C.check_rank(out, "out", 3, 4)
     _check_operands(("out", "a_new", "a_ref", "v_new", "v_ref"), (out, a_new, a_ref, v_new, v_ref), "out", out)
@@ -260,7 +265,8 @@ def av_delta_update_(out: Tensor, a_new: Tensor, a_ref: Tensor, v_new: Tensor, v
     for name, t in (("out", out), ("a_ref", a_ref), ("v_ref", v_ref)):
         C.check_writable(t, name)
     require_launchable(out)
-    check_index_values((index, "index", N, True))
+    if check_index:
+        check_index_values((index, "index", N, True))
     o4, an4, ar4, vn4, vr4 = (as_4d(t) for t in (out, a_new, a_ref, v_new, v_ref))
     B, H = o4.size(0), o4.size(1)
     K = index.size(1)

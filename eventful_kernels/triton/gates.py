@@ -8,7 +8,8 @@ Pipeline, all on device (no host sync except the value check of an explicit inde
    are taken -- exactly the reference's stable descending sort -- and compacts them in token order with a prefix
    sum, so the index comes out ascending without a sort; pads with -1 and writes the count (threshold gate).
 4. ``_gate_copy_kernel``: ``c_sel = c[index]``, ``e_sel = c_sel - ref[index]`` (delta gate, read before the
-   write), ``ref[index] = c_sel``; padding ids (-1) give zero rows and no write.
+   write), ``ref[index] = c_sel``; empty slots (-1, or unchecked ids outside ``[0, N)``) give zero rows and no
+   write.
 NaN scores rank above every number (as in torch.sort/topk); the threshold gate never selects them.
 """
 from __future__ import annotations
@@ -211,11 +212,13 @@ def token_gate_threshold(c: Tensor, ref: Tensor, threshold: float, capacity: int
 
 
 @on_device
-def token_delta_gate(c: Tensor, ref: Tensor, k: int = -1, index: Optional[Tensor] = None
-                     ) -> Tuple[Tensor, Tensor, Tensor]:
+def token_delta_gate(c: Tensor, ref: Tensor, k: int = -1, index: Optional[Tensor] = None, *,
+                     check_index: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
     """Delta gate: ``(index [B,K] int64, c_sel, e_sel = c_sel - ref_old[index])`` (``[B,K,D]``); ``ref[index] = c_sel``.
 
-    An explicit ``index [B, K]`` (distinct ids per row) forces the selection and ``k`` is ignored.
+    An explicit ``index [B, K]`` (distinct ids per row; -1: an empty slot, a zero row and no write) forces the
+    selection, ``k`` is ignored, and the index is returned as an int64 copy. ``check_index=False``: no value check of
+    it, no host sync.
     """
     _check_gate(c, ref)
     B, N, D = c.shape
@@ -225,7 +228,8 @@ def token_delta_gate(c: Tensor, ref: Tensor, k: int = -1, index: Optional[Tensor
         C.check_index_meta(index, "index", B, c, "c")
     require_launchable(c)
     if index is not None:
-        check_index_values((index, "index", N, True))
+        if check_index:
+            check_index_values((index, "index", N, True))
         index = index.to(torch.int64, memory_format=torch.contiguous_format, copy=True)
     elif k == 0:
         index = torch.empty((B, 0), dtype=torch.int64, device=c.device)
