@@ -616,6 +616,51 @@ def test_unchecked_out_of_range_ids_are_empty_slots(dtype, idt):
     check_unchecked_out_of_range(T, DEVICE, dtype, idt)
 
 
+def _select_reference(scores, k):
+    """torch.sort's order (NaN first, stable) on a copy: the rule the select kernel implements."""
+    return R.select_topk(scores.cpu(), k)
+
+
+@pytest.mark.parametrize("block", [None, 64])  # None: the row in registers (N <= block); 64: re-read per step
+def test_select_kernel_matches_stable_sort(block):
+    """The bisection on the score keys against a stable sort: duplicates, zeros, NaN, +inf, tiny and huge values,
+    k from 1 to N, B > 1."""
+    g = _gen(16)
+    n = 150
+    s = torch.rand(4, n, generator=g) * 10
+    s[0, ::3] = s[0, 1]  # many exact ties
+    s[1] = torch.randint(0, 4, (n,), generator=g).float()  # few distinct values
+    s[2, [5, 77, 140]] = float("nan")
+    s[2, [6, 90]] = float("inf")
+    s[3, :50] = torch.tensor([2.0 ** -149, 0.0, 3e38, 1e-30, 1.0] * 10)
+    s = s.to(DEVICE)
+    from eventful_kernels.triton import gates
+    ks = (1, 2, 3, 17, 49, 50, 51, 52, 99, 100, 148, 149, 150) if block is None else (1, 50, 52, 149, 150)
+    for k in ks:  # the interpreter runs the 32 search steps slowly: cuts inside and at the edges of tie groups
+        index, _ = gates._select(s, k, k, thresholded=False, block_n=block)
+        _assert_same(index, _select_reference(s, k).to(DEVICE))
+
+
+@pytest.mark.parametrize("block", [None, 64])
+def test_select_kernel_threshold_rule(block):
+    """Thresholded selection (scores below the threshold come in as -1): count, -1 padding past it, capacity cut
+    with ties -> lower id."""
+    g = _gen(17)
+    n = 130
+    s = torch.rand(3, n, generator=g)
+    s[0, ::4] = s[0, 2]
+    s = torch.where(s > 0.6, s, torch.full_like(s, -1.0)).to(DEVICE)
+    from eventful_kernels.triton import gates
+    for cap, width in ((1, 1), (7, 7), (40, 45), (n, n + 3)):
+        index, count = gates._select(s, cap, width, thresholded=True, block_n=block)
+        for b in range(3):
+            hits = int((s[b] >= 0).sum())
+            want = _select_reference(torch.where(s[b] >= 0, s[b], float("-inf"))[None], min(cap, hits))[0]
+            assert int(count[b]) == min(cap, hits)
+            _assert_same(index[b, :len(want)], want.to(DEVICE))
+            assert bool((index[b, len(want):] == -1).all())
+
+
 def test_tie_tolerant_gate_check_itself():
     """The CUDA-side check of _assert_gate on interpreter results: it accepts the kernel's selection and rejects a
     selection that swaps a clearly larger score for a smaller one."""
@@ -776,17 +821,21 @@ def _bad_cases(device):
         ("gather_cols oob", rows_state, lambda s: T.gather_cols(s["dst"], ok), IndexError, "'index' holds 4 at [0, 1], out of range [0, 4)"),
         ("scatter_cols dup", rows_state, lambda s: T.scatter_cols_(s["dst"], torch.tensor([[1, 1], [0, 2]], device=device), s["src_cols"]), RuntimeError, "repeats token id 1 in row 0"),
         ("scatter_cols src rows", rows_state, lambda s: T.scatter_cols_(s["dst"], ok[:, :2] % 4, s["src"]), RuntimeError, "'src' has size 2 at dim 2 but the row count of 'dst'"),
-        ("token_gate k", gate_state, lambda s: T.token_gate(s["c"], s["ref"], 7), RuntimeError, "'k' must be in [0, 6]"),
-        ("token_gate k<0", gate_state, lambda s: T.token_gate(s["c"], s["ref"], -1), RuntimeError, "'k' must be in [0, 6]"),
+        ("token_gate k", gate_state, lambda s: T.token_gate(s["c"], s["ref"], 7), ValueError,
+         "'k' must satisfy 0 <= k <= N = 6 (tokens in 'c'), got 7"),
+        ("token_gate k<0", gate_state, lambda s: T.token_gate(s["c"], s["ref"], -1), ValueError,
+         "'k' must satisfy 0 <= k <= N = 6"),
         ("token_gate rank", gate_state, lambda s: T.token_gate(s["c"][None], s["ref"][None], 1), RuntimeError, "'c' must have rank 3"),
         ("token_gate ref shape", gate_state, lambda s: T.token_gate(s["c"], s["ref"][:, :5], 1), RuntimeError, "'ref' has size 5 at dim 1"),
         ("token_gate ref dtype", gate_state, lambda s: T.token_gate(s["c"], s["ref"].half(), 1), RuntimeError, "'ref' has dtype Half"),
         ("token_gate ref overlap", gate_state, lambda s: T.token_gate(s["c"], s["ref"][:, :1].expand(2, 6, 4), 1), RuntimeError, "'ref' is written in place"),
-        ("threshold capacity", gate_state, lambda s: T.token_gate_threshold(s["c"], s["ref"], 0.1, -1), RuntimeError, "'capacity' must be >= 0"),
+        ("threshold capacity", gate_state, lambda s: T.token_gate_threshold(s["c"], s["ref"], 0.1, -1), ValueError,
+         "'capacity' must be >= 0"),
         ("threshold dtype", gate_state, lambda s: T.token_gate_threshold(s["c"].double(), s["ref"].double(), 0.1, 2), RuntimeError, "'c' must be float32"),
         ("delta dup", gate_state, lambda s: T.token_delta_gate(s["c"], s["ref"], -1, dup), RuntimeError, "repeats token id 3 in row 1"),
         ("delta oob", gate_state, lambda s: T.token_delta_gate(s["c"], s["ref"], -1, oob), IndexError, "holds 6 at [1, 1]"),
-        ("delta k", gate_state, lambda s: T.token_delta_gate(s["c"], s["ref"], 9), RuntimeError, "'k' must be in [0, 6]"),
+        ("delta k", gate_state, lambda s: T.token_delta_gate(s["c"], s["ref"], 9), ValueError,
+         "'k' must satisfy 0 <= k <= N = 6"),
         ("delta -2", gate_state, lambda s: T.token_delta_gate(s["c"], s["ref"], -1, neg), IndexError,
          "'index' holds -2 at [1, 1]"),
         ("delta N", gate_state,

@@ -75,14 +75,17 @@ def jobs(all_configs: bool):
             yield (f"gate scores {fl} threshold={thr}", gates._scores_kernel,
                    {"c_ptr": fl, "r_ptr": fl, "out_ptr": "fp32"},
                    {"HAS_THRESHOLD": thr, "BLOCK_N": 16, "BLOCK_D": 128}, 4, 3)
-        for with_e in (False, True):
-            yield (f"gate copy {fl} with_e={with_e}", gates._gate_copy_kernel,
-                   {"c_ptr": fl, "r_ptr": fl, "idx_ptr": "i64", "sel_ptr": fl, "e_ptr": fl},
-                   {"WITH_E": with_e, "SOFT_BF16": False, "BLOCK_K": 8, "BLOCK_D": 512}, 4, 3)
+        for with_e, copy_index in ((False, False), (True, False), (True, True)):
+            yield (f"gate copy {fl} with_e={with_e} copy_index={copy_index}", gates._gate_copy_kernel,
+                   {"c_ptr": fl, "r_ptr": fl, "idx_ptr": "i64" if fl == "fp32" else "i32", "sel_ptr": fl,
+                    "e_ptr": fl, "out_idx_ptr": "i64"},
+                   {"WITH_E": with_e, "COPY_INDEX": copy_index, "SOFT_BF16": False, "BLOCK_K": 8, "BLOCK_D": 512},
+                   4, 3)
     for thr in (False, True):
-        yield (f"gate select threshold={thr}", gates._select_kernel,
-               {"s_ptr": "fp32", "kth_ptr": "fp32", "idx_ptr": "i64", "count_ptr": "i64"},
-               {"HAS_THRESHOLD": thr, "BLOCK_N": 2048}, 8, 3)
+        for one_block, block, warps in ((True, 4096, 16), (True, 2048, 8), (True, 256, 4), (False, 4096, 16)):
+            yield (f"gate select threshold={thr} one_block={one_block} block={block}", gates._select_kernel,
+                   {"s_ptr": "fp32", "idx_ptr": "i64", "count_ptr": "i64"},
+                   {"HAS_THRESHOLD": thr, "ONE_BLOCK": one_block, "BLOCK_N": block}, warps, 3)
     head_dims = (16, 64, 128) if all_configs else (64,)  # BLOCK_D = head dim rounded up to a power of 2
     for fl in FLOATS:
         precisions = ("ieee", "tf32") if fl == "fp32" else ("ieee",)

@@ -77,9 +77,9 @@ def check_index_meta(index: Tensor, name: str, batch: int, like: Tensor, like_na
     check_same_device(index, name, like, like_name)
 
 
-def check_in_range(value: int, name: str, lo: int, hi: int, what: str) -> None:
-    if not lo <= value <= hi:
-        fail(f"argument '{name}' must be in [{lo}, {hi}] ({what}), got {value}")
+def check_k(k: int, n: int) -> None:
+    if not 0 <= k <= n:
+        fail(f"argument 'k' must satisfy 0 <= k <= N = {n} (tokens in 'c'), got {k}", ValueError)
 
 
 def raise_index_error(index: Tensor, name: str, n: int, unique: bool) -> None:
