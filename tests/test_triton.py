@@ -1173,6 +1173,28 @@ def test_qk_update_relpos_through_dispatcher(qk_relpos_test_op, rank):
     torch.library.opcheck(qk_relpos_test_op.default, (logits.clone(), q, k, iq, ik, scale, rel_h, rel_w))
 
 
+def test_av_autotune_hooks_undo_a_trial_run():
+    """On a GPU the autotuner runs _av_delta_kernel once per config and repetition on the caller's tensors; its hooks
+    must undo each run: ``out`` and (REFRESH_A) ``a_ref[..., S]``, which the kernel refreshes itself."""
+    from eventful_kernels.triton import attention as A
+    assert {"o_ptr", "ar_ptr", "idx_ptr", "N", "REFRESH_A"} <= set(A._av_delta_kernel.arg_names)
+    g = _gen(26)
+    out = _randn((2, 2, 7, 16), torch.float32, g)
+    v_new, v_ref = (_randn((2, 2, 9, 16), torch.float32, g) for _ in range(2))
+    a_new, a_ref = (torch.rand(2, 2, 7, 9, generator=g).to(DEVICE) for _ in range(2))
+    idx = torch.tensor([[1, -1, 8, 4], [-1, -1, -1, -1]], device=DEVICE)
+    nargs = {"o_ptr": out, "ar_ptr": a_ref, "idx_ptr": idx, "N": 9, "REFRESH_A": True}
+    before = [out.clone(), a_ref.clone()]
+    A._av_save_state(nargs)
+    T.av_delta_update_(out, a_new, a_ref, v_new, v_ref.clone(), idx)  # a trial run
+    assert not torch.equal(out, before[0]) and not torch.equal(a_ref, before[1])
+    A._av_restore_state(nargs)
+    _assert_same(out, before[0])
+    _assert_same(a_ref, before[1])
+    A._av_save_state(nargs, reset_only=True)  # the autotuner's call after tuning: nothing to save
+    assert not A._AV_SAVED
+
+
 @pytest.mark.skipif(CUDA, reason="CPU-only check")
 def test_cpu_tensors_without_interpreter_are_rejected(monkeypatch):
     monkeypatch.setattr(_runtime, "INTERPRET", False)

@@ -99,9 +99,11 @@ def jobs(all_configs: bool):
                             "rh_ptr": fl, "rw_ptr": fl},
                            {**cfg.kwargs, **common, "HAS_BIAS": bias}, cfg.num_warps, cfg.num_stages)
             for cfg in _autotune_configs(attention._av_delta_kernel, all_configs):
-                yield (f"av_delta {fl} {prec} d={bd} {cfg.kwargs} w={cfg.num_warps}", attention._av_delta_kernel,
-                       {"o_ptr": fl, "an_ptr": fl, "ar_ptr": fl, "vn_ptr": fl, "vr_ptr": fl, "idx_ptr": "i64"},
-                       {**cfg.kwargs, **common}, cfg.num_warps, cfg.num_stages)
+                for refresh in (True, False):
+                    yield (f"av_delta {fl} {prec} d={bd} refresh_a={refresh} {cfg.kwargs} w={cfg.num_warps}",
+                           attention._av_delta_kernel,
+                           {"o_ptr": fl, "an_ptr": fl, "ar_ptr": fl, "vn_ptr": fl, "vr_ptr": fl, "idx_ptr": "i64"},
+                           {**cfg.kwargs, **common, "REFRESH_A": refresh}, cfg.num_warps, cfg.num_stages)
 
 
 def main(argv) -> int:
