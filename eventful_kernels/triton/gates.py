@@ -25,6 +25,7 @@ from torch import Tensor
 from . import _checks as C
 from ._runtime import (INTERPRET, cast_out, cdiv, check_index_values, load_ids, next_pow2, on_device,
                        require_launchable, soft_bf16)
+from .gather_scatter import feature_block
 
 
 @triton.jit
@@ -205,8 +206,8 @@ def _gate_copy(c: Tensor, ref: Tensor, index: Tensor, with_e: bool, copy_index: 
         if copy_index:
             out_index.copy_(index)
         return out_index, c_sel, e_sel
-    block_d = min(next_pow2(D), 512)
-    block_k = max(1, min(next_pow2(K), (16384 if INTERPRET else 4096) // block_d))
+    block_d = feature_block(D)
+    block_k = max(1, min(next_pow2(K), (16384 if INTERPRET else 2048) // block_d))
     n_kb, n_db = cdiv(K, block_k), cdiv(D, block_d)
     _gate_copy_kernel[(B * n_kb * n_db,)](
         c, ref, index, c_sel, c_sel if e_sel is None else e_sel, out_index, K, D, N, *c.stride(), *ref.stride(),
