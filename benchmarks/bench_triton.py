@@ -2,10 +2,13 @@
 
 Each op at N=4096 tokens, D=768 features, K=N/16 selected (attention ops: H=12 heads, d=64) is timed as
 - ``triton``: eventful_kernels.triton (argument + index value checks included: one host sync when an index is an
-  input), ``triton_unchecked``: the same with the index value check off (EVENTFUL_CHECK_INDEX=0 semantics),
+  input), ``triton_unchecked``: the same called with ``check_index=False`` (no value check, no host sync; for the
+  gates that take no index it is the same call as ``triton``),
 - ``torch``: the standard PyTorch composition (eventful_kernels.reference, as the method's reference code does it),
 - ``copy``: a device copy moving the same number of bytes the op must move (``extra_info["bytes"]``), the
   memory-bandwidth yardstick; ``extra_info["GB/s"]`` is bytes / mean time.
+Cases beyond the ops themselves: ``qk_update_relpos_`` (qk_update_ with SAM's decomposed rel-pos bias) and
+``token_delta_gate_index`` (the delta gate with its selection given as an index, where the value check matters).
 Run: ``pytest benchmarks/bench_triton.py --benchmark-json results/bench_triton.json``.
 """
 from __future__ import annotations
@@ -19,7 +22,6 @@ if not torch.cuda.is_available():
 import eventful_kernels  # noqa: E402,F401
 import eventful_kernels.triton as T  # noqa: E402
 from eventful_kernels import reference as R  # noqa: E402
-from eventful_kernels.triton import _runtime  # noqa: E402
 
 if not T.AVAILABLE:
     pytest.skip(f"triton unavailable: {T.IMPORT_ERROR!r}", allow_module_level=True)
@@ -58,6 +60,8 @@ def _setup(op: str, dtype: torch.dtype, b: int):
         return (c, ref, h, K), (2 * N * D + 3 * K * D) * b * es
     if op == "token_delta_gate":
         return (c, ref, K), (2 * N * D + 5 * K * D) * b * es
+    if op == "token_delta_gate_index":  # the selection forced by a given index (e.g. another gate's)
+        return (c, ref, -1, idx), 5 * K * D * b * es
     q = torch.randn(b, H, N, DH, device=DEV, dtype=dtype)
     kk = torch.randn(b, H, N, DH, device=DEV, dtype=dtype)
     if op == "qk_update_":
@@ -79,14 +83,16 @@ def _setup(op: str, dtype: torch.dtype, b: int):
 
 
 OPS = ["gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "token_gate", "token_gate_threshold",
-       "token_delta_gate", "qk_update_", "qk_update_relpos_", "av_delta_update_"]
-FUNCTION = {"qk_update_relpos_": "qk_update_"}  # benchmark case -> op name
+       "token_delta_gate", "token_delta_gate_index", "qk_update_", "qk_update_relpos_", "av_delta_update_"]
+FUNCTION = {"qk_update_relpos_": "qk_update_", "token_delta_gate_index": "token_delta_gate"}  # case -> op name
+TAKES_INDEX = {"gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "token_delta_gate_index", "qk_update_",
+               "qk_update_relpos_", "av_delta_update_"}
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("op", OPS)
-def test_bench(benchmark, op, dtype, impl, monkeypatch):
+def test_bench(benchmark, op, dtype, impl):
     benchmark.group = f"{op} {str(dtype)[6:]} N={N} D={D} K={K}"
     args, nbytes = _setup(op, dtype, b=1)
     if impl == "copy":
@@ -96,12 +102,11 @@ def test_bench(benchmark, op, dtype, impl, monkeypatch):
     elif impl == "torch":
         fn, fargs = getattr(R, FUNCTION.get(op, op)), args
     else:
-        if impl == "triton_unchecked":
-            monkeypatch.setattr(_runtime, "CHECK_INDEX_VALUES", False)
         fn, fargs = getattr(T, FUNCTION.get(op, op)), args
+    kwargs = {"check_index": False} if impl == "triton_unchecked" and op in TAKES_INDEX else {}
 
     def run():
-        fn(*fargs)
+        fn(*fargs, **kwargs)
         torch.cuda.synchronize()
 
     for _ in range(3):  # compile / autotune outside the timing

@@ -42,12 +42,21 @@ def _signature(fn, ptrs: dict, constexprs: dict) -> dict:
     return sig
 
 
-def _compile(label: str, kernel, ptrs: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3) -> float:
+def _compile(label: str, kernel, ptrs: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
+             aligned=(), ptx_has=()) -> float:
+    """Compile for sm_90. Like the JIT does for real tensors, every pointer is specialised as 16-byte aligned and
+    the int args named in ``aligned`` as multiples of 16 (a unit stride is passed as a constexpr 1 in
+    ``constexprs``); ``ptx_has``: instructions the PTX must contain (e.g. 16-byte vector loads)."""
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     t0 = time.time()
-    src = ASTSource(fn, _signature(fn, ptrs, constexprs), constexprs)
+    sig = _signature(fn, ptrs, constexprs)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
+             if sig[p.name].startswith("*") or p.name in aligned}
+    src = ASTSource(fn, sig, constexprs, attrs)
     compiled = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
     assert compiled.asm["cubin"], label
+    for instr in ptx_has:
+        assert instr in compiled.asm["ptx"], f"{label}: no {instr} in the PTX"
     dt = time.time() - t0
     print(f"ok  {label:70s} {dt:5.1f}s  shared={compiled.metadata.shared}", flush=True)
     return dt
@@ -57,32 +66,47 @@ def _autotune_configs(kernel, all_configs: bool):
     return kernel.configs if all_configs else kernel.configs[:1]
 
 
+# Row layouts as the ops see them with contiguous tensors and D a multiple of 16: unit feature stride, every other
+# stride a multiple of 16 elements. The copy must then move 16-byte vectors (v4 of 32-bit words).
+_ROW_ALIGNED = ("D", "s_b", "s_h", "s_n", "d_b", "d_h", "d_n")
+_VEC = ("ld.global.v4", "st.global.v4")
+
+
 def jobs(all_configs: bool):
     for fl in ("fp16", "fp32"):  # copy kernels move bytes: 2- and 4-byte elements
         for src_i, dst_i in ((True, False), (False, True), (True, True)):
             bk, bd = gather_scatter._row_blocks(256, 768)
-            yield (f"copy_rows {fl} src_idx={src_i} dst_idx={dst_i}", gather_scatter._copy_rows_kernel,
-                   {"src_ptr": fl, "dst_ptr": fl, "idx_ptr": "i64"},
-                   {"SRC_INDEXED": src_i, "DST_INDEXED": dst_i, "BLOCK_K": bk, "BLOCK_D": bd}, 4, 3)
+            for vec in (False, True):
+                yield (f"copy_rows {fl} src_idx={src_i} dst_idx={dst_i}" + (" unit-stride" if vec else ""),
+                       gather_scatter._copy_rows_kernel, {"src_ptr": fl, "dst_ptr": fl, "idx_ptr": "i64"},
+                       {"SRC_INDEXED": src_i, "DST_INDEXED": dst_i, "BLOCK_K": bk, "BLOCK_D": bd,
+                        **({"s_d": 1, "d_d": 1} if vec else {})}, 4, 3, _ROW_ALIGNED if vec else (),
+                       _VEC if vec else ())
             yield (f"copy_cols {fl} src_idx={src_i} dst_idx={dst_i}", gather_scatter._copy_cols_kernel,
                    {"src_ptr": fl, "dst_ptr": fl, "idx_ptr": "i32"},
                    {"SRC_INDEXED": src_i, "DST_INDEXED": dst_i, "BLOCK_M": 128, "BLOCK_K": 32}, 4, 3)
     for unique in (False, True):
-        yield (f"validate_index unique={unique}", _runtime._validate_index_kernel,
-               {"idx_ptr": "i32", "seen_ptr": "i32", "flag_ptr": "i32"}, {"UNIQUE": unique, "BLOCK": 256}, 4, 3)
+        for idx in ("i32", "i64"):
+            yield (f"validate_index {idx} unique={unique}", _runtime._validate_index_kernel,
+                   {"idx_ptr": idx, "seen_ptr": "i32", "flag_ptr": "i32"}, {"UNIQUE": unique, "BLOCK": 1024}, 4, 3)
     for fl in FLOATS:
         for thr in (False, True):
             yield (f"gate scores {fl} threshold={thr}", gates._scores_kernel,
                    {"c_ptr": fl, "r_ptr": fl, "out_ptr": "fp32"},
                    {"HAS_THRESHOLD": thr, "BLOCK_N": 16, "BLOCK_D": 128}, 4, 3)
-        for with_e in (False, True):
-            yield (f"gate copy {fl} with_e={with_e}", gates._gate_copy_kernel,
-                   {"c_ptr": fl, "r_ptr": fl, "idx_ptr": "i64", "sel_ptr": fl, "e_ptr": fl},
-                   {"WITH_E": with_e, "SOFT_BF16": False, "BLOCK_K": 8, "BLOCK_D": 512}, 4, 3)
+        for with_e, copy_index in ((False, False), (True, False), (True, True)):
+            bd = gather_scatter.feature_block(768)
+            yield (f"gate copy {fl} with_e={with_e} copy_index={copy_index} unit-stride", gates._gate_copy_kernel,
+                   {"c_ptr": fl, "r_ptr": fl, "idx_ptr": "i64" if fl == "fp32" else "i32", "sel_ptr": fl,
+                    "e_ptr": fl, "out_idx_ptr": "i64"},
+                   {"WITH_E": with_e, "COPY_INDEX": copy_index, "SOFT_BF16": False, "BLOCK_K": 8, "BLOCK_D": bd,
+                    "c_d": 1, "r_d": 1}, 4, 3, ("D", "c_b", "c_n", "r_b", "r_n"),
+                   _VEC if fl != "bf16" or not with_e else ())
     for thr in (False, True):
-        yield (f"gate select threshold={thr}", gates._select_kernel,
-               {"s_ptr": "fp32", "kth_ptr": "fp32", "idx_ptr": "i64", "count_ptr": "i64"},
-               {"HAS_THRESHOLD": thr, "BLOCK_N": 2048}, 8, 3)
+        for one_block, block, warps in ((True, 4096, 16), (True, 2048, 8), (True, 256, 4), (False, 4096, 16)):
+            yield (f"gate select threshold={thr} one_block={one_block} block={block}", gates._select_kernel,
+                   {"s_ptr": "fp32", "idx_ptr": "i64", "count_ptr": "i64"},
+                   {"HAS_THRESHOLD": thr, "ONE_BLOCK": one_block, "BLOCK_N": block}, warps, 3)
     head_dims = (16, 64, 128) if all_configs else (64,)  # BLOCK_D = head dim rounded up to a power of 2
     for fl in FLOATS:
         precisions = ("ieee", "tf32") if fl == "fp32" else ("ieee",)
@@ -96,17 +120,19 @@ def jobs(all_configs: bool):
                             "rh_ptr": fl, "rw_ptr": fl},
                            {**cfg.kwargs, **common, "HAS_BIAS": bias}, cfg.num_warps, cfg.num_stages)
             for cfg in _autotune_configs(attention._av_delta_kernel, all_configs):
-                yield (f"av_delta {fl} {prec} d={bd} {cfg.kwargs} w={cfg.num_warps}", attention._av_delta_kernel,
-                       {"o_ptr": fl, "an_ptr": fl, "ar_ptr": fl, "vn_ptr": fl, "vr_ptr": fl, "idx_ptr": "i64"},
-                       {**cfg.kwargs, **common}, cfg.num_warps, cfg.num_stages)
+                for refresh in (True, False):
+                    yield (f"av_delta {fl} {prec} d={bd} refresh_a={refresh} {cfg.kwargs} w={cfg.num_warps}",
+                           attention._av_delta_kernel,
+                           {"o_ptr": fl, "an_ptr": fl, "ar_ptr": fl, "vn_ptr": fl, "vr_ptr": fl, "idx_ptr": "i64"},
+                           {**cfg.kwargs, **common, "REFRESH_A": refresh}, cfg.num_warps, cfg.num_stages)
 
 
 def main(argv) -> int:
     all_configs = "--all-configs" in argv
     failed = 0
-    for label, kernel, ptrs, constexprs, warps, stages in jobs(all_configs):
+    for label, kernel, *job in jobs(all_configs):
         try:
-            _compile(label, kernel, ptrs, constexprs, warps, stages)
+            _compile(label, kernel, *job)
         except Exception as exc:  # report every failing kernel, not just the first
             failed += 1
             print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)

@@ -77,17 +77,20 @@ def check_index_meta(index: Tensor, name: str, batch: int, like: Tensor, like_na
     check_same_device(index, name, like, like_name)
 
 
-def check_in_range(value: int, name: str, lo: int, hi: int, what: str) -> None:
-    if not lo <= value <= hi:
-        fail(f"argument '{name}' must be in [{lo}, {hi}] ({what}), got {value}")
+def check_k(k: int, n: int) -> None:
+    if not 0 <= k <= n:
+        fail(f"argument 'k' must satisfy 0 <= k <= N = {n} (tokens in 'c'), got {k}", ValueError)
 
 
 def raise_index_error(index: Tensor, name: str, n: int, unique: bool) -> None:
-    """Host scan in the C++ order (row by row, range before uniqueness); raises the first error found."""
+    """Host scan in the C++ order (row by row, range before uniqueness; -1, an empty slot, is skipped); raises the
+    first error found."""
     rows = index.detach().to("cpu", torch.int64).tolist()
     for b, row in enumerate(rows):
         seen = set()
         for j, v in enumerate(row):
+            if v == -1:
+                continue
             if not 0 <= v < n:
                 fail(f"argument '{name}' holds {v} at [{b}, {j}], out of range [0, {n})", IndexError)
             if unique:

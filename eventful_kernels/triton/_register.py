@@ -4,6 +4,7 @@ Rule (coordinates with the C++ CUDA kernels of csrc/cuda/): ``EVENTFUL_BACKEND_C
 - ``auto`` (default): Triton fills in every op that has no CUDA kernel registered from C++;
 - ``triton``: Triton serves every op, overriding C++ CUDA kernels;
 - ``cuda``: Triton registers nothing (C++ CUDA kernels only).
+The schemas of the ops that take an index end in ``*, bool check_index=True``; the functions take it as a keyword.
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ BACKENDS = ("auto", "triton", "cuda")
 
 
 def _none(fn: Callable) -> Callable:
-    """Dispatcher kernels of ``-> ()`` schemas return None (the plain functions return the mutated tensor)."""
-    def kernel(*args):
-        fn(*args)
+    """Dispatcher kernels of ``-> ()`` schemas return None (the plain functions return the mutated tensor). The
+    dispatcher passes keyword-only schema arguments (``check_index``) as keywords."""
+    def kernel(*args, **kwargs):
+        fn(*args, **kwargs)
     kernel.__name__ = fn.__name__
     return kernel
 

@@ -10,9 +10,12 @@ before the single cast to ``logits.dtype``; the full ``[Nq, Nk]`` bias is never 
 
 av_delta_update_: one GEMM-like kernel per ``[BLOCK_M rows] x [BLOCK_D head features]`` tile contracting over the
 concatenated 2K selected tokens, ``[a_new[:, S], -a_ref[:, S]] @ [v_new[S]; v_ref[S]]``, accumulated in float32 and
-added to ``out``; then the indexed-copy kernels refresh ``a_ref[:, S]`` and ``v_ref[S]`` (launched after the GEMM,
-on the same stream, so the GEMM reads the old references).
-Shapes: ``[B, H, N, d]`` / ``[B, H, M, N]`` (rank 3 = one head); ``index [B, K]`` shared over heads.
+added to ``out``. When one tile spans the whole head dim (d <= 128) its program is the only reader of
+``a_ref[rows, S]`` and refreshes it in place right after loading it (constexpr ``REFRESH_A``); otherwise the
+column-copy kernel does it after the GEMM. ``v_ref[S]`` is read by every program, so the row-copy kernel refreshes
+it in a second launch (same stream: after the GEMM has read it).
+Shapes: ``[B, H, N, d]`` / ``[B, H, M, N]`` (rank 3 = one head); ``index [B, K]`` shared over heads; slots holding
+-1 (or, unchecked, any id outside ``[0, N)``) are skipped by both ops.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ _QK_CONFIGS = _configs(
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}))
 
 
-@triton.autotune(configs=_QK_CONFIGS, key=["Nq", "Nk", "Dh", "IS_F32", "HAS_BIAS"])
+@triton.autotune(configs=_QK_CONFIGS, key=["Nq", "Nk", "Dh", "Kq", "Kk", "IS_F32", "HAS_BIAS"])
 @triton.jit
 def _qk_update_kernel(l_ptr, q_ptr, k_ptr, iq_ptr, ik_ptr, rh_ptr, rw_ptr, H, Nq, Nk, Dh, Kq, Kk, Gw, scale,
                       l_b, l_h, l_m, l_n, q_b, q_h, q_m, q_d, k_b, k_h, k_n, k_d, iq_b, iq_k, ik_b, ik_k,
@@ -108,14 +111,38 @@ _AV_CONFIGS = _configs(
     triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}))
 
 
-# out is read-modify-written: autotuning must restore it between trial runs.
-@triton.autotune(configs=_AV_CONFIGS, key=["M", "N", "Dh", "IS_F32"], restore_value=["o_ptr"])
+_AV_SAVED = {}
+
+
+def _av_save_state(nargs, reset_only=False):
+    """Autotuner pre-hook: every trial run changes ``out`` (and with REFRESH_A ``a_ref[..., S]``), so both are saved
+    before it -- ``a_ref`` only at the selected columns, not the whole map -- and restored after it."""
+    if reset_only:
+        return
+    _AV_SAVED["out"] = nargs["o_ptr"].clone()
+    if nargs["REFRESH_A"]:
+        cols = nargs["ar_ptr"].new_empty((*nargs["ar_ptr"].shape[:3], nargs["idx_ptr"].size(1)))
+        copy_cols(nargs["ar_ptr"], cols, nargs["idx_ptr"], nargs["N"], src_indexed=True, dst_indexed=False)
+        _AV_SAVED["a_ref_cols"] = cols
+
+
+def _av_restore_state(nargs, exception=None):
+    """Autotuner post-hook: undo a trial run (see _av_save_state)."""
+    nargs["o_ptr"].copy_(_AV_SAVED.pop("out"))
+    cols = _AV_SAVED.pop("a_ref_cols", None)
+    if cols is not None:
+        copy_cols(cols, nargs["ar_ptr"], nargs["idx_ptr"], nargs["N"], src_indexed=False, dst_indexed=True)
+
+
+@triton.autotune(configs=_AV_CONFIGS, key=["M", "N", "Dh", "K", "IS_F32", "REFRESH_A"],
+                 pre_hook=_av_save_state, post_hook=_av_restore_state)
 @triton.jit
 def _av_delta_kernel(o_ptr, an_ptr, ar_ptr, vn_ptr, vr_ptr, idx_ptr, H, M, N, Dh, K,
                      o_b, o_h, o_m, o_d, an_b, an_h, an_m, an_n, ar_b, ar_h, ar_m, ar_n,
                      vn_b, vn_h, vn_n, vn_d, vr_b, vr_h, vr_n, vr_d, i_b, i_k, n_db,
                      IS_F32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                     REFRESH_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # REFRESH_A (requires n_db == 1): a_ref[rows, ids] = a_new[rows, ids] right after this program read it.
     pid = tl.program_id(0).to(tl.int64)
     n_mb = tl.cdiv(M, BLOCK_M)
     db = pid % n_db
@@ -137,7 +164,10 @@ def _av_delta_kernel(o_ptr, an_ptr, ar_ptr, vn_ptr, vr_ptr, idx_ptr, H, M, N, Dh
         vm = kv[:, None] & dm[None, :]
         a1 = tl.load(an_ptr + b * an_b + h * an_h + rows[:, None] * an_m + ids[None, :] * an_n, mask=am, other=0)
         v1 = tl.load(vn_ptr + b * vn_b + h * vn_h + ids[:, None] * vn_n + ds[None, :] * vn_d, mask=vm, other=0)
-        a2 = tl.load(ar_ptr + b * ar_b + h * ar_h + rows[:, None] * ar_m + ids[None, :] * ar_n, mask=am, other=0)
+        ar_off = ar_ptr + b * ar_b + h * ar_h + rows[:, None] * ar_m + ids[None, :] * ar_n
+        a2 = tl.load(ar_off, mask=am, other=0)
+        if REFRESH_A:
+            tl.store(ar_off, a1, mask=am)
         v2 = tl.load(vr_ptr + b * vr_b + h * vr_h + ids[:, None] * vr_n + ds[None, :] * vr_d, mask=vm, other=0)
         if UPCAST:
             a1 = a1.to(tl.float32)
@@ -188,13 +218,14 @@ def _check_relpos(rel_h, rel_w, logits: Tensor, q: Tensor) -> None:
 
 @on_device
 def qk_update_(logits: Tensor, q: Tensor, k: Tensor, index_q: Tensor, index_k: Tensor, scale: float,
-               rel_h: Optional[Tensor] = None, rel_w: Optional[Tensor] = None) -> Tensor:
+               rel_h: Optional[Tensor] = None, rel_w: Optional[Tensor] = None, *, check_index: bool = True) -> Tensor:
     """Recompute rows ``index_q`` and columns ``index_k`` of ``logits [B,H,Nq,Nk] = q @ k^T * scale`` in place.
 
     ``q [B,H,Nq,d]``, ``k [B,H,Nk,d]`` (same dtype), ``index_q/index_k [B,Kq]/[B,Kk]``; products accumulate in
     float32 and are cast to ``logits.dtype``. Optional ``rel_h [B,H,Nq,Gh]`` and ``rel_w [B,H,Nq,Gw]`` (both or
     neither; rank, dtype of ``q``, ``Gh*Gw = Nk``): every recomputed entry ``(i, j)`` also gets
-    ``rel_h[.., i, j // Gw] + rel_w[.., i, j % Gw]``, added in float32 before the cast. Returns ``logits``.
+    ``rel_h[.., i, j // Gw] + rel_w[.., i, j % Gw]``, added in float32 before the cast. Empty slots (-1) of either
+    index recompute nothing; ``check_index=False``: no value check, no host sync. Returns ``logits``.
     """
     C.check_rank(logits, "logits", 3, 4)
     _check_operands(("logits", "q", "k"), (logits, q, k), "logits", logits)
@@ -210,7 +241,8 @@ def qk_update_(logits: Tensor, q: Tensor, k: Tensor, index_q: Tensor, index_k: T
     C.check_writable(logits, "logits")
     require_launchable(logits)
     Nq, Nk = logits.size(-2), logits.size(-1)
-    check_index_values((index_q, "index_q", Nq, False), (index_k, "index_k", Nk, False))
+    if check_index:
+        check_index_values((index_q, "index_q", Nq, False), (index_k, "index_k", Nk, False))
     l4, q4, k4 = as_4d(logits), as_4d(q), as_4d(k)
     B, H, _, Dh = q4.shape
     Kq, Kk = index_q.size(1), index_k.size(1)
@@ -238,10 +270,12 @@ def qk_update_(logits: Tensor, q: Tensor, k: Tensor, index_q: Tensor, index_k: T
 
 
 @on_device
-def av_delta_update_(out: Tensor, a_new: Tensor, a_ref: Tensor, v_new: Tensor, v_ref: Tensor, index: Tensor) -> Tensor:
+def av_delta_update_(out: Tensor, a_new: Tensor, a_ref: Tensor, v_new: Tensor, v_ref: Tensor, index: Tensor, *,
+                     check_index: bool = True) -> Tensor:
     """``out += a_new[...,S] @ v_new[S] - a_ref[...,S] @ v_ref[S]`` (float32), then ``a_ref[...,S] = a_new[...,S]``
     and ``v_ref[S] = v_new[S]``. ``out [B,H,M,d]``, ``a_* [B,H,M,N]``, ``v_* [B,H,N,d]``, ``index [B,K]`` distinct
-    ids in ``[0, N)``; ``a_*`` and ``v_*`` share one dtype, ``out`` may have any float dtype. Returns ``out``.
+    ids in ``[0, N)`` or -1 (empty slots: no contribution, no refresh); ``a_*`` and ``v_*`` share one dtype, ``out``
+    may have any float dtype. ``check_index=False``: no value check, no host sync. Returns ``out``.
     """
     C.check_rank(out, "out", 3, 4)
     _check_operands(("out", "a_new", "a_ref", "v_new", "v_ref"), (out, a_new, a_ref, v_new, v_ref), "out", out)
@@ -260,20 +294,23 @@ def av_delta_update_(out: Tensor, a_new: Tensor, a_ref: Tensor, v_new: Tensor, v
     for name, t in (("out", out), ("a_ref", a_ref), ("v_ref", v_ref)):
         C.check_writable(t, name)
     require_launchable(out)
-    check_index_values((index, "index", N, True))
+    if check_index:
+        check_index_values((index, "index", N, True))
     o4, an4, ar4, vn4, vr4 = (as_4d(t) for t in (out, a_new, a_ref, v_new, v_ref))
     B, H = o4.size(0), o4.size(1)
     K = index.size(1)
     if B * H * K == 0:
         return out
+    block_d = min(max(next_pow2(Dh), 16), 128)
+    n_db = cdiv(Dh, block_d)
+    refresh_a = M * Dh > 0 and n_db == 1
     if M * Dh > 0:
-        block_d = min(max(next_pow2(Dh), 16), 128)
-        n_db = cdiv(Dh, block_d)
         _av_delta_kernel[lambda meta: (B * H * cdiv(M, meta["BLOCK_M"]) * n_db,)](
             o4, an4, ar4, vn4, vr4, index, H, M, N, Dh, K, *o4.stride(), *an4.stride(), *ar4.stride(),
             *vn4.stride(), *vr4.stride(), *index.stride(), n_db,
             IS_F32=a_new.dtype == torch.float32, PREC=dot_precision(a_new.dtype), UPCAST=dot_upcast(a_new.dtype),
-            SOFT_BF16=soft_bf16(out.dtype), BLOCK_D=block_d)
-    copy_cols(an4, ar4, index, N, src_indexed=True, dst_indexed=True)
+            SOFT_BF16=soft_bf16(out.dtype), REFRESH_A=refresh_a, BLOCK_D=block_d)
+    if not refresh_a:
+        copy_cols(an4, ar4, index, N, src_indexed=True, dst_indexed=True)
     copy_rows(vn4, vr4, index, N, src_indexed=True, dst_indexed=True)
     return out

@@ -1,15 +1,17 @@
 """Triton token gates: ``token_gate``, ``token_gate_threshold``, ``token_delta_gate`` (``c, ref [B, N, D]``).
 
-Pipeline, all on device (no host sync except the value check of an explicit index):
+Three launches, all on device (no host sync except the value check of an explicit index):
 1. ``_scores_kernel``: float32 ``||c - ref||_2`` per token in one pass over c and ref (no N x D temporary);
    the threshold gate writes ``score if score > h else -1`` instead.
-2. ``torch.topk`` on the ``[B, N]`` scores gives ``t``, the k-th largest score of each row (N floats: cheap).
-3. ``_select_kernel`` (one program per row): selects every score ``> t`` plus the lowest-id ties ``== t`` until k
-   are taken -- exactly the reference's stable descending sort -- and compacts them in token order with a prefix
-   sum, so the index comes out ascending without a sort; pads with -1 and writes the count (threshold gate).
-4. ``_gate_copy_kernel``: ``c_sel = c[index]``, ``e_sel = c_sel - ref[index]`` (delta gate, read before the
-   write), ``ref[index] = c_sel``; padding ids (-1) give zero rows and no write.
-NaN scores rank above every number (as in torch.sort/topk); the threshold gate never selects them.
+2. ``_select_kernel`` (one program per row): maps each score to an integer key with torch.sort's order (NaN
+   largest), finds ``t``, the key of the k-th largest score, by a 32-step bisection on the key bits (the row stays
+   in registers while N <= SELECT_BLOCK, else it is re-read per step), then selects every key ``> t`` plus the
+   lowest-id ties ``== t`` until k are taken -- exactly the reference's stable descending sort -- and compacts them
+   in token order with a prefix sum, so the index comes out ascending without a sort; pads with -1 and writes the
+   count (threshold gate).
+3. ``_gate_copy_kernel``: ``c_sel = c[index]``, ``e_sel = c_sel - ref[index]`` (delta gate, read before the
+   write), ``ref[index] = c_sel``; empty slots (-1, or unchecked ids outside ``[0, N)``) give zero rows and no
+   write. With an explicit index it also writes the returned int64 copy of the index: one launch in all.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from torch import Tensor
 from . import _checks as C
 from ._runtime import (INTERPRET, cast_out, cdiv, check_index_values, load_ids, next_pow2, on_device,
                        require_launchable, soft_bf16)
+from .gather_scatter import feature_block
 
 
 @triton.jit
@@ -48,38 +51,61 @@ def _scores_kernel(c_ptr, r_ptr, out_ptr, N, D, c_b, c_n, c_d, r_b, r_n, r_d, th
 
 
 @triton.jit
-def _rank_masks(s, t):
-    # (s ranks strictly above t, s ties with t) under "NaN is the largest value" (torch.sort / torch.topk order).
-    tv = tl.zeros_like(s) + t  # broadcast first: the interpreter cannot mix scalar and vector booleans
-    s_nan = s != s
-    t_nan = tv != tv
-    gt = (s > tv) | (s_nan & ~t_nan)
-    eq = (s == tv) | (s_nan & t_nan)
-    return gt, eq
+def _order_keys(s):
+    # float32 -> int64 keys in [0, 2^32) ordered like torch.sort orders the floats: -0.0 == 0.0, NaN above all.
+    s = tl.where(s == 0.0, 0.0, s)
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = tl.where(s != s, 0x7FFFFFFF, key)
+    return key.to(tl.int64) + 2147483647 + 1
 
 
 @triton.jit
-def _select_kernel(s_ptr, kth_ptr, idx_ptr, count_ptr, N, k, width,
-                   HAS_THRESHOLD: tl.constexpr, BLOCK_N: tl.constexpr):
+def _select_kernel(s_ptr, idx_ptr, count_ptr, N, k, width,
+                   HAS_THRESHOLD: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    # 1 <= k <= N. Keys of masked-off lanes are -1, below every candidate (>= 1) of the bisection.
     b = tl.program_id(0).to(tl.int64)
-    t = tl.load(kth_ptr + b)
-    n_gt = tl.zeros([], dtype=tl.int32)
-    for n0 in range(0, N, BLOCK_N):
-        ns = n0 + tl.arange(0, BLOCK_N)
-        s = tl.load(s_ptr + b * N + ns, mask=ns < N, other=0.0)
-        gt, eq = _rank_masks(s, t)
-        n_gt += tl.sum((gt & (ns < N)).to(tl.int32), axis=0)
-    need = k - n_gt  # ties with t taken lowest id first
+    row = s_ptr + b * N
+    if ONE_BLOCK:  # N <= BLOCK_N: the whole row in registers
+        ns = tl.arange(0, BLOCK_N)
+        row_s = tl.load(row + ns, mask=ns < N, other=0.0)
+        keys = tl.where(ns < N, _order_keys(row_s), -1)
+    t = tl.zeros([], dtype=tl.int64)  # invariant: at least k keys >= t
+    step = tl.full([], 2147483647, tl.int64) + 1
+    for _ in range(32):
+        cand = t + step
+        if ONE_BLOCK:
+            n_ge = tl.sum((keys >= cand).to(tl.int32), axis=0)
+        else:
+            n_ge = tl.zeros([], dtype=tl.int32)
+            for n0 in range(0, N, BLOCK_N):
+                ns = n0 + tl.arange(0, BLOCK_N)
+                blk = tl.where(ns < N, _order_keys(tl.load(row + ns, mask=ns < N, other=0.0)), -1)
+                n_ge += tl.sum((blk >= cand).to(tl.int32), axis=0)
+        t = tl.where(n_ge >= k, cand, t)
+        step = step // 2
+    # t is now the k-th largest key; take every key above it and the lowest-id ties until k are taken
     n_sel = tl.zeros([], dtype=tl.int32)
     n_eq = tl.zeros([], dtype=tl.int32)
+    need = k + tl.zeros([], dtype=tl.int32)  # k - (keys above t): how many ties with t are taken
+    if ONE_BLOCK:
+        need -= tl.sum((keys > t).to(tl.int32), axis=0)
+    else:
+        for n0 in range(0, N, BLOCK_N):
+            ns = n0 + tl.arange(0, BLOCK_N)
+            blk = tl.where(ns < N, _order_keys(tl.load(row + ns, mask=ns < N, other=0.0)), -1)
+            need -= tl.sum((blk > t).to(tl.int32), axis=0)
     for n0 in range(0, N, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
-        nm = ns < N
-        s = tl.load(s_ptr + b * N + ns, mask=nm, other=0.0)
-        gt, eq = _rank_masks(s, t)
-        eq = eq & nm
+        if ONE_BLOCK:
+            s = row_s
+            blk = keys
+        else:
+            s = tl.load(row + ns, mask=ns < N, other=0.0)
+            blk = tl.where(ns < N, _order_keys(s), -1)
+        eq = blk == t
         eq_rank = tl.cumsum(eq.to(tl.int32), axis=0) + n_eq
-        sel = nm & (gt | (eq & (eq_rank <= need)))
+        sel = (blk > t) | (eq & (eq_rank <= need))
         if HAS_THRESHOLD:
             sel = sel & (s >= 0)  # -1 marks "not above the threshold"
         pos = tl.cumsum(sel.to(tl.int32), axis=0) + n_sel - 1
@@ -94,9 +120,11 @@ def _select_kernel(s_ptr, kth_ptr, idx_ptr, count_ptr, N, k, width,
 
 
 @triton.jit
-def _gate_copy_kernel(c_ptr, r_ptr, idx_ptr, sel_ptr, e_ptr, K, D, N,
+def _gate_copy_kernel(c_ptr, r_ptr, idx_ptr, sel_ptr, e_ptr, out_idx_ptr, K, D, N,
                       c_b, c_n, c_d, r_b, r_n, r_d, i_b, i_k, n_kb, n_db,
-                      WITH_E: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                      WITH_E: tl.constexpr, COPY_INDEX: tl.constexpr, SOFT_BF16: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # COPY_INDEX: the programs of the first feature block also write index as a contiguous int64 [B, K] (as given).
     pid = tl.program_id(0).to(tl.int64)
     db = pid % n_db
     t = pid // n_db
@@ -105,6 +133,8 @@ def _gate_copy_kernel(c_ptr, r_ptr, idx_ptr, sel_ptr, e_ptr, K, D, N,
     ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     km = ks < K
     ids, valid = load_ids(idx_ptr + b * i_b, ks, i_k, K, N)
+    if COPY_INDEX:
+        tl.store(out_idx_ptr + b * K + ks, ids, mask=km & (db == 0))
     ds = db * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = ds < D
     m = valid[:, None] & dm[None, :]
@@ -121,15 +151,18 @@ def _gate_copy_kernel(c_ptr, r_ptr, idx_ptr, sel_ptr, e_ptr, K, D, N,
 
 
 def _check_gate(c: Tensor, ref: Tensor) -> None:
+    """Twin of check_gate_inputs in checks.h (same order)."""
     C.check_rank(c, "c", 3, 3)
     C.check_float(c, "c")
-    C.check_same_device(ref, "ref", c, "c")
-    C.check_same_dtype(ref, "ref", c, "c")
     C.check_rank(ref, "ref", 3, 3)
+    C.check_same_dtype(ref, "ref", c, "c")
+    C.check_same_device(ref, "ref", c, "c")
     C.check_size(ref, "ref", 0, c.size(0), "the batch size of 'c'")
     C.check_size(ref, "ref", 1, c.size(1), "the token count of 'c'")
     C.check_size(ref, "ref", 2, c.size(2), "the feature size of 'c'")
     C.check_writable(ref, "ref")
+    if c.size(1) >= 2 ** 31 - 1:
+        C.fail(f"argument 'c' has {c.size(1)} tokens; at most 2^31 - 2 are supported")
 
 
 def _scores(c: Tensor, ref: Tensor, threshold: Optional[float]) -> Tensor:
@@ -144,48 +177,55 @@ def _scores(c: Tensor, ref: Tensor, threshold: Optional[float]) -> Tensor:
     return out
 
 
-def _select(scores: Tensor, k: int, width: int, thresholded: bool) -> Tuple[Tensor, Tensor]:
-    """``k`` largest per row (ties -> lower id), ascending, into ``index [B, width]``; ``count [B]`` if thresholded."""
+SELECT_BLOCK = 1024 if INTERPRET else 4096  # rows up to this many tokens are selected from registers
+
+
+def _select(scores: Tensor, k: int, width: int, thresholded: bool, block_n: Optional[int] = None
+            ) -> Tuple[Tensor, Tensor]:
+    """``k`` (>= 1) largest per row (ties -> lower id), ascending, into ``index [B, width]``; ``count [B]`` if
+    thresholded. ``block_n`` (tests): the select kernel's block, ``min(next_pow2(N), SELECT_BLOCK)`` by default."""
     B, N = scores.shape
     index = torch.empty((B, width), dtype=torch.int64, device=scores.device)
     count = torch.empty((B,), dtype=torch.int64, device=scores.device)
-    if k == N:  # everything ranks (scores are >= 0 or NaN; -1 marks "below threshold"): skip the topk
-        kth = torch.full((B,), -1.0, dtype=torch.float32, device=scores.device)
-    else:
-        kth = torch.topk(scores, k, dim=1, largest=True, sorted=True).values[:, k - 1].contiguous()
-    block_n = min(next_pow2(N), 1024 if INTERPRET else 2048)
-    _select_kernel[(B,)](scores, kth, index, count, N, k, width,
-                         HAS_THRESHOLD=thresholded, BLOCK_N=block_n, num_warps=8 if block_n >= 2048 else 4)
+    block_n = block_n or min(next_pow2(N), SELECT_BLOCK)
+    _select_kernel[(B,)](scores, index, count, N, k, width, HAS_THRESHOLD=thresholded, ONE_BLOCK=N <= block_n,
+                         BLOCK_N=block_n, num_warps=16 if block_n >= 4096 else 8 if block_n >= 1024 else 4)
     return index, count
 
 
-def _gate_copy(c: Tensor, ref: Tensor, index: Tensor, with_e: bool) -> Tuple[Tensor, Optional[Tensor]]:
+def _gate_copy(c: Tensor, ref: Tensor, index: Tensor, with_e: bool, copy_index: bool = False
+               ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(index, c_sel, e_sel)``; ``copy_index``: ``index`` is the caller's and the returned one is a contiguous int64
+    copy of it, written by the same launch."""
     B, N, D = c.shape
     K = index.size(1)
+    out_index = torch.empty((B, K), dtype=torch.int64, device=c.device) if copy_index else index
     c_sel = c.new_empty((B, K, D))
     e_sel = c.new_empty((B, K, D)) if with_e else None
     if B * K * D == 0:
-        return c_sel, e_sel
-    block_d = min(next_pow2(D), 512)
-    block_k = max(1, min(next_pow2(K), (16384 if INTERPRET else 4096) // block_d))
+        if copy_index:
+            out_index.copy_(index)
+        return out_index, c_sel, e_sel
+    block_d = feature_block(D)
+    block_k = max(1, min(next_pow2(K), (16384 if INTERPRET else 2048) // block_d))
     n_kb, n_db = cdiv(K, block_k), cdiv(D, block_d)
     _gate_copy_kernel[(B * n_kb * n_db,)](
-        c, ref, index, c_sel, c_sel if e_sel is None else e_sel, K, D, N, *c.stride(), *ref.stride(),
-        index.stride(0), index.stride(1), n_kb, n_db,
-        WITH_E=with_e, SOFT_BF16=soft_bf16(c.dtype), BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
-    return c_sel, e_sel
+        c, ref, index, c_sel, c_sel if e_sel is None else e_sel, out_index, K, D, N, *c.stride(), *ref.stride(),
+        index.stride(0), index.stride(1), n_kb, n_db, WITH_E=with_e, COPY_INDEX=copy_index,
+        SOFT_BF16=soft_bf16(c.dtype), BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
+    return out_index, c_sel, e_sel
 
 
 @on_device
 def token_gate(c: Tensor, ref: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """Top-k gate: ``(index [B,k] int64 ascending, c_sel [B,k,D])`` on ``||c - ref||_2``; ``ref[index] = c_sel``."""
     _check_gate(c, ref)
-    C.check_in_range(k, "k", 0, c.size(1), "N, the token count of 'c'")
+    C.check_k(k, c.size(1))
     require_launchable(c)
     if k == 0:
         return torch.empty((c.size(0), 0), dtype=torch.int64, device=c.device), c.new_empty((c.size(0), 0, c.size(2)))
     index, _ = _select(_scores(c, ref, None), k, k, thresholded=False)
-    c_sel, _ = _gate_copy(c, ref, index, with_e=False)
+    _, c_sel, _ = _gate_copy(c, ref, index, with_e=False)
     return index, c_sel
 
 
@@ -198,7 +238,7 @@ def token_gate_threshold(c: Tensor, ref: Tensor, threshold: float, capacity: int
     """
     _check_gate(c, ref)
     if capacity < 0:
-        C.fail(f"argument 'capacity' must be >= 0, got {capacity}")
+        C.fail(f"argument 'capacity' must be >= 0, got {capacity}", ValueError)
     require_launchable(c)
     B, N, _ = c.shape
     cap = min(capacity, N)
@@ -206,30 +246,32 @@ def token_gate_threshold(c: Tensor, ref: Tensor, threshold: float, capacity: int
         index = torch.full((B, capacity), -1, dtype=torch.int64, device=c.device)
         return index, torch.zeros(B, dtype=torch.int64, device=c.device), c.new_zeros((B, capacity, c.size(2)))
     index, count = _select(_scores(c, ref, threshold), cap, capacity, thresholded=True)
-    c_sel, _ = _gate_copy(c, ref, index, with_e=False)
+    _, c_sel, _ = _gate_copy(c, ref, index, with_e=False)
     return index, count, c_sel
 
 
 @on_device
-def token_delta_gate(c: Tensor, ref: Tensor, k: int = -1, index: Optional[Tensor] = None
-                     ) -> Tuple[Tensor, Tensor, Tensor]:
+def token_delta_gate(c: Tensor, ref: Tensor, k: int = -1, index: Optional[Tensor] = None, *,
+                     check_index: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
     """Delta gate: ``(index [B,K] int64, c_sel, e_sel = c_sel - ref_old[index])`` (``[B,K,D]``); ``ref[index] = c_sel``.
 
-    An explicit ``index [B, K]`` (distinct ids per row) forces the selection and ``k`` is ignored.
+    An explicit ``index [B, K]`` (distinct ids per row; -1: an empty slot, a zero row and no write) forces the
+    selection, ``k`` is ignored, and the index is returned as an int64 copy. ``check_index=False``: no value check of
+    it, no host sync.
     """
     _check_gate(c, ref)
     B, N, D = c.shape
     if index is None:
-        C.check_in_range(k, "k", 0, N, "N, the token count of 'c'")
+        C.check_k(k, N)
     else:
         C.check_index_meta(index, "index", B, c, "c")
     require_launchable(c)
     if index is not None:
-        check_index_values((index, "index", N, True))
-        index = index.to(torch.int64, memory_format=torch.contiguous_format, copy=True)
-    elif k == 0:
+        if check_index:
+            check_index_values((index, "index", N, True))
+        return _gate_copy(c, ref, index, with_e=True, copy_index=True)
+    if k == 0:
         index = torch.empty((B, 0), dtype=torch.int64, device=c.device)
     else:
         index, _ = _select(_scores(c, ref, None), k, k, thresholded=False)
-    c_sel, e_sel = _gate_copy(c, ref, index, with_e=True)
-    return index, c_sel, e_sel
+    return _gate_copy(c, ref, index, with_e=True)
