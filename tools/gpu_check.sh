@@ -6,7 +6,7 @@
 #   3. the Triton op table against the standard-PyTorch composition      -> bench_triton.json
 #   4. the GPU tests, each file under its own time limit                 -> tests.log
 #   5. one line per step with its status and duration                    -> summary.txt (appended as it goes)
-# Needs a CUDA GPU with a CUDA build of torch, triton, timm and nvcc. Budget: ~6 min on an H200.
+# Needs a CUDA GPU with a CUDA build of torch, triton, timm and nvcc. The step limits add up to 8 min.
 #   OUT=results/gpu VIDEO=path/to/bigbuckbunny.mp4 bash tools/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +36,7 @@ echo "== build"
 # On the H200 image (torch 2.11+cu130, built with GCC 13.3) the default /opt/gcc/bin/g++ wrapper made every C++
 # exception thrown by the extension segfault; /usr/bin/g++ (GCC 13.3) works. Override with CXX=... / CC=...
 if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
-if ! step build 300 $PY setup.py build_ext --inplace -q >"$OUT/build.log" 2>&1; then
+if ! step build "${BUILD_TIMEOUT:-60}" $PY setup.py build_ext --inplace -q >"$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"
   exit 1
 fi
@@ -53,23 +53,25 @@ except RuntimeError as e:
 fi
 
 echo "== end-to-end table"
-step e2e "${E2E_TIMEOUT:-240}" $PY benchmarks/bench_gpu.py --video "$VIDEO" --out "$OUT/gpu_e2e.json" \
+step e2e "${E2E_TIMEOUT:-150}" $PY benchmarks/bench_gpu.py --video "$VIDEO" --out "$OUT/gpu_e2e.json" \
   ${E2E_ARGS:-} 2>&1 | grep -v "^|" | tail -20
 [ -f "$OUT/gpu_e2e.json" ] && $PY benchmarks/bench_gpu.py --report "$OUT/gpu_e2e.json" >"$OUT/gpu_e2e.md" \
   && cat "$OUT/gpu_e2e.md"
 
 echo "== Triton op table"
-step ops "${OPS_TIMEOUT:-120}" $PY -m pytest -q -p no:cacheprovider benchmarks/bench_triton.py \
+step ops "${OPS_TIMEOUT:-90}" $PY -m pytest -q -p no:cacheprovider benchmarks/bench_triton.py \
   --benchmark-json "$OUT/bench_triton.json" --benchmark-columns=median,rounds 2>&1 | tail -3
 
 echo "== GPU tests"
 : >"$OUT/tests.log"
+xdist=()
+$PY -c "import xdist" 2>/dev/null && xdist=(-n "${XDIST:-4}")  # parallel Triton JIT compilation
 # file:seconds:selection (every test of test_triton.py / test_cuda_ops.py runs on the GPU when one is present)
-for spec in "test_graphs.py:60:cuda" "test_cuda_ops.py:120:" "test_triton.py:150:" "test_blocks.py:60:cuda"; do
+for spec in "test_graphs.py:40:cuda" "test_cuda_ops.py:50:" "test_triton.py:70:" "test_blocks.py:20:cuda"; do
   IFS=: read -r file limit select <<<"$spec"
   # -v: each result is logged as it happens, so a file cut at its limit still shows what ran
-  step "tests/$file" "$limit" $PY -m pytest -v -p no:cacheprovider --maxfail=20 "tests/$file" ${select:+-k "$select"} \
-    >>"$OUT/tests.log" 2>&1
-  grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -3
+  step "tests/$file" "$limit" $PY -m pytest -v -p no:cacheprovider "${xdist[@]}" --maxfail=20 "tests/$file" \
+    ${select:+-k "$select"} >>"$OUT/tests.log" 2>&1
+  grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped)" "$OUT/tests.log" | tail -3
 done
 cat "$summary"
