@@ -69,6 +69,24 @@ def test_graph_per_budget_and_mode(make, size):
     assert [n for _, n in captures] == [0, 1, 1, 1, 2, 2, 2, 2, 1, 1, 0, 1]
 
 
+def test_replaced_weight_gets_a_new_graph():
+    """A graph reads weights at fixed addresses: a replaced weight (a new Parameter) must key a new graph, while
+    new values written in place keep the graph."""
+    dense = tiny_vit()
+    graphed = _emulated(convert(dense, 0.4, strategy="eventful"))
+    eager = convert(dense, 0.4, strategy="eventful")
+    frames = video(6, 32)
+    fc = dense.blocks[0].mlp.fc1
+    for t, x in enumerate(frames):
+        if t == 3:
+            with torch.no_grad():
+                fc.weight.mul_(0.5)  # in place: the same graph
+        if t == 4:
+            fc.weight = torch.nn.Parameter(fc.weight.detach() * 2)  # replaced: a new graph
+        torch.testing.assert_close(graphed(x), eager(x), **TOL, msg=f"frame {t}")
+        assert graphed.graphs.captures == (1 if t < 4 else 2) if t else True
+
+
 def test_capture_failure_falls_back_to_eager():
     class Failing(EmulatedCapture):
         @staticmethod
@@ -105,8 +123,8 @@ CUDA = torch.cuda.is_available()
 @pytest.mark.parametrize("make,size", [(tiny_vit, 32), (tiny_sam, 64)])
 def test_cuda_graph_equals_eager(make, size, policy, strategy):
     dense = make().cuda()
-    graphed = convert(dense, policy, strategy=strategy, cuda_graphs=True)
-    eager = convert(dense, policy, strategy=strategy)
+    graphed = convert(dense, policy, strategy=strategy)  # graphs on by default for CUDA inputs
+    eager = convert(dense, policy, strategy=strategy, cuda_graphs=False)
     for t, x in enumerate(video(6, size, batch=2).cuda()):
         torch.testing.assert_close(graphed(x), eager(x), **TOL, msg=f"frame {t}")
     assert graphed.graphs.captures == 1 and not graphed.graphs.failures
@@ -115,10 +133,12 @@ def test_cuda_graph_equals_eager(make, size, policy, strategy):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("strategy", ["eventful", "dense"])
 @pytest.mark.parametrize("policy", [0.4, Threshold(0.3, capacity=12)])
+@pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("make,size", [(tiny_vit, 32), (tiny_sam, 64)])
-def test_cuda_steady_frames_do_not_synchronise(make, size, policy, strategy):
-    """torch's sync debug mode raises on any synchronising CUDA call inside a steady-state frame."""
-    ev = convert(make().cuda(), policy, strategy=strategy)
+def test_cuda_steady_frames_do_not_synchronise(make, size, policy, strategy, graphs):
+    """torch's sync debug mode raises on any synchronising CUDA call inside a steady-state frame (eager frames, and
+    replays of the captured one)."""
+    ev = convert(make().cuda(), policy, strategy=strategy, cuda_graphs=graphs)
     frames = video(5, size, batch=2).cuda()
     ev(frames[0])
     ev(frames[1])  # Triton autotuning (which synchronises) happens on the first frame of each shape

@@ -45,7 +45,7 @@ def convert(
     policy: Optional[Budget] = None,
     backend: str = "ops",
     strategy: Optional[str] = None,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool = True,
 ) -> EventfulModel:
     """Wrap ``model``'s blocks in eventful blocks; returns an :class:`EventfulModel` sharing every weight.
 
@@ -53,7 +53,8 @@ def convert(
     ``policy``: an int (top-r tokens), a float (fraction of tokens) or a policy; default all tokens (r = N).
     ``strategy``: attention of the global blocks, ``"auto"`` / ``"eventful"`` / ``"dense"`` (see
     :mod:`eventful_kernels.nn.strategy`); default ``EVENTFUL_ATTENTION`` or ``"auto"``. ``cuda_graphs``: replay
-    each steady-state frame on CUDA inputs as one captured CUDA graph (see :class:`EventfulModel`).
+    each steady-state frame on CUDA inputs as one captured CUDA graph (see :class:`EventfulModel`; on by default,
+    ``False`` runs every frame eagerly).
     """
     family = model_family(model)
     pol = make_policy(1.0 if policy is None else policy)

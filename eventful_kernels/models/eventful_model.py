@@ -10,7 +10,7 @@ from .. import counting
 from ..nn import EventfulAttention, EventfulBlock, EventfulTokenwiseBlock, set_backend, set_policy
 from ..nn.placement import Workspace
 from ..nn.strategy import check_strategy
-from .graphs import FrameGraphs
+from .graphs import FrameGraphs, TensorAddresses
 from .macs import OutsideMacCounter
 from .policy import Budget, make_policy
 
@@ -26,13 +26,13 @@ class EventfulModel(nn.Module):
     the tokens selected by the policy. Inference only (runs under ``torch.no_grad``).
 
     A steady-state frame has fixed shapes and no host synchronisation (top-k policies, or a threshold policy that
-    does not trim), so it can be compiled (:meth:`compile`) or replayed as one CUDA graph (``cuda_graphs=True``, on
-    CUDA inputs: captured at the first steady frame of each budget, input shape and dtype, see
-    :mod:`eventful_kernels.models.graphs`). The flush always runs eagerly.
+    does not trim), so it can be compiled (:meth:`compile`) or replayed as one CUDA graph (``cuda_graphs``, the
+    default, on CUDA inputs: captured at the first steady frame of each budget, input shape, dtype, attention modes
+    and weight addresses, see :mod:`eventful_kernels.models.graphs`). The flush always runs eagerly.
     """
 
     def __init__(self, model: nn.Module, policy, *, dense: nn.Module, family: str, backend: str = "ops",
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = True):
         super().__init__()
         self.model = model.eval()
         self.family = family
@@ -50,6 +50,7 @@ class EventfulModel(nn.Module):
         self._step = self.model
         self.graphs = FrameGraphs(self._run_step)
         self.cuda_graphs = cuda_graphs
+        self._weights = TensorAddresses(self.model)
         self._modes: Optional[tuple] = None
 
     @property
@@ -103,7 +104,7 @@ class EventfulModel(nn.Module):
         else:
             modes = self._prepare_steady()
             if self.cuda_graphs and frames.device.type == self.graphs.device_type:
-                out = self.graphs(frames, (self._budget_key(), modes, self.backend))
+                out = self.graphs(frames, (self._budget_key(), modes, self.backend, self._weights.addresses()))
             else:
                 out = self._step(frames)
         self._streams = frames.shape[0]

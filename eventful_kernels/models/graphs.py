@@ -10,9 +10,9 @@ whose inputs and state live at fixed addresses:
 2. every later frame with that key copies its input into the static input buffer, replays the graph and returns a
    copy of the static output (the next replay overwrites it).
 
-The caller owns the key (for an eventful model: the budget and the attention modes) and must :meth:`clear` the
-graphs whenever a state tensor may have been reallocated (reset, flush, a switch of attention mode, another
-backend). A step that fails to capture (e.g. something in it synchronises) runs eagerly for that key from then on;
+The caller owns the key (for an eventful model: the budget, the attention modes and the weights' addresses, see
+:class:`TensorAddresses`) and must :meth:`clear` the graphs whenever a state tensor may have been reallocated
+(reset, flush, a switch of attention mode, another backend). A step that fails to capture (e.g. something in it synchronises) runs eagerly for that key from then on;
 the reason is kept in :attr:`failures`. At most ``max_graphs`` graphs are kept (least recently used dropped).
 """
 from __future__ import annotations
@@ -25,6 +25,35 @@ import torch
 from torch import Tensor
 
 Step = Callable[[Tensor], Tensor]
+
+# Bumped whenever any module registers a parameter or buffer (``module.weight = nn.Parameter(...)``), so a cached
+# list of a model's tensors is known to be stale without walking the model every frame.
+_REGISTRATIONS = [0]
+
+
+def _registered(*_args) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_registered)
+torch.nn.modules.module.register_module_buffer_registration_hook(_registered)
+
+
+class TensorAddresses:
+    """``addresses()``: the data pointers of every parameter and buffer of ``module``. A captured graph reads its
+    weights at fixed addresses: new values written in place are seen by a replay, but a weight that was replaced
+    (a new Parameter, ``.data = ...``, a move) is not, so the addresses are part of a graph's key."""
+
+    def __init__(self, module: torch.nn.Module):
+        self._module = module
+        self._tensors: Optional[list] = None
+        self._epoch = -1
+
+    def addresses(self) -> tuple:
+        if self._tensors is None or self._epoch != _REGISTRATIONS[0]:
+            self._tensors = [*self._module.parameters(), *self._module.buffers()]
+            self._epoch = _REGISTRATIONS[0]
+        return tuple(t.data_ptr() for t in self._tensors)
 
 
 class CudaCapture:
