@@ -36,7 +36,7 @@ class EmulatedCapture:
 
 
 def _emulated(ev):
-    ev.graphs = FrameGraphs(ev._run_step, capture=EmulatedCapture)
+    ev.graphs = FrameGraphs(ev._screened, capture=EmulatedCapture)
     ev.cuda_graphs = True
     return ev
 
@@ -95,7 +95,7 @@ def test_capture_failure_falls_back_to_eager():
 
     dense = tiny_vit()
     graphed = convert(dense, 0.5, strategy="eventful")
-    graphed.graphs = FrameGraphs(graphed._run_step, capture=Failing)
+    graphed.graphs = FrameGraphs(graphed._screened, capture=Failing)
     graphed.cuda_graphs = True
     eager = convert(dense, 0.5, strategy="eventful")
     frames = video(4, 32)

@@ -46,6 +46,7 @@ def convert(
     backend: str = "ops",
     strategy: Optional[str] = None,
     cuda_graphs: bool = True,
+    refresh_every: Optional[int] = None,
 ) -> EventfulModel:
     """Wrap ``model``'s blocks in eventful blocks; returns an :class:`EventfulModel` sharing every weight.
 
@@ -54,7 +55,8 @@ def convert(
     ``strategy``: attention of the global blocks, ``"auto"`` / ``"eventful"`` / ``"dense"`` (see
     :mod:`eventful_kernels.nn.strategy`); default ``EVENTFUL_ATTENTION`` or ``"auto"``. ``cuda_graphs``: replay
     each steady-state frame on CUDA inputs as one captured CUDA graph (see :class:`EventfulModel`; on by default,
-    ``False`` runs every frame eagerly).
+    ``False`` runs every frame eagerly). ``refresh_every``: recompute the state densely (in place) every that many
+    steady-state frames, which bounds the drift of the accumulated A·V deltas (see :meth:`EventfulModel.refresh`).
     """
     family = model_family(model)
     pol = make_policy(1.0 if policy is None else policy)
@@ -76,4 +78,5 @@ def convert(
     twin.blocks = nn.Sequential(*blocks)
     if hasattr(twin, "grad_checkpointing"):
         twin.grad_checkpointing = False
-    return EventfulModel(twin, pol, dense=model, family=family, backend=backend, cuda_graphs=cuda_graphs)
+    return EventfulModel(twin, pol, dense=model, family=family, backend=backend, cuda_graphs=cuda_graphs,
+                         refresh_every=refresh_every)

@@ -1,6 +1,7 @@
 """EventfulModel: a converted timm ViT run one video frame at a time, with a budget changeable at any frame."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -11,6 +12,7 @@ from ..nn import EventfulAttention, EventfulBlock, EventfulTokenwiseBlock, set_b
 from ..nn.placement import Workspace
 from ..nn.strategy import check_strategy
 from .graphs import FrameGraphs, TensorAddresses
+from .screen import FrameScreen
 from .macs import OutsideMacCounter
 from .policy import Budget, make_policy
 
@@ -32,7 +34,7 @@ class EventfulModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, policy, *, dense: nn.Module, family: str, backend: str = "ops",
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, refresh_every: Optional[int] = None):
         super().__init__()
         self.model = model.eval()
         self.family = family
@@ -40,7 +42,9 @@ class EventfulModel(nn.Module):
         self.backend = backend
         self._dense = [dense]  # a list, so the dense twin is not registered as a submodule (no duplicate state_dict)
         self._streams: Optional[int] = None
-        self._outside = OutsideMacCounter(model, self.eventful_blocks())
+        self._blocks = [m for m in self.model.modules() if isinstance(m, _EVENTFUL_BLOCKS)]
+        self._global_blocks = [b for b in self._blocks if isinstance(b, EventfulBlock)]
+        self._outside = OutsideMacCounter(model, self._blocks)
         # One scratch workspace for every eventful attention: their softmax outputs are dead after each block, so
         # blocks of equal shape share one [B,H,N,N] buffer (SAM 1024 px: 805 MB instead of 4 x 805 MB).
         self.workspace = Workspace()
@@ -48,9 +52,19 @@ class EventfulModel(nn.Module):
             if isinstance(m, EventfulAttention):
                 m.workspace = self.workspace
         self._step = self.model
-        self.graphs = FrameGraphs(self._run_step)
+        self.graphs = FrameGraphs(self._screened)
         self.cuda_graphs = cuda_graphs
         self._weights = TensorAddresses(self.model)
+        self._screen = FrameScreen()
+        blocks = self.eventful_blocks()
+        if blocks:  # the last block's tokens show any non-finite value written into a token state that frame
+            blocks[-1].register_forward_hook(lambda module, args, out: self._screen.observe(out))
+        self._spec: Optional[tuple] = None  # (C, H, W), dtype, device of the streams' frames
+        self._since_flush = 0
+        if refresh_every is not None and (isinstance(refresh_every, bool) or not isinstance(refresh_every, int)
+                                          or refresh_every < 1):
+            raise ValueError(f"eventful: argument 'refresh_every' must be None or an int >= 1, got {refresh_every!r}")
+        self.refresh_every = refresh_every
         self._modes: Optional[tuple] = None
 
     @property
@@ -59,10 +73,8 @@ class EventfulModel(nn.Module):
         return self._dense[0]
 
     def eventful_blocks(self):
-        return [m for m in self.model.modules() if isinstance(m, _EVENTFUL_BLOCKS)]
-
-    def _run_step(self, frames: torch.Tensor):
-        return self._step(frames)
+        """The eventful blocks, in order (fixed at conversion)."""
+        return self._blocks
 
     @property
     def flushing(self) -> bool:
@@ -72,7 +84,7 @@ class EventfulModel(nn.Module):
     def _prepare_steady(self) -> tuple:
         """Decide each global block's attention mode for this frame (eagerly, before any compiled or captured code)
         and return them; captured graphs are dropped when a mode changes (a switch frees or rebuilds state)."""
-        modes = tuple(b.plan() for b in self.eventful_blocks() if isinstance(b, EventfulBlock))
+        modes = tuple(b.plan() for b in self._global_blocks)
         if modes != self._modes:
             self.graphs.clear()
             self._modes = modes
@@ -86,29 +98,97 @@ class EventfulModel(nn.Module):
                 keys.append(key)
         return tuple(keys)
 
-    @torch.no_grad()
-    def forward(self, frames: torch.Tensor):
+    def _check_frames(self, frames) -> None:
+        """Reject a frame that does not fit the streams, before anything is touched."""
         if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[1] != 3:
             shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
             raise ValueError(f"frames must be [B, 3, H, W], got shape {shape}")
+        if frames.shape[0] == 0:
+            raise ValueError("frames: batch size 0; a frame must hold at least one stream")
+        if not frames.is_floating_point():
+            raise ValueError(f"frames must be floating point (normalised pixels), got {frames.dtype}")
         if self._streams is not None and frames.shape[0] != self._streams:
             raise ValueError(
                 f"frames: batch size {frames.shape[0]} differs from the {self._streams} streams in the state; "
                 "call reset() before starting new streams"
             )
-        if self.flushing:
-            self.graphs.clear()
-            self._modes = None
-            with self._outside.counting():  # layers outside the blocks run densely: same count every frame
-                out = self.model(frames)
-        else:
-            modes = self._prepare_steady()
-            if self.cuda_graphs and frames.device.type == self.graphs.device_type:
-                out = self.graphs(frames, (self._budget_key(), modes, self.backend, self._weights.addresses()))
-            else:
-                out = self._step(frames)
+        spec = (tuple(frames.shape[1:]), frames.dtype, frames.device)
+        if self._spec is not None and spec != self._spec:
+            raise ValueError(
+                f"frames: {list(frames.shape[1:])} {frames.dtype} on {frames.device} differs from the streams' "
+                f"{list(self._spec[0])} {self._spec[1]} on {self._spec[2]}; call reset() before starting new streams"
+            )
+
+    @torch.no_grad()
+    def forward(self, frames: torch.Tensor):
+        self._check_frames(frames)
+        if self._screen.poisoned() or (self.refresh_every and self._since_flush >= self.refresh_every):
+            self.refresh()
+        try:
+            out = self._frame(frames)
+        except BaseException as exc:
+            self._failed(exc)
+            raise
         self._streams = frames.shape[0]
         return out
+
+    def _frame(self, frames: torch.Tensor):
+        if not self._screen.ready or any(b.qkv_gate.ref is None for b in self.eventful_blocks()):  # new streams
+            self.graphs.clear()
+            self._modes = None
+            self._screen.start(frames)
+            with self._outside.counting():  # layers outside the blocks run densely: same count every frame
+                out = self.model(frames)
+            self._since_flush = 0
+            if not bool(torch.isfinite(frames).all()):  # the flush is eager: it may read a value back
+                self.reset()  # nothing clean to keep: the next frame flushes again
+                return out
+            self._spec = (tuple(frames.shape[1:]), frames.dtype, frames.device)
+            self._screen.frame_done()
+            return out
+        if self.flushing:  # a refresh: dense, into the existing state tensors (captured graphs stay valid)
+            with self._outside.counting():
+                out = self._screened(frames, self.model)
+            self._since_flush = 0
+            return out
+        modes = self._prepare_steady()
+        if self.cuda_graphs and frames.device.type == self.graphs.device_type:
+            out = self.graphs(frames, (self._budget_key(), modes, self.backend, self._weights.addresses()))
+            self._screen.frame_done()
+        else:
+            out = self._screened(frames, self._step)
+        self._since_flush += 1
+        return out
+
+    def _screened(self, frames: torch.Tensor, step=None):
+        """One frame through ``step`` (default: the steady-state step) behind the :class:`FrameScreen`."""
+        x, clean = self._screen.screen(frames)
+        out = self._screen.finish((self._step if step is None else step)(x), clean)
+        if step is not None:
+            self._screen.frame_done()
+        return out
+
+    def _failed(self, exc: BaseException) -> None:
+        """A frame raised half-way: the state may be half updated, so every stream re-flushes on the next frame."""
+        self.refresh()
+        self.graphs.clear()
+        note = ("eventful: the frame raised before it completed; every stream re-flushes on the next frame "
+                "(the state is recomputed from that frame)")
+        if hasattr(exc, "add_note"):
+            exc.add_note(note)
+        warnings.warn(note, RuntimeWarning, stacklevel=3)
+
+    @property
+    def frames_since_flush(self) -> int:
+        """Steady-state frames since the last flush or refresh (0 right after one)."""
+        return self._since_flush
+
+    def refresh(self) -> None:
+        """Make the next frame a flush that recomputes every stream's state densely, in place (captured graphs
+        stay valid). Used for ``refresh_every`` and after a failed frame; bounds the drift of the accumulated
+        A·V deltas."""
+        for block in self.eventful_blocks():
+            block.refresh()
 
     def compile(self, **kwargs) -> None:
         """Compile the steady-state frame with ``torch.compile(**kwargs)`` (e.g. ``fullgraph=True``); the flush
@@ -132,7 +212,7 @@ class EventfulModel(nn.Module):
 
     def attention_modes(self) -> list:
         """The attention mode each global block ran in the last frame (``"eventful"`` / ``"dense"``)."""
-        return [b.attention_mode for b in self.eventful_blocks() if isinstance(b, EventfulBlock)]
+        return [b.attention_mode for b in self._global_blocks]
 
     def set_backend(self, backend: str) -> None:
         """Switch every eventful module to ``"ops"`` (fused kernels) or ``"reference"`` (pure PyTorch)."""
@@ -145,8 +225,11 @@ class EventfulModel(nn.Module):
         for block in self.eventful_blocks():
             block.reset()
         self.graphs.clear()
+        self._screen.clear()
         self._modes = None
         self._streams = None
+        self._spec = None
+        self._since_flush = 0
 
     def macs_last_frame(self) -> int:
         """Multiply-accumulates of the last frame: eventful blocks (``counting.count_macs``) + dense layers around."""

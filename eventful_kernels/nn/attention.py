@@ -62,8 +62,8 @@ class EventfulAttention(EventfulModule):
 
     @property
     def flushing(self) -> bool:
-        """True when the next call is a flush (no state)."""
-        return self.av_buffer.out is None
+        """True when the next call is a flush (no state, or a refresh is pending)."""
+        return self.av_buffer.flushing or self.qk_buffer.logits is None or self.qk_buffer._refresh
 
     def drop_state(self) -> None:
         """Free the attention state (the next call is a flush) but keep the workspace, which may be shared."""
@@ -82,9 +82,13 @@ class EventfulAttention(EventfulModule):
         grid: Optional[Tuple[int, int]] = None,
         index: Optional[Tensor] = None,
     ) -> Tensor:
-        flush = self.av_buffer.out is None
+        flush = self.flushing
         if flush:
             index = None
+            self.qk_buffer.refresh()
+            self.av_buffer.refresh()
+            if self.rel_pos is not None:
+                self.rel_pos.refresh()
         elif index is None:
             raise ValueError("eventful: argument 'index' is required after the flush call")
         elif index.shape[1] == 0:

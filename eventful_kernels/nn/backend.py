@@ -6,8 +6,10 @@ A backend is the module that implements the op contract: ``"ops"`` -> :mod:`even
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Optional
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .. import ops as _ops
 from .. import reference as _reference
@@ -29,12 +31,15 @@ class EventfulModule(nn.Module):
     ``backend`` (settable) picks the op implementation, ``reset()`` forgets the per-stream state (the next call is
     a flush), ``last_macs`` holds the multiply-accumulates of the last call, summed over the batch (a module's count
     includes its eventful children). State tensors are plain attributes allocated on first use, on the input's
-    device; after moving a module to another device call ``reset()``. ``check_index``: whether index arguments
+    device; after moving a module to another device call ``reset()``. ``refresh()`` instead makes the next call
+    recompute the state densely *in place* (the same tensors, so captured CUDA graphs stay valid): a flush that
+    keeps the memory. ``check_index``: whether index arguments
     are value-checked by the ops (True for a module used on its own, which may be handed any index; the blocks set
     it False on their parts, whose indices come from their own gates: no check, no host synchronisation).
     """
 
     check_index: bool = True
+    _refresh: bool = False  # the next call recomputes the state densely, into the existing tensors
 
     def __init__(self, backend: str = "ops"):
         super().__init__()
@@ -64,6 +69,21 @@ class EventfulModule(nn.Module):
 
     def _reset_state(self) -> None:
         """Clear this module's own state; overridden by stateful subclasses."""
+
+    def refresh(self) -> None:
+        """Make the next call of this module and its eventful children a flush that writes into the existing state
+        tensors (a module without state allocates it as at any flush)."""
+        for m in self.modules():
+            if isinstance(m, EventfulModule):
+                m._refresh = True
+
+
+def refill(state: Optional[Tensor], src: Tensor) -> Tensor:
+    """``src``'s values in ``state`` (in place) when ``state`` has its shape, dtype and device, else in a new
+    contiguous copy."""
+    if state is not None and state.shape == src.shape and state.dtype == src.dtype and state.device == src.device:
+        return state.copy_(src)
+    return src.detach().clone(memory_format=torch.contiguous_format)
 
 
 def _reset_tree(module: nn.Module) -> None:

@@ -67,9 +67,7 @@ class _EventfulBlockBase(EventfulModule):
         self._macs_qkv = linear_macs_per_token(attn.qkv)
         self._macs_proj = linear_macs_per_token(attn.proj)
         self._macs_mlp = linear_macs_per_token(block.mlp)
-        self._packed_qkv = PackedLinear(attn.qkv)
-        self._packed_proj = PackedLinear(attn.proj)
-        self._packed_mlp = PackedMlp(block.mlp)
+        self._packed = {}  # "qkv" / "proj" / "mlp" -> packed runner of the module now there (a cache, not state)
         self._policy = as_policy(policy)
         self.qkv_gate = TokenGate(self._policy, backend)
         self.qkv_buffer = TokenBuffer(backend)
@@ -95,14 +93,26 @@ class _EventfulBlockBase(EventfulModule):
         self._windows = None
 
     # ---- token-wise pieces -------------------------------------------------------------------------------
-    def _linear(self, packed, x: Tensor) -> Tensor:
-        """``packed.module(x)``; the ops backend runs it on prepacked weights (:mod:`.linear`), the reference as is."""
-        return packed(x) if self.backend == "ops" else packed.module(x)
+    def _linear(self, role: str, module: nn.Module, x: Tensor) -> Tensor:
+        """``module(x)``; the ops backend runs it on prepacked weights (:mod:`.linear`), the reference as is. The
+        runner is rebuilt when the block's module in that ``role`` was replaced, so a new module is picked up."""
+        if self.backend != "ops":
+            return module(x)
+        packed = self._packed.get(role)
+        if packed is None or packed.module is not module:
+            if role == "mlp":
+                packed = PackedMlp(module)
+            elif isinstance(module, nn.Linear):
+                packed = PackedLinear(module)
+            else:
+                return module(x)
+            self._packed[role] = packed
+        return packed(x)
 
     def _qkv(self, h: Tensor) -> Tensor:
         """``attn.qkv`` of normalised tokens ``[B, K, D]`` -> ``[B, K, 3D]`` with q_norm/k_norm applied."""
         attn = self.block.attn
-        qkv = self._linear(self._packed_qkv, h)
+        qkv = self._linear("qkv", attn.qkv, h)
         if self._qk_norm:
             parts = qkv.view(*qkv.shape[:-1], 3, self.heads, self.head_dim)
             parts[..., 0, :, :] = attn.q_norm(parts[..., 0, :, :])
@@ -143,8 +153,12 @@ class _EventfulBlockBase(EventfulModule):
         if flush:
             if grid is None and (self.window > 0 or self.use_rel_pos):
                 raise ValueError("eventful: windowed / rel-pos blocks need input of shape [B, H, W, D]")
+            if self.window <= 0:
+                self._windows = None
+            elif self._windows is None or (self._windows.h, self._windows.w) != grid or \
+                    self._windows.perm.device != x.device:  # kept when unchanged: a captured graph reads it
+                self._windows = WindowGrid(grid[0], grid[1], self.window, x.device)
             self._grid = grid
-            self._windows = WindowGrid(grid[0], grid[1], self.window, x.device) if self.window > 0 else None
         elif grid != self._grid and (self.window > 0 or self.use_rel_pos):
             raise ValueError(f"eventful: grid {grid} differs from the stream's {self._grid}; call reset() first")
         try:
@@ -177,11 +191,11 @@ class _EventfulBlockBase(EventfulModule):
         norm = getattr(attn, "norm", None)
         if norm is not None and not isinstance(norm, nn.Identity):
             o_sel = norm(o_sel)
-        p_sel = self._linear(self._packed_proj, o_sel)
+        p_sel = self._linear("proj", attn.proj, o_sel)
         x1 = _residual(x, getattr(block, "ls1", _IDENTITY), self.proj_buffer(p_sel, idx2))
 
         idx3, h_sel = self.mlp_gate(x1)
-        m_sel = self._linear(self._packed_mlp, block.norm2(h_sel))
+        m_sel = self._linear("mlp", block.mlp, block.norm2(h_sel))
         y = _residual(x1, getattr(block, "ls2", _IDENTITY), self.mlp_buffer(m_sel, idx3))
         self.last_macs = (
             b * (idx1.shape[1] * self._macs_qkv + idx2.shape[1] * self._macs_proj + idx3.shape[1] * self._macs_mlp)

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import EventfulModule
+from .backend import EventfulModule, refill
 from .gates import check_tokens
 
 
@@ -40,13 +40,17 @@ class TokenBuffer(EventfulModule):
                 raise ValueError(
                     f"eventful: argument 'index' has shape {tuple(index.shape)} but 'x_sel' is {tuple(x_sel.shape)}"
                 )
-        if self.state is None:
+        if self.state is None or self._refresh:
             if index is None:
-                self.state = x_sel.detach().clone(memory_format=torch.contiguous_format)
+                self.state = refill(self.state, x_sel)
             else:
-                state = torch.empty_like(x_sel, memory_format=torch.contiguous_format)
+                state = self.state
+                if state is None or state.shape != x_sel.shape or state.dtype != x_sel.dtype or \
+                        state.device != x_sel.device:
+                    state = torch.empty_like(x_sel, memory_format=torch.contiguous_format)
                 self.k_ops.scatter_rows_(state, index, x_sel, check_index=self.check_index)
                 self.state = state
+            self._refresh = False
             return self.state
         s = self.state
         if index is None:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .backend import EventfulModule
+from .backend import EventfulModule, refill
 from .policies import Policy, Threshold, as_policy
 
 
@@ -61,8 +61,8 @@ class _GateBase(EventfulModule):
 
     @property
     def flushing(self) -> bool:
-        """True when the next call is a flush (no reference yet)."""
-        return self.ref is None
+        """True when the next call is a flush (no reference yet, or a refresh is pending)."""
+        return self.ref is None or self._refresh
 
     def _all_tokens(self, c: Tensor) -> Tensor:
         """``arange(N)`` expanded to ``[B, N]`` int64 (cached per N and device)."""
@@ -90,8 +90,9 @@ class TokenGate(_GateBase):
     def forward(self, c: Tensor) -> Tuple[Tensor, Tensor]:
         self._check(c)
         self.last_macs = 0
-        if self.ref is None:
-            self.ref = c.detach().clone(memory_format=torch.contiguous_format)
+        if self.flushing:
+            self.ref = refill(self.ref, c)
+            self._refresh = False
             return self._all_tokens(c), c
         policy = self.policy
         if not isinstance(policy, Threshold):
@@ -114,9 +115,10 @@ class TokenDeltaGate(_GateBase):
         self.last_macs = 0
         if index is not None:
             _check_index(index, c)
-        if self.ref is None:
+        if self.flushing:
             if index is None:
-                self.ref = c.detach().clone(memory_format=torch.contiguous_format)
+                self.ref = refill(self.ref, c)
+                self._refresh = False
                 return self._all_tokens(c), c, c
             if index.shape[1] != c.shape[1]:
                 raise ValueError(
@@ -125,7 +127,8 @@ class TokenDeltaGate(_GateBase):
                 )
             ref = torch.zeros_like(c, memory_format=torch.contiguous_format)
             out = self.k_ops.token_delta_gate(c, ref, -1, index, check_index=self.check_index)
-            self.ref = ref
+            self.ref = refill(self.ref, ref)
+            self._refresh = False
             return out
         if index is not None:
             return self.k_ops.token_delta_gate(c, self.ref, -1, index, check_index=self.check_index)

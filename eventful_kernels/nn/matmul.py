@@ -10,7 +10,7 @@ from typing import Optional, Protocol
 import torch
 from torch import Tensor
 
-from .backend import EventfulModule
+from .backend import EventfulModule, refill
 from .placement import empty_placed, placed_copy
 
 
@@ -72,11 +72,15 @@ class MatmulBuffer(EventfulModule):
         nk = k.shape[2]
         if k.shape[:2] != q.shape[:2] or k.shape[3] != d or k.dtype != q.dtype:
             raise ValueError(f"eventful: argument 'k' {tuple(k.shape)} {k.dtype} does not match 'q' {tuple(q.shape)} {q.dtype}")
-        if self.logits is None:
-            logits = torch.matmul(q, k.transpose(-1, -2), out=empty_placed((b, h, nq, nk), q, "logits")).mul_(scale)
+        if self.logits is None or self._refresh:
+            logits = self.logits
+            if logits is None or logits.shape != (b, h, nq, nk) or logits.dtype != q.dtype or logits.device != q.device:
+                logits = empty_placed((b, h, nq, nk), q, "logits")
+            torch.matmul(q, k.transpose(-1, -2), out=logits).mul_(scale)
             if bias is not None:
                 logits.add_(bias.dense())
             self.logits = logits
+            self._refresh = False
             self.last_macs = b * h * nq * nk * d
             return logits
         logits = self.logits
@@ -128,6 +132,11 @@ class MatmulDeltaAccumulator(EventfulModule):
         self.out = self.a_ref = self.v_ref = None
 
     @property
+    def flushing(self) -> bool:
+        """True when the next call is a flush (no state, or a refresh is pending)."""
+        return self.out is None or self._refresh
+
+    @property
     def tokens(self) -> Tensor:
         """The output as ``[B, M, H*d]`` tokens (a view of the state)."""
         b, m, h, d = self.out.shape
@@ -141,12 +150,19 @@ class MatmulDeltaAccumulator(EventfulModule):
         d = v.shape[3]
         if v.shape[:3] != (b, h, n) or v.dtype != a.dtype or v.device != a.device:
             raise ValueError(f"eventful: argument 'v' {tuple(v.shape)} {v.dtype} does not match 'a' {tuple(a.shape)} {a.dtype}")
-        if self.out is None:
-            out = torch.empty(b, m, h, d, dtype=a.dtype, device=a.device)
+        if self.flushing:
+            out = self.out
+            if out is None or out.shape != (b, m, h, d) or out.dtype != a.dtype or out.device != a.device:
+                out = torch.empty(b, m, h, d, dtype=a.dtype, device=a.device)
             out.permute(0, 2, 1, 3).copy_(torch.matmul(a, v))
-            self.a_ref = placed_copy(a.detach(), "attention_ref")
-            self.v_ref = v.detach().clone(memory_format=torch.contiguous_format)
+            if self.a_ref is not None and self.a_ref.shape == a.shape and self.a_ref.dtype == a.dtype and \
+                    self.a_ref.device == a.device:
+                self.a_ref.copy_(a)
+            else:
+                self.a_ref = placed_copy(a.detach(), "attention_ref")
+            self.v_ref = refill(self.v_ref, v)
             self.out = out
+            self._refresh = False
             self.last_macs = b * h * m * n * d
             return out.permute(0, 2, 1, 3)
         if self.a_ref.shape != a.shape or self.v_ref.shape != v.shape or self.a_ref.dtype != a.dtype:

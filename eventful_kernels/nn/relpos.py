@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backend import EventfulModule
+from .backend import EventfulModule, refill
 
 
 def rel_pos_table(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
@@ -73,15 +73,16 @@ class DecomposedRelPos(EventfulModule):
             self._grid = (gh, gw)
         rh, rw = self._tables
         self._sel = None
-        if index_q is None or self.rel_h is None:
+        if index_q is None or self.rel_h is None or self._refresh:
             # One batched product over the query cells t = (qh, qw): [B*H, d] @ [rh[qh]; rw[qw]]^T. Half the time
             # of two einsums, which each permute q into a grid-row- / grid-column-major copy first. The stacked
             # table is [N, Gh+Gw, d] (1.4 MB for a 14x14 window, 134 MB once per flush of a 64x64 global grid).
             cell = torch.cat([rh[:, None].expand(gh, gw, gh, d), rw[None].expand(gh, gw, gw, d)], 2).view(n, gh + gw, d)
             both = torch.bmm(q.permute(2, 0, 1, 3).reshape(n, b * h, d), cell.transpose(1, 2))  # [N, B*H, Gh+Gw]
             both = both.view(n, b, h, gh + gw).permute(1, 2, 0, 3)
-            self.rel_h = both[..., :gh].contiguous()
-            self.rel_w = both[..., gh:].contiguous()
+            self.rel_h = refill(self.rel_h, both[..., :gh])
+            self.rel_w = refill(self.rel_w, both[..., gh:])
+            self._refresh = False
             return self
         if self.rel_h.shape[:3] != (b, h, n):
             raise ValueError("eventful: q does not match the stored rel-pos state; call reset()")

@@ -1,0 +1,90 @@
+"""Keep non-finite values out of a stream's state, without synchronising with the device.
+
+An eventful model carries state from frame to frame: one frame with a NaN patch would otherwise poison it for good
+(the A·V accumulator adds deltas forever). :class:`FrameScreen` guards a model's steady-state frames:
+
+- ``screen(frames)``: per stream, the frame itself if all its values are finite, else the last clean frame of that
+  stream. So a non-finite input frame never reaches the state: for its stream it acts as a repeat of the last clean
+  frame, and ``finish`` replaces its output by NaN (that frame is lost, the stream is not);
+- ``observe(tokens)`` (the owner calls it on the last block's output tokens: a non-finite value written into any
+  token state reaches them through the residual stream in the same frame) and ``finish(out, clean)`` record whether
+  a stream whose input was finite still produced a non-finite value (overflow inside the model).
+  :meth:`poisoned` reads that flag on the host *one frame later without waiting*: on
+  CUDA the flag is copied to pinned memory inside the frame and an event recorded after it; the flag is read only
+  once the event has completed (usually by the next frame; a GPU running further behind is read a frame later).
+  The owner then re-flushes the streams.
+
+All device work is a few elementwise passes over the input frame and the output, and is CUDA-graph capturable.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def _per_stream(mask: Tensor, like: Tensor) -> Tensor:
+    """``[B]`` -> ``[B, 1, ..., 1]`` broadcastable against ``like``."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+class FrameScreen:
+    """See the module docstring. :meth:`start` at each flush (eager) allocates the buffers."""
+
+    def __init__(self) -> None:
+        self._last: Optional[Tensor] = None  # last clean frame of every stream
+        self._flag: Optional[Tensor] = None  # device: a clean stream produced a non-finite output
+        self._host: Optional[Tensor] = None  # the flag on the host (pinned on CUDA)
+        self._event = None
+
+    def clear(self) -> None:
+        self._last = self._flag = self._host = self._event = None
+
+    def start(self, frames: Tensor) -> None:
+        """Take ``frames`` (finite) as every stream's last clean frame; (re)allocate the flag."""
+        self._last = frames.detach().clone()
+        cuda = frames.device.type == "cuda"
+        self._flag = torch.zeros(1, dtype=torch.bool, device=frames.device)
+        self._host = torch.zeros(1, dtype=torch.bool, pin_memory=cuda) if cuda else self._flag
+        self._event = torch.cuda.Event() if cuda else None
+
+    @property
+    def ready(self) -> bool:
+        return self._last is not None
+
+    def screen(self, frames: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(x, clean [B] bool)``: non-finite streams replaced by their last clean frame, which ``x`` becomes."""
+        clean = torch.isfinite(frames).flatten(1).all(1)
+        torch.where(_per_stream(clean, frames), frames, self._last, out=self._last)
+        return self._last, clean
+
+    def observe(self, tokens: Tensor) -> None:
+        """Record whether ``tokens`` (computed from screened, finite frames) hold a non-finite value."""
+        if self._flag is not None and isinstance(tokens, Tensor):
+            torch.logical_or(self._flag, ~torch.isfinite(tokens).all().view(1), out=self._flag)
+
+    def finish(self, out, clean: Tensor):
+        """NaN outputs for unclean streams; records a non-finite output of a clean stream (read by ``poisoned``)."""
+        if isinstance(out, Tensor) and out.is_floating_point() and out.dim() > 0 and out.shape[0] == clean.numel():
+            self.observe(out)  # every stream's input was finite after screening
+            out = out.masked_fill(_per_stream(~clean, out), float("nan"))
+        if self._host is not self._flag:
+            self._host.copy_(self._flag, non_blocking=True)
+        return out
+
+    def frame_done(self) -> None:
+        """Call after each screened frame, outside any captured graph: marks when the flag copy has landed."""
+        if self._event is not None:
+            self._event.record()
+
+    def poisoned(self) -> bool:
+        """Whether a clean stream produced a non-finite output in a finished frame; clears the flag. Never waits."""
+        if self._flag is None or (self._event is not None and not self._event.query()):
+            return False
+        if not bool(self._host.numpy()[0]):  # a host read of host memory: no device synchronisation
+            return False
+        self._flag.zero_()
+        if self._host is not self._flag:
+            self._host.zero_()
+        return True
