@@ -11,7 +11,11 @@ caller vouches for, e.g. those the gates return: no check and no synchronisation
 outside ``[0, N)`` are then treated as empty slots (nothing out of bounds is ever read or written) and duplicate ids
 in a write give an unspecified one of the written values.
 
-Every argument is checked before anything is written: ``None`` for a tensor raises ``TypeError`` naming it.
+Every argument is checked before anything is written: ``None`` for a tensor raises ``TypeError`` naming it. The ops
+are inference-only (no autograd): with grad mode on, a tensor argument that requires grad is refused with a
+``RuntimeError`` naming it (call under ``torch.no_grad()`` / ``torch.inference_mode()``, or pass a detached tensor).
+Like PyTorch's own in-place ops, each call bumps the version counter (``t._version``) of every tensor it mutates
+(annotated ``Tensor(a!)`` in csrc/ops.cpp) by one. Both hold on every backend (registered once, in csrc/ops.cpp).
 """
 from __future__ import annotations
 
