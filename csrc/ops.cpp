@@ -1,24 +1,108 @@
 // The eventful op contract: every schema is declared here, once. Backends register implementations in
-// csrc/cpu/*.cpp and csrc/cuda/*.cu; the Python fake (meta) kernels live in eventful_kernels/ops.py.
-// Semantics of each op: eventful_kernels/reference.py.
+// csrc/cpu/*.cpp and csrc/cuda/*.cu (and eventful_kernels/triton registers CUDA kernels from Python); the Python fake
+// (meta) kernels live in eventful_kernels/ops.py. Semantics of each op: eventful_kernels/reference.py.
+//
+// Every op defined here also gets two backend-independent kernels, so they hold for each backend, C++ or Python:
+//  - Autograd: the ops are inference-only. With grad mode on, a tensor argument that requires grad is refused
+//    before anything runs (its gradient would silently be missing); otherwise the call goes on below autograd.
+//  - ADInplaceOrView (ops with a mutated `Tensor(a!)` argument): after the backend kernel returns, the version
+//    counter of every mutated argument is bumped once, as PyTorch's own in-place ops do, so autograd's saved-tensor
+//    checks and version-keyed caches see the write. A failed call (bad input raises before any write) bumps nothing.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
+namespace eventful {
+namespace {
+
+// The op's arguments are the last schema.arguments().size() entries of the stack.
+size_t first_argument(const c10::OperatorHandle& op, const torch::jit::Stack* stack) {
+  return stack->size() - op.schema().arguments().size();
+}
+
+// A defined tensor argument (an undefined one, Python's None, is left to the backend's check_defined).
+const at::Tensor* tensor_argument(const c10::IValue& v) {
+  return v.isTensor() && v.toTensor().defined() ? &v.toTensor() : nullptr;
+}
+
+void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  if (at::GradMode::is_enabled()) {
+    const auto& args = op.schema().arguments();
+    const size_t base = first_argument(op, stack);
+    for (size_t i = 0; i < args.size(); ++i) {
+      const at::Tensor* t = tensor_argument((*stack)[base + i]);
+      const std::string& name = args[i].name();
+      TORCH_CHECK(t == nullptr || !t->requires_grad(), "eventful: argument '", name,
+                  "' requires grad, but eventful ops are inference-only (no autograd): call it under torch.no_grad() "
+                  "or pass ", name, ".detach()");
+    }
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+void inplace_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t base = first_argument(op, stack);
+  std::vector<at::Tensor> mutated;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const at::Tensor* t = tensor_argument((*stack)[base + i]);
+    if (t == nullptr || args[i].alias_info() == nullptr || !args[i].alias_info()->isWrite()) continue;
+    // An inference tensor has no version counter; PyTorch refuses in-place writes to one outside inference mode.
+    // Checked here, before the kernel writes anything.
+    TORCH_CHECK(!t->is_inference() || c10::InferenceMode::is_enabled(), "eventful: argument '", args[i].name(),
+                "' is an inference tensor and is written in place, which is only allowed inside "
+                "torch.inference_mode(): pass a clone of it");
+    mutated.push_back(*t);
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : mutated) t.unsafeGetTensorImpl()->bump_version();
+}
+
+// Declares one op and registers its Autograd (and, if it mutates an argument, ADInplaceOrView) kernel.
+void define(torch::Library& m, const char* schema_text) {
+  c10::FunctionSchema schema = torch::schema(schema_text);
+  const std::string name = schema.name();
+  bool mutates = false;
+  for (const auto& arg : schema.arguments()) mutates |= arg.alias_info() != nullptr && arg.alias_info()->isWrite();
+  m.def(std::move(schema));
+  m.impl(name.c_str(), torch::dispatch(c10::DispatchKey::Autograd,
+                                       torch::CppFunction::makeFromBoxedFunction<&autograd_kernel>()));
+  if (mutates) {
+    m.impl(name.c_str(), torch::dispatch(c10::DispatchKey::ADInplaceOrView,
+                                         torch::CppFunction::makeFromBoxedFunction<&inplace_kernel>()));
+  }
+}
+
+}  // namespace
+}  // namespace eventful
+
 TORCH_LIBRARY(eventful, m) {
-  m.def("gather_rows(Tensor x, Tensor index, *, bool check_index=True) -> Tensor");
-  m.def("scatter_rows_(Tensor(a!) dst, Tensor index, Tensor src, *, bool check_index=True) -> ()");
-  m.def("gather_cols(Tensor x, Tensor index, *, bool check_index=True) -> Tensor");
-  m.def("scatter_cols_(Tensor(a!) dst, Tensor index, Tensor src, *, bool check_index=True) -> ()");
-  m.def("token_gate(Tensor c, Tensor(a!) ref, int k) -> (Tensor, Tensor)");
-  m.def(
-      "token_gate_threshold(Tensor c, Tensor(a!) ref, float threshold, int capacity)"
-      " -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "token_delta_gate(Tensor c, Tensor(a!) ref, int k, Tensor? index=None, *, bool check_index=True)"
-      " -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "qk_update_(Tensor(a!) logits, Tensor q, Tensor k, Tensor index_q, Tensor index_k, float scale, "
-      "Tensor? rel_h=None, Tensor? rel_w=None, *, bool check_index=True) -> ()");
-  m.def(
-      "av_delta_update_(Tensor(a!) out, Tensor a_new, Tensor(b!) a_ref, Tensor v_new, Tensor(c!) v_ref,"
-      " Tensor index, *, bool check_index=True) -> ()");
+  using eventful::define;
+  define(m, "gather_rows(Tensor x, Tensor index, *, bool check_index=True) -> Tensor");
+  define(m, "scatter_rows_(Tensor(a!) dst, Tensor index, Tensor src, *, bool check_index=True) -> ()");
+  define(m, "gather_cols(Tensor x, Tensor index, *, bool check_index=True) -> Tensor");
+  define(m, "scatter_cols_(Tensor(a!) dst, Tensor index, Tensor src, *, bool check_index=True) -> ()");
+  define(m, "token_gate(Tensor c, Tensor(a!) ref, int k) -> (Tensor, Tensor)");
+  define(m,
+         "token_gate_threshold(Tensor c, Tensor(a!) ref, float threshold, int capacity)"
+         " -> (Tensor, Tensor, Tensor)");
+  define(m,
+         "token_delta_gate(Tensor c, Tensor(a!) ref, int k, Tensor? index=None, *, bool check_index=True)"
+         " -> (Tensor, Tensor, Tensor)");
+  define(m,
+         "qk_update_(Tensor(a!) logits, Tensor q, Tensor k, Tensor index_q, Tensor index_k, float scale, "
+         "Tensor? rel_h=None, Tensor? rel_w=None, *, bool check_index=True) -> ()");
+  define(m,
+         "av_delta_update_(Tensor(a!) out, Tensor a_new, Tensor(b!) a_ref, Tensor v_new, Tensor(c!) v_ref,"
+         " Tensor index, *, bool check_index=True) -> ()");
 }

@@ -10,9 +10,16 @@ On CUDA that check reads one flag back to the host (a synchronisation). ``check_
 caller vouches for, e.g. those the gates return: no check and no synchronisation (CUDA-graph capturable); ids
 outside ``[0, N)`` are then treated as empty slots (nothing out of bounds is ever read or written) and duplicate ids
 in a write give an unspecified one of the written values.
+
+Every argument is checked before anything is written: ``None`` for a tensor raises ``TypeError`` naming it. The ops
+are inference-only (no autograd): with grad mode on, a tensor argument that requires grad is refused with a
+``RuntimeError`` naming it (call under ``torch.no_grad()`` / ``torch.inference_mode()``, or pass a detached tensor).
+Like PyTorch's own in-place ops, each call bumps the version counter (``t._version``) of every tensor it mutates
+(annotated ``Tensor(a!)`` in csrc/ops.cpp) by one. Both hold on every backend (registered once, in csrc/ops.cpp).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -50,7 +57,8 @@ def token_gate(c: Tensor, ref: Tensor, k: int) -> Tuple[Tensor, Tensor]:
 
 
 def token_gate_threshold(c: Tensor, ref: Tensor, threshold: float, capacity: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """Tokens with ``||c - ref||_2 > threshold``, at most ``capacity`` (largest kept), no host sync.
+    """Tokens with ``||c - ref||_2 > threshold`` (finite), at most ``capacity`` (``0 <= capacity <= N``; largest
+    kept), no host sync.
 
     Returns ``(index [B,capacity] int64, count [B] int64, c_sel [B,capacity,D])``; entries past ``count[b]`` are
     ``-1`` (empty slots, which every op skips) / zero rows. ``ref`` is updated at the selected tokens.
@@ -122,7 +130,13 @@ def _token_gate_fake(c, ref, k):
 
 @torch.library.register_fake("eventful::token_gate_threshold")
 def _token_gate_threshold_fake(c, ref, threshold, capacity):
-    b, _, d = c.shape
+    b, n, d = c.shape
+    # the kernels' argument checks that decide the output shape / validity (messages as csrc/include/eventful/checks.h)
+    msg = f"eventful: argument 'capacity' must satisfy 0 <= capacity <= N = {n} (tokens in 'c'), got {capacity}"
+    torch._check_value(capacity >= 0, lambda: msg)
+    torch._check_value(capacity <= n, lambda: msg)
+    if isinstance(threshold, (int, float)) and not math.isfinite(threshold):
+        raise ValueError(f"eventful: argument 'threshold' must be finite, got {float(threshold)}")
     return (
         c.new_empty((b, capacity), dtype=torch.long),
         c.new_empty((b,), dtype=torch.long),

@@ -156,6 +156,9 @@ def token_gate_threshold(c: Tensor, ref: Tensor, threshold: float, capacity: int
     qualify, the ``capacity`` largest are kept (ties -> lower id). The first ``count[b]`` entries of ``index[b]``
     are the selection in ascending order; the rest are ``-1`` (empty slots) and the matching rows of ``c_sel`` are
     zero. ``ref`` is updated at the selected tokens only.
+
+    The kernels require a finite ``threshold`` and ``0 <= capacity <= N`` (a larger capacity could only add empty
+    slots; callers pass ``min(capacity, N)``) and reject anything else; this reference does not check either.
     """
     index, count = select_threshold(gate_scores(c, ref), threshold, capacity)
     c_sel = gather_rows(c, index)

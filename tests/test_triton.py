@@ -401,7 +401,7 @@ def check_token_gate_ties_long_rows(impl, device, dtype, seed=3):
         rc, rr = ref.clone(), ref.clone()
         got, want = impl.token_gate(c, rc, k), R.token_gate(c, rr, k)
         _assert_gate(device, c, ref, rc, got, want, rr, "topk", k=k)
-    for h, cap in ((_between_scores(scores[0, 3:4], 0.0) * 0.999, 40), (0.0, 3000), (_between_scores(scores, 0.5), 700)):
+    for h, cap in ((_between_scores(scores[0, 3:4], 0.0) * 0.999, 40), (0.0, n), (_between_scores(scores, 0.5), 700)):
         rc, rr = ref.clone(), ref.clone()
         got, want = impl.token_gate_threshold(c, rc, h, cap), R.token_gate_threshold(c, rr, h, cap)
         _assert_gate(device, c, ref, rc, got, want, rr, "threshold", threshold=h, capacity=cap)
@@ -412,9 +412,9 @@ def check_token_gate_threshold(impl, device, dtype, seed=4):
     for (b, n, d), layout in [((3, 12, 19), "contig"), ((2, 9, 33), "step")]:
         c, ref = _gate_inputs(b, n, d, dtype, g, device, layout)
         med = _between_scores(R.gate_scores(c, ref), 0.5)
-        # (threshold, capacity): some above / capacity cuts / capacity > N / none / all (h < 0) / zero capacity;
+        # (threshold, capacity): some above / capacity cuts / capacity = N / none / all (h < 0) / zero capacity;
         # h = 0 excludes the unchanged tokens (strict >)
-        for h, cap in ((med, n), (med, 2), (0.0, n + 5), (1e9, 4), (-1.0, n), (-1.0, 3), (med, 0), (0.0, 1)):
+        for h, cap in ((med, n), (med, 2), (0.0, n), (1e9, 4), (-1.0, n), (-1.0, 3), (med, 0), (0.0, 1)):
             rc = ref.clone()
             rr = ref.clone()
             got = impl.token_gate_threshold(c, rc, h, cap)
@@ -830,7 +830,11 @@ def _bad_cases(device):
         ("token_gate ref dtype", gate_state, lambda s: T.token_gate(s["c"], s["ref"].half(), 1), RuntimeError, "'ref' has dtype Half"),
         ("token_gate ref overlap", gate_state, lambda s: T.token_gate(s["c"], s["ref"][:, :1].expand(2, 6, 4), 1), RuntimeError, "'ref' is written in place"),
         ("threshold capacity", gate_state, lambda s: T.token_gate_threshold(s["c"], s["ref"], 0.1, -1), ValueError,
-         "'capacity' must be >= 0"),
+         "'capacity' must satisfy 0 <= capacity <= N = 6 (tokens in 'c'), got -1"),
+        ("threshold capacity > N", gate_state, lambda s: T.token_gate_threshold(s["c"], s["ref"], 0.1, 10 ** 12),
+         ValueError, "'capacity' must satisfy 0 <= capacity <= N = 6 (tokens in 'c'), got 1000000000000"),
+        ("threshold nan", gate_state, lambda s: T.token_gate_threshold(s["c"], s["ref"], float("nan"), 2), ValueError,
+         "'threshold' must be finite, got nan"),
         ("threshold dtype", gate_state, lambda s: T.token_gate_threshold(s["c"].double(), s["ref"].double(), 0.1, 2), RuntimeError, "'c' must be float32"),
         ("delta dup", gate_state, lambda s: T.token_delta_gate(s["c"], s["ref"], -1, dup), RuntimeError, "repeats token id 3 in row 1"),
         ("delta oob", gate_state, lambda s: T.token_delta_gate(s["c"], s["ref"], -1, oob), IndexError, "holds 6 at [1, 1]"),

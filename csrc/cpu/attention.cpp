@@ -103,6 +103,11 @@ at::Tensor gather_rows_f32(const at::Tensor& src, const RowIds& ids) {
 
 void check_qk(const at::Tensor& logits, const at::Tensor& q, const at::Tensor& k, const at::Tensor& index_q,
               const at::Tensor& index_k, bool check_index) {
+  check_defined(logits, "logits");
+  check_defined(q, "q");
+  check_defined(k, "k");
+  check_defined(index_q, "index_q");
+  check_defined(index_k, "index_k");
   check_rank(logits, "logits", 4, 4);
   check_rank(q, "q", 4, 4);
   check_rank(k, "k", 4, 4);
@@ -335,6 +340,8 @@ void check_av(const at::Tensor& out, const at::Tensor& a_new, const at::Tensor& 
               const at::Tensor& v_ref, const at::Tensor& index, bool check_index) {
   const at::Tensor* all[] = {&out, &a_new, &a_ref, &v_new, &v_ref};
   const char* names[] = {"out", "a_new", "a_ref", "v_new", "v_ref"};
+  for (int i = 0; i < 5; ++i) check_defined(*all[i], names[i]);
+  check_defined(index, "index");
   for (int i = 0; i < 5; ++i) {
     check_rank(*all[i], names[i], 4, 4);
     check_float(*all[i], names[i]);

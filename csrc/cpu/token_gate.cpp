@@ -303,13 +303,13 @@ std::tuple<at::Tensor, at::Tensor> token_gate_cpu(const at::Tensor& c, const at:
   return {index, std::get<0>(moved)};
 }
 
-// Tokens with score > threshold, at most capacity (largest kept, ties -> lower id). Returns
-// (index [B, capacity] int64, -1 padded; count [B] int64; c_sel [B, capacity, D], zero padded).
+// Tokens with score > threshold (finite), at most capacity (0 <= capacity <= N; largest kept, ties -> lower id).
+// Returns (index [B, capacity] int64, -1 padded; count [B] int64; c_sel [B, capacity, D], zero padded).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_gate_threshold_cpu(const at::Tensor& c, const at::Tensor& ref,
                                                                         double threshold, int64_t capacity) {
   check_gate_inputs(c, ref);
-  TORCH_CHECK_VALUE(capacity >= 0, "eventful: argument 'capacity' must be >= 0, got ", capacity);
-  TORCH_CHECK_VALUE(std::isfinite(threshold), "eventful: argument 'threshold' must be finite, got ", threshold);
+  check_capacity(capacity, c.size(1));
+  check_threshold(threshold);
   // The reference compares float32 scores with the threshold in float32 (torch type promotion); beyond the float
   // range it becomes +-inf (spelled out: an out-of-range double -> float conversion is undefined in C++).
   constexpr float kInf = std::numeric_limits<float>::infinity();

@@ -6,6 +6,8 @@ back once (a host sync) and, only if set, the exact C++ message is rebuilt on th
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -29,6 +31,12 @@ def _shape(t: Tensor) -> str:
 
 def fail(msg: str, exc: type = RuntimeError) -> None:
     raise exc("eventful: " + msg)
+
+
+def check_defined(t, name: str) -> None:
+    """A required tensor argument (C++: an undefined tensor)."""
+    if t is None:
+        fail(f"argument '{name}' must be a Tensor, got None", TypeError)
 
 
 def check_float(t: Tensor, name: str) -> None:
@@ -80,6 +88,16 @@ def check_index_meta(index: Tensor, name: str, batch: int, like: Tensor, like_na
 def check_k(k: int, n: int) -> None:
     if not 0 <= k <= n:
         fail(f"argument 'k' must satisfy 0 <= k <= N = {n} (tokens in 'c'), got {k}", ValueError)
+
+
+def check_capacity(capacity: int, n: int) -> None:
+    if not 0 <= capacity <= n:
+        fail(f"argument 'capacity' must satisfy 0 <= capacity <= N = {n} (tokens in 'c'), got {capacity}", ValueError)
+
+
+def check_threshold(threshold: float) -> None:
+    if not math.isfinite(threshold):
+        fail(f"argument 'threshold' must be finite, got {float(threshold)}", ValueError)
 
 
 def raise_index_error(index: Tensor, name: str, n: int, unique: bool) -> None:

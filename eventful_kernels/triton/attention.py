@@ -227,6 +227,8 @@ def qk_update_(logits: Tensor, q: Tensor, k: Tensor, index_q: Tensor, index_k: T
     ``rel_h[.., i, j // Gw] + rel_w[.., i, j % Gw]``, added in float32 before the cast. Empty slots (-1) of either
     index recompute nothing; ``check_index=False``: no value check, no host sync. Returns ``logits``.
     """
+    for name, t in (("logits", logits), ("q", q), ("k", k), ("index_q", index_q), ("index_k", index_k)):
+        C.check_defined(t, name)
     C.check_rank(logits, "logits", 3, 4)
     _check_operands(("logits", "q", "k"), (logits, q, k), "logits", logits)
     C.check_same_dtype(k, "k", q, "q")
@@ -277,6 +279,9 @@ def av_delta_update_(out: Tensor, a_new: Tensor, a_ref: Tensor, v_new: Tensor, v
     ids in ``[0, N)`` or -1 (empty slots: no contribution, no refresh); ``a_*`` and ``v_*`` share one dtype, ``out``
     may have any float dtype. ``check_index=False``: no value check, no host sync. Returns ``out``.
     """
+    for name, t in (("out", out), ("a_new", a_new), ("a_ref", a_ref), ("v_new", v_new), ("v_ref", v_ref),
+                    ("index", index)):
+        C.check_defined(t, name)
     C.check_rank(out, "out", 3, 4)
     _check_operands(("out", "a_new", "a_ref", "v_new", "v_ref"), (out, a_new, a_ref, v_new, v_ref), "out", out)
     for name, t in (("a_ref", a_ref), ("v_new", v_new), ("v_ref", v_ref)):

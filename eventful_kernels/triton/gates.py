@@ -152,6 +152,8 @@ def _gate_copy_kernel(c_ptr, r_ptr, idx_ptr, sel_ptr, e_ptr, out_idx_ptr, K, D, 
 
 def _check_gate(c: Tensor, ref: Tensor) -> None:
     """Twin of check_gate_inputs in checks.h (same order)."""
+    C.check_defined(c, "c")
+    C.check_defined(ref, "ref")
     C.check_rank(c, "c", 3, 3)
     C.check_float(c, "c")
     C.check_rank(ref, "ref", 3, 3)
@@ -231,21 +233,21 @@ def token_gate(c: Tensor, ref: Tensor, k: int) -> Tuple[Tensor, Tensor]:
 
 @on_device
 def token_gate_threshold(c: Tensor, ref: Tensor, threshold: float, capacity: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """Tokens with ``||c - ref||_2 > threshold``, at most ``capacity`` (largest kept, ties -> lower id), no host sync.
+    """Tokens with ``||c - ref||_2 > threshold`` (finite), at most ``capacity`` (``0 <= capacity <= N``; largest kept,
+    ties -> lower id), no host sync.
 
     Returns ``(index [B,capacity] int64, count [B] int64, c_sel [B,capacity,D])``: the first ``count[b]`` ids of a
     row ascending, then -1 (zero rows in ``c_sel``). ``ref`` is updated at the selected tokens only.
     """
     _check_gate(c, ref)
-    if capacity < 0:
-        C.fail(f"argument 'capacity' must be >= 0, got {capacity}", ValueError)
+    C.check_capacity(capacity, c.size(1))
+    C.check_threshold(threshold)
     require_launchable(c)
     B, N, _ = c.shape
-    cap = min(capacity, N)
-    if cap == 0:
-        index = torch.full((B, capacity), -1, dtype=torch.int64, device=c.device)
-        return index, torch.zeros(B, dtype=torch.int64, device=c.device), c.new_zeros((B, capacity, c.size(2)))
-    index, count = _select(_scores(c, ref, threshold), cap, capacity, thresholded=True)
+    if capacity == 0:
+        index = torch.full((B, 0), -1, dtype=torch.int64, device=c.device)
+        return index, torch.zeros(B, dtype=torch.int64, device=c.device), c.new_zeros((B, 0, c.size(2)))
+    index, count = _select(_scores(c, ref, threshold), capacity, capacity, thresholded=True)
     _, c_sel, _ = _gate_copy(c, ref, index, with_e=False)
     return index, count, c_sel
 

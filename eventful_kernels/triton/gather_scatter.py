@@ -117,12 +117,16 @@ def copy_cols(src: Tensor, dst: Tensor, index: Tensor, n_ids: int, src_indexed: 
 
 
 def _check_x(x: Tensor, name: str, index: Tensor) -> None:
+    C.check_defined(x, name)
+    C.check_defined(index, "index")
     C.check_rank(x, name, 3, 4)
     C.check_float(x, name)
     C.check_index_meta(index, "index", x.size(0), x, name)
 
 
 def _check_scatter(dst: Tensor, index: Tensor, src: Tensor, cols: bool, check_index: bool) -> None:
+    for name, t in (("dst", dst), ("index", index), ("src", src)):
+        C.check_defined(t, name)
     _check_x(dst, "dst", index)
     C.check_same_dtype(src, "src", dst, "dst")
     C.check_same_device(src, "src", dst, "dst")

@@ -1,5 +1,7 @@
 // Argument checks shared by every backend, so each rejects bad input with the same message and before
-// touching any state. Metadata checks (rank, shape, dtype, device) are device-agnostic and always run; index *value*
+// touching any state. Every op first checks that each required tensor argument is defined (a Python None arrives
+// as an undefined tensor), in argument order. Metadata checks (rank, shape, dtype, device) are device-agnostic and
+// always run; index *value*
 // checks (range, uniqueness) run only when the op's check_index is true, on the host for CPU tensors
 // (check_index_values_cpu) and in a kernel on CUDA.
 #pragma once
@@ -8,6 +10,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -15,6 +18,11 @@
 #include <vector>
 
 namespace eventful {
+
+// A required tensor argument: None from Python reaches the kernel as an undefined tensor.
+inline void check_defined(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.defined(), "eventful: argument '", name, "' must be a Tensor, got None");
+}
 
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
@@ -114,6 +122,8 @@ inline bool valid_id(int64_t id, int64_t n) { return static_cast<uint64_t>(id) <
 
 // Gate inputs: c [B, N, D] float, ref the same shape/dtype/device and writable (it is updated in place).
 inline void check_gate_inputs(const at::Tensor& c, const at::Tensor& ref) {
+  check_defined(c, "c");
+  check_defined(ref, "ref");
   check_rank(c, "c", 3, 3);
   check_float(c, "c");
   check_rank(ref, "ref", 3, 3);
@@ -133,11 +143,24 @@ inline void check_k(int64_t k, int64_t n) {
                     " (tokens in 'c'), got ", k);
 }
 
+// Slot count of the threshold gate: 0 <= capacity <= n (its outputs have capacity rows).
+inline void check_capacity(int64_t capacity, int64_t n) {
+  TORCH_CHECK_VALUE(capacity >= 0 && capacity <= n, "eventful: argument 'capacity' must satisfy 0 <= capacity <= N = ",
+                    n, " (tokens in 'c'), got ", capacity);
+}
+
+// Threshold of the threshold gate: a finite number.
+inline void check_threshold(double threshold) {
+  TORCH_CHECK_VALUE(std::isfinite(threshold), "eventful: argument 'threshold' must be finite, got ", threshold);
+}
+
 // Rows view: [B, N, D] -> [B, 1, N, D]; [B, H, N, D] unchanged. Always a view.
 inline at::Tensor as_4d(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(1) : t; }
 
 // gather/scatter target: x [B, N, D] or [B, H, N, D] float (rows), or [B, (H,) M, N] (columns); index [B, K].
 inline void check_gather_args(const at::Tensor& x, const char* xname, const at::Tensor& index) {
+  check_defined(x, xname);
+  check_defined(index, "index");
   check_rank(x, xname, 3, 4);
   check_float(x, xname);
   check_index_meta(index, "index", x.size(0), x, xname);
@@ -146,6 +169,9 @@ inline void check_gather_args(const at::Tensor& x, const char* xname, const at::
 // scatter_rows_ (cols=false) / scatter_cols_ (cols=true): src is dst's shape with K ids in place of the token dim
 // (dim -2 for rows, -1 for columns); dst is written in place, so it must not self-overlap or overlap src.
 inline void check_scatter_args(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src, bool cols) {
+  check_defined(dst, "dst");
+  check_defined(index, "index");
+  check_defined(src, "src");
   check_gather_args(dst, "dst", index);
   check_same_dtype(src, "src", dst, "dst");
   check_same_device(src, "src", dst, "dst");
