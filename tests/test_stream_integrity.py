@@ -169,3 +169,19 @@ def test_periodic_refresh_bounds_drift():
     assert worst <= 1e-5, worst
     with pytest.raises(ValueError, match="refresh_every"):
         convert(dense, 1.0, refresh_every=0)
+
+
+def test_inference_mode_frames_mix_with_normal_ones():
+    """A flush under torch.inference_mode() and later frames outside it (and back): the state is never made of
+    inference tensors, outputs are normal tensors, results equal a twin that never used inference mode."""
+    dense = tiny_vit()
+    ev, twin = convert(dense, 0.5), convert(dense, 0.5)
+    frames = video(5, 32, batch=2)
+    for t, x in enumerate(frames):
+        if t % 2 == 0:
+            with torch.inference_mode():
+                y = ev(x.clone())
+        else:
+            y = ev(x)
+        assert not y.is_inference()
+        torch.testing.assert_close(y, twin(x), rtol=0, atol=0, msg=f"frame {t}")

@@ -119,8 +119,13 @@ class EventfulModel(nn.Module):
                 f"{list(self._spec[0])} {self._spec[1]} on {self._spec[2]}; call reset() before starting new streams"
             )
 
-    @torch.no_grad()
     def forward(self, frames: torch.Tensor):
+        # Never inference mode: state made under it would be inference tensors, which a later frame outside it could
+        # not update. Inference-mode inputs are fine as inputs; the outputs are normal tensors.
+        with torch.inference_mode(False), torch.no_grad():
+            return self._forward(frames)
+
+    def _forward(self, frames: torch.Tensor):
         self._check_frames(frames)
         if self._screen.poisoned() or (self.refresh_every and self._since_flush >= self.refresh_every):
             self.refresh()
