@@ -107,6 +107,12 @@ class EventfulModel(nn.Module):
             raise ValueError("frames: batch size 0; a frame must hold at least one stream")
         if not frames.is_floating_point():
             raise ValueError(f"frames must be floating point (normalised pixels), got {frames.dtype}")
+        weight = next(self.model.parameters(), None)
+        if weight is not None and (frames.dtype != weight.dtype or frames.device != weight.device):
+            raise ValueError(
+                f"frames are {frames.dtype} on {frames.device} but the model's weights are {weight.dtype} on "
+                f"{weight.device}; cast the frames (or move the model and call reset())"
+            )
         if self._streams is not None and frames.shape[0] != self._streams:
             raise ValueError(
                 f"frames: batch size {frames.shape[0]} differs from the {self._streams} streams in the state; "
@@ -145,9 +151,10 @@ class EventfulModel(nn.Module):
             with self._outside.counting():  # layers outside the blocks run densely: same count every frame
                 out = self.model(frames)
             self._since_flush = 0
-            if not bool(torch.isfinite(frames).all()):  # the flush is eager: it may read a value back
+            clean = torch.isfinite(frames).flatten(1).all(1)
+            if not bool(clean.all()):  # the flush is eager: it may read a value back
                 self.reset()  # nothing clean to keep: the next frame flushes again
-                return out
+                return self._screen.mask(out, clean)
             self._spec = (tuple(frames.shape[1:]), frames.dtype, frames.device)
             self._screen.frame_done()
             return out

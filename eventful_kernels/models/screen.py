@@ -64,14 +64,24 @@ class FrameScreen:
         if self._flag is not None and isinstance(tokens, Tensor):
             torch.logical_or(self._flag, ~torch.isfinite(tokens).all().view(1), out=self._flag)
 
+    @staticmethod
+    def _per_stream_output(out, clean: Tensor) -> bool:
+        return isinstance(out, Tensor) and out.is_floating_point() and out.dim() > 0 and out.shape[0] == clean.numel()
+
+    @classmethod
+    def mask(cls, out, clean: Tensor):
+        """``out`` with every value of an unclean stream replaced by NaN (that frame of that stream is lost)."""
+        if cls._per_stream_output(out, clean):
+            out = out.masked_fill(_per_stream(~clean, out), float("nan"))
+        return out
+
     def finish(self, out, clean: Tensor):
         """NaN outputs for unclean streams; records a non-finite output of a clean stream (read by ``poisoned``)."""
-        if isinstance(out, Tensor) and out.is_floating_point() and out.dim() > 0 and out.shape[0] == clean.numel():
+        if self._per_stream_output(out, clean):
             self.observe(out)  # every stream's input was finite after screening
-            out = out.masked_fill(_per_stream(~clean, out), float("nan"))
         if self._host is not self._flag:
             self._host.copy_(self._flag, non_blocking=True)
-        return out
+        return self.mask(out, clean)
 
     def frame_done(self) -> None:
         """Call after each screened frame, outside any captured graph: marks when the flag copy has landed."""
