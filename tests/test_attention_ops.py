@@ -21,6 +21,8 @@ from hypothesis import given, settings, strategies as st
 import eventful_kernels  # noqa: F401  (registers torch.ops.eventful)
 from eventful_kernels import ops, reference
 
+from index_slots import out_of_range, with_empty_slots
+
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 INDEX_DTYPES = [torch.int32, torch.int64]
 EPS32 = torch.finfo(torch.float32).eps
@@ -32,22 +34,6 @@ def make_index(b, n, k, dtype, gen):
     """[b, k] distinct ids in [0, n) per row, unsorted."""
     rows = [torch.randperm(n, generator=gen)[:k] for _ in range(b)]
     return torch.stack(rows).to(dtype) if b else torch.empty(0, k, dtype=dtype)
-
-
-def with_empty_slots(index, gen, frac=0.4, empty_rows=(), fill=-1):
-    """`index` with about `frac` of its entries (random positions) and every row in `empty_rows` set to `fill`."""
-    out = index.clone()
-    out[torch.rand(index.shape, generator=gen) < frac] = fill
-    for b in empty_rows:
-        out[b] = fill
-    return out
-
-
-def out_of_range(index, n, gen, frac=0.4):
-    """`index` with about `frac` of its entries replaced by ids outside [0, n): -1, -5, n, 2n + 3, the dtype's max."""
-    bad = torch.tensor([-1, -5, n, 2 * n + 3, torch.iinfo(index.dtype).max], dtype=index.dtype)
-    pick = bad[torch.randint(0, len(bad), index.shape, generator=gen)]
-    return torch.where(torch.rand(index.shape, generator=gen) < frac, pick, index)
 
 
 def valid_ids(row, n):

@@ -22,6 +22,8 @@ import eventful_kernels  # noqa: F401  (registers torch.ops.eventful)
 from eventful_kernels import ops
 from eventful_kernels import reference as R
 
+from index_slots import out_of_range_ids
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEV = "cuda"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -84,12 +86,6 @@ def with_empty_slots(idx, gen, frac=0.4, fill=-1):
     fill = torch.as_tensor(fill, dtype=out.dtype).expand(out.shape)
     out[mask] = fill[mask]
     return out.to(DEV)
-
-
-def out_of_range_ids(shape, N, idtype, gen):
-    """Ids outside [0, N) of the given shape: -1, -5, N, 2N + 3 and the dtype's max, at random."""
-    bad = torch.tensor([-1, -5, N, 2 * N + 3, torch.iinfo(idtype).max], dtype=idtype)
-    return bad[torch.randint(0, len(bad), tuple(shape), generator=gen)]
 
 
 def ks_for(N, unique):

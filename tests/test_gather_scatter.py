@@ -13,6 +13,8 @@ from hypothesis import given, settings, strategies as st
 import eventful_kernels  # noqa: F401  (registers torch.ops.eventful)
 from eventful_kernels import ops, reference
 
+from index_slots import out_of_range, with_empty_slots
+
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 INDEX_DTYPES = [torch.int32, torch.int64]
 
@@ -23,22 +25,6 @@ def make_index(b, n, k, dtype, gen, unique=True):
         rows = [torch.randperm(n, generator=gen)[:k] for _ in range(b)]
         return torch.stack(rows).to(dtype) if b else torch.empty(0, k, dtype=dtype)
     return torch.randint(0, n, (b, k), generator=gen).to(dtype)
-
-
-def with_empty_slots(index, gen, frac=0.4, empty_row=None, fill=-1):
-    """`index` with about `frac` of its entries (random positions) set to `fill`, and the whole of row `empty_row`."""
-    out = index.clone()
-    out[torch.rand(index.shape, generator=gen) < frac] = fill
-    if empty_row is not None and out.shape[0] > 0:
-        out[empty_row] = fill
-    return out
-
-
-def out_of_range(index, n, gen, frac=0.4):
-    """`index` with about `frac` of its entries replaced by ids outside [0, n): -1, -5, n, 2n + 3, the dtype's max."""
-    bad = torch.tensor([-1, -5, n, 2 * n + 3, torch.iinfo(index.dtype).max], dtype=index.dtype)
-    pick = bad[torch.randint(0, len(bad), index.shape, generator=gen)]
-    return torch.where(torch.rand(index.shape, generator=gen) < frac, pick, index)
 
 
 def randn(shape, dtype, gen):
@@ -251,7 +237,7 @@ def test_empty_slots(name, dtype, index_dtype, shape, check_index):
         base = make_index(lead_dims[0], n, k, index_dtype, gen, unique=OPS[name][3])
     else:
         base = torch.zeros(lead_dims[0], k, dtype=index_dtype)
-    index = with_empty_slots(base, gen, frac=0.4 if n > 0 else 1.0, empty_row=0 if empty_row else None)
+    index = with_empty_slots(base, gen, frac=0.4 if n > 0 else 1.0, empty_rows=(0,) if empty_row else ())
     if k > 1 and n > 0:
         index[-1, :2] = -1  # repeated -1 in one row (scatters too)
     run_and_compare(name, x, index, src, check_index=check_index)

@@ -135,6 +135,17 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]
     return best
 
 
+def _time_masked_attention(best, q, kv, reps: int) -> float:
+    mask = torch.zeros(*q.shape[:3], kv.shape[2], device=q.device, dtype=q.dtype)  # freed on return
+    return best(lambda: F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask), reps)
+
+
+def _time_copy(best, numel: int, device, dtype, reps: int) -> float:
+    src = torch.empty(numel, device=device, dtype=dtype).fill_(1)
+    dst = torch.empty_like(src)
+    return best(lambda: dst.copy_(src), reps)
+
+
 def measure_rates(device, dtype: torch.dtype, state_bytes: int = 1 << 26, head_dim: int = 64) -> DeviceRates:
     """Time the cost model's ingredients on ``device`` (~0.1 s on a 2-core CPU, a few ms on a GPU); cached per
     device type, dtype and power-of-two bucket of ``state_bytes``. Pinned rates (:func:`set_rates`) win."""
@@ -157,14 +168,8 @@ def measure_rates(device, dtype: torch.dtype, state_bytes: int = 1 << 26, head_d
         rows = q[:, :, : n // 4]
         matmul = 2.0 * heads * (n // 4) * n * head_dim / best(lambda: torch.matmul(rows, kv.transpose(-1, -2)), reps)
         attention = 4.0 * heads * n * n * head_dim / best(lambda: F.scaled_dot_product_attention(q, kv, kv), reps)
-        mask = torch.zeros(1, heads, n, n, device=device, dtype=dtype)
-        masked = 4.0 * heads * n * n * head_dim / best(
-            lambda: F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask), reps)
-        del mask
-        src = torch.empty(size // _elt(dtype), device=device, dtype=dtype).fill_(1)
-        dst = torch.empty_like(src)
-        bandwidth = 2.0 * size / best(lambda: dst.copy_(src), reps)
-        del src, dst
+        masked = 4.0 * heads * n * n * head_dim / _time_masked_attention(best, q, kv, reps)
+        bandwidth = 2.0 * size / _time_copy(best, size // _elt(dtype), device, dtype, reps)
         one = torch.zeros(1, device=device)
         launch = best(lambda: one.add_(1), 20)
     rates = DeviceRates(matmul, attention, masked, bandwidth, launch, 32 if gpu else 64)
