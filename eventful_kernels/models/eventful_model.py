@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import counting
 from ..nn import EventfulAttention, EventfulBlock, EventfulTokenwiseBlock, set_backend, set_policy
+from ..nn.linear import PackedGroup, repack
 from ..nn.placement import Workspace
 from ..nn.strategy import check_strategy
 from .graphs import FrameGraphs, TensorAddresses
@@ -51,6 +52,10 @@ class EventfulModel(nn.Module):
         for m in self.model.modules():
             if isinstance(m, EventfulAttention):
                 m.workspace = self.workspace
+        # The packed weights' fingerprints are compared once before each frame, all together (see nn/linear.py).
+        self._packed_group = PackedGroup()
+        for b in self._blocks:
+            b.packed_group = self._packed_group
         self._step = self.model
         self.graphs = FrameGraphs(self._screened)
         self.cuda_graphs = cuda_graphs
@@ -129,11 +134,16 @@ class EventfulModel(nn.Module):
         self._check_frames(frames)
         if self._screen.poisoned() or (self.refresh_every and self._since_flush >= self.refresh_every):
             self.refresh()
+        group = self._packed_group
+        group.check()
+        group.active = True
         try:
             out = self._frame(frames)
         except BaseException as exc:
             self._failed(exc)
             raise
+        finally:
+            group.active = False
         self._streams = frames.shape[0]
         return out
 
@@ -226,9 +236,11 @@ class EventfulModel(nn.Module):
         self.graphs.clear()
 
     def reset(self) -> None:
-        """Forget all state: the next frame is a flush and may start a different number of streams."""
+        """Forget all state: the next frame is a flush and may start a different number of streams. The packed
+        weights are made again too (:func:`eventful_kernels.nn.linear.repack`)."""
         for block in self.eventful_blocks():
             block.reset()
+        repack(self.model)
         self.graphs.clear()
         self._screen.clear()
         self._modes = None

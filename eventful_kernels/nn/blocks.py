@@ -20,7 +20,7 @@ from .attention import DenseAttention, EventfulAttention
 from .backend import EventfulModule, trust_indices
 from .buffers import TokenBuffer
 from .gates import TokenGate
-from .linear import PackedLinear, PackedMlp
+from .linear import PackedGroup, PackedLinear, PackedMlp
 from .policies import Policy, Threshold, as_policy
 from .strategy import AttentionShape, check_strategy, choose, default_strategy
 from .windows import WindowGrid
@@ -41,6 +41,8 @@ def _residual(x: Tensor, ls: nn.Module, y: Tensor) -> Tensor:
 
 class _EventfulBlockBase(EventfulModule):
     """Gated, buffered token-wise layers (qkv, projection, MLP) around an attention core set by the subclass."""
+
+    packed_group: Optional[PackedGroup] = None  # checks the packed weights' fingerprints (set by EventfulModel)
 
     def __init__(self, block: nn.Module, policy: Optional[Policy] = None, backend: str = "ops"):
         super().__init__(backend)
@@ -106,6 +108,8 @@ class _EventfulBlockBase(EventfulModule):
                 packed = PackedLinear(module)
             else:
                 return module(x)
+            if self.packed_group is not None:
+                self.packed_group.add(packed)
             self._packed[role] = packed
         return packed(x)
 
