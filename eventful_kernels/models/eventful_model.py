@@ -19,6 +19,22 @@ from .policy import Budget, make_policy
 
 _EVENTFUL_BLOCKS = (EventfulBlock, EventfulTokenwiseBlock)
 
+def _reset_after_load(model: "EventfulModel", incompatible_keys) -> None:
+    """``load_state_dict`` post-hook (also when a module holding the model loads): state computed with the old
+    weights must not meet the new ones. Loading into the dense model instead keeps the streams (documented)."""
+    model.reset()
+
+
+class _ObserveTokens:
+    """Forward hook of the last block: hands its output tokens to the frame screen (a class, so copies of the model
+    get a hook on their own screen)."""
+
+    def __init__(self, screen: FrameScreen):
+        self.screen = screen
+
+    def __call__(self, module, args, out) -> None:
+        self.screen.observe(out)
+
 
 class EventfulModel(nn.Module):
     """Eventful version of a timm ViT; built by :func:`eventful_kernels.models.convert`.
@@ -32,6 +48,10 @@ class EventfulModel(nn.Module):
     does not trim), so it can be compiled (:meth:`compile`) or replayed as one CUDA graph (``cuda_graphs``, the
     default, on CUDA inputs: captured at the first steady frame of each budget, input shape, dtype, attention modes
     and weight addresses, see :mod:`eventful_kernels.models.graphs`). The flush always runs eagerly.
+
+    Weights are shared with the dense model and read live (see docs/nn-api.md, "Weights and stream state"):
+    :meth:`load_state_dict` and :meth:`load_checkpoint` also reset the streams. ``copy.deepcopy``, pickling and
+    ``torch.save`` copy the model with its streams (the dense twin too), never its caches.
     """
 
     def __init__(self, model: nn.Module, policy, *, dense: nn.Module, family: str, backend: str = "ops",
@@ -56,14 +76,15 @@ class EventfulModel(nn.Module):
         self._packed_group = PackedGroup()
         for b in self._blocks:
             b.packed_group = self._packed_group
-        self._step = self.model
+        self._compile_kwargs: Optional[dict] = None
+        self._compiled: tuple = ()  # (the compiled model,) after compile(); a tuple, so it is not a submodule
         self.graphs = FrameGraphs(self._screened)
         self.cuda_graphs = cuda_graphs
         self._weights = TensorAddresses(self.model)
         self._screen = FrameScreen()
         blocks = self.eventful_blocks()
         if blocks:  # the last block's tokens show any non-finite value written into a token state that frame
-            blocks[-1].register_forward_hook(lambda module, args, out: self._screen.observe(out))
+            blocks[-1].register_forward_hook(_ObserveTokens(self._screen))
         self._spec: Optional[tuple] = None  # (C, H, W), dtype, device of the streams' frames
         self._since_flush = 0
         if refresh_every is not None and (isinstance(refresh_every, bool) or not isinstance(refresh_every, int)
@@ -71,6 +92,22 @@ class EventfulModel(nn.Module):
             raise ValueError(f"eventful: argument 'refresh_every' must be None or an int >= 1, got {refresh_every!r}")
         self.refresh_every = refresh_every
         self._modes: Optional[tuple] = None
+        self.register_load_state_dict_post_hook(_reset_after_load)
+
+    @property
+    def _step(self):
+        """What runs a steady-state frame: the compiled model after :meth:`compile`, else the model."""
+        return self._compiled[0] if self._compiled else self.model
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_compiled"] = ()  # compiled again from _compile_kwargs in the copy
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self._compile_kwargs is not None:
+            self._compiled = (torch.compile(self.model, **self._compile_kwargs),)
 
     @property
     def dense(self) -> nn.Module:
@@ -123,6 +160,14 @@ class EventfulModel(nn.Module):
                 f"frames: {list(frames.shape[1:])} {frames.dtype} on {frames.device} differs from the streams' "
                 f"{list(self._spec[0])} {self._spec[1]} on {self._spec[2]}; call reset() before starting new streams"
             )
+        if self._blocks:
+            ref, weight = self._blocks[0].qkv_gate.ref, self._blocks[0].block.attn.qkv.weight
+            if ref is not None and (ref.dtype != weight.dtype or ref.device != weight.device):
+                raise ValueError(
+                    f"the model's weights are {weight.dtype} on {weight.device} but the streams' state is {ref.dtype} "
+                    f"on {ref.device} (the model was converted or moved since the streams started); call reset() "
+                    "before the next frame"
+                )
 
     def forward(self, frames: torch.Tensor):
         # Never inference mode: state made under it would be inference tensors, which a later frame outside it could
@@ -208,7 +253,8 @@ class EventfulModel(nn.Module):
     def compile(self, **kwargs) -> None:
         """Compile the steady-state frame with ``torch.compile(**kwargs)`` (e.g. ``fullgraph=True``); the flush
         stays eager. A budget change that alters the shapes compiles once more; later frames reuse the graph."""
-        self._step = torch.compile(self.model, **kwargs)
+        self._compiled = (torch.compile(self.model, **kwargs),)
+        self._compile_kwargs = dict(kwargs)
         self.graphs.clear()
 
     def set_budget(self, budget: Budget) -> None:
@@ -256,5 +302,7 @@ class EventfulModel(nn.Module):
         """Load a timm-format checkpoint (state-dict file or safetensors) into the shared weights, then reset."""
         from .checkpoint import load_checkpoint
 
-        load_checkpoint(self.dense, path, strict=strict)
-        self.reset()
+        try:
+            load_checkpoint(self.dense, path, strict=strict)
+        finally:
+            self.reset()

@@ -42,6 +42,8 @@ def _residual(x: Tensor, ls: nn.Module, y: Tensor) -> Tensor:
 class _EventfulBlockBase(EventfulModule):
     """Gated, buffered token-wise layers (qkv, projection, MLP) around an attention core set by the subclass."""
 
+    state_attrs = ("_grid",)  # the token grid of the streams ([B, H, W, D] input), None for [B, N, D] tokens
+    cache_attrs = ("_windows",)  # window geometry, rebuilt from the grid
     packed_group: Optional[PackedGroup] = None  # checks the packed weights' fingerprints (set by EventfulModel)
 
     def __init__(self, block: nn.Module, policy: Optional[Policy] = None, backend: str = "ops"):
@@ -90,9 +92,13 @@ class _EventfulBlockBase(EventfulModule):
         for gate in (self.qkv_gate, self.proj_gate, self.mlp_gate):
             gate.policy = self._policy
 
-    def _reset_state(self) -> None:
-        self._grid = None
-        self._windows = None
+    def _derive_state(self) -> None:
+        if self.window > 0 and self._grid is not None:
+            state = self.qkv_buffer.state
+            device = state.device if state is not None else self.block.attn.qkv.weight.device
+            self._windows = WindowGrid(self._grid[0], self._grid[1], self.window, device)
+        else:
+            self._windows = None
 
     # ---- token-wise pieces -------------------------------------------------------------------------------
     def _linear(self, role: str, module: nn.Module, x: Tensor) -> Tensor:
@@ -240,6 +246,10 @@ class EventfulBlock(_EventfulBlockBase):
     ``r = N`` the block equals the dense block to float tolerance either way.
     """
 
+    state_attrs = _EventfulBlockBase.state_attrs + ("attention_mode",)
+    state_defaults = {"attention_mode": "eventful"}
+    cache_attrs = _EventfulBlockBase.cache_attrs + ("_shape",)  # the attention problem, rebuilt from the qkv state
+
     def __init__(self, block: nn.Module, policy: Optional[Policy] = None, backend: str = "ops",
                  strategy: Optional[str] = None):
         super().__init__(block, policy, backend)
@@ -265,9 +275,15 @@ class EventfulBlock(_EventfulBlockBase):
         """The attention module of the last frame's mode."""
         return self.dense_attention if self.attention_mode == "dense" else self.eventful_attention
 
-    def _reset_state(self) -> None:
-        super()._reset_state()
-        self._shape = None
+    def _derive_state(self) -> None:
+        super()._derive_state()
+        qkv = self.qkv_buffer.state
+        if qkv is None:
+            self._shape = None
+            return
+        windows = self._windows.n_windows if self._windows is not None else 1
+        self._shape = AttentionShape(qkv.shape[0] * windows, self.heads, qkv.shape[1] // windows, self.head_dim,
+                                     qkv.dtype, qkv.device, self.use_rel_pos)
 
     def _decision_k(self) -> int:
         """Changed tokens per attention stream the current policy asks for (a threshold: its capacity)."""
