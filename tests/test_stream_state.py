@@ -1,5 +1,5 @@
 """Weights and stream state: weight changes are never used stale, copies (deepcopy / pickle / torch.save) carry the
-streams and no caches.
+streams and no caches, and stream_state() / load_stream_state() move streams between models bit-identically.
 
 "Bit-identical" is rtol=0, atol=0 against a twin that ran the same frames and was never copied, saved or loaded.
 """
@@ -14,7 +14,8 @@ import torch
 
 from eventful_kernels.models import EventfulModel, convert
 from eventful_kernels.models.graphs import FrameGraphs
-from eventful_kernels.nn import EventfulModule, Threshold, TopK
+from eventful_kernels.nn import EventfulBlock, EventfulModule, Threshold, TopK
+from eventful_kernels.nn import state as nn_state
 from eventful_kernels.nn.linear import packing_enabled, sampled_entries
 
 from tiny_timm import tiny_sam, tiny_vit, video
@@ -217,6 +218,241 @@ def test_copy_of_graphed_and_compiled_model():
     cp = copy.deepcopy(ev)
     assert cp._compiled and cp._compiled[0] is not ev._compiled[0] and cp._compile_kwargs == {"backend": "eager"}
     assert not any(k.startswith("_") for k in cp.state_dict())  # the compiled model is no submodule
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stream_state / load_stream_state
+# ---------------------------------------------------------------------------------------------------------------
+def _plain_only(value, where="state"):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            assert isinstance(k, str), where
+            _plain_only(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _plain_only(v, f"{where}[{i}]")
+    else:
+        assert value is None or isinstance(value, (torch.Tensor, bool, int, float, str)), (where, type(value))
+
+
+def _saved(ev, via):
+    state = ev.stream_state()
+    _plain_only(state)
+    if via == "dict":
+        return state
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("via", ["dict", "torch.save"])
+@pytest.mark.parametrize("budget", list(BUDGETS))
+@pytest.mark.parametrize("kind", ["vit", "sam"])
+def test_stream_moves_to_a_fresh_model_bit_identically(kind, budget, via):
+    make, size = MODELS[kind]
+    ev, twin = _convert(make(), budget), _convert(make(), budget)
+    frames = video(7, size, batch=2)
+    start = _prepare(ev, twin, frames, "mid")
+    fresh = _convert(make(), budget)  # another instance of the same weights
+    fresh.load_stream_state(_saved(ev, via))
+    assert not fresh.flushing and fresh.frames_since_flush == ev.frames_since_flush
+    assert fresh.attention_modes() == ev.attention_modes()
+    _continue((ev, twin, fresh), frames, start)
+
+
+@pytest.mark.parametrize("when", ["before", "reset", "refresh-pending", "after-refresh", "after-nonfinite"])
+@pytest.mark.parametrize("kind", ["vit", "sam"])
+def test_stream_moves_at_any_time(kind, when):
+    make, size = MODELS[kind]
+    ev, twin = _convert(make(), "threshold"), _convert(make(), "threshold")
+    frames = video(8, size, batch=2)
+    start = _prepare(ev, twin, frames, when)
+    fresh = _convert(make(), "threshold")
+    fresh.load_stream_state(_saved(ev, "torch.save"))
+    _continue((ev, twin, fresh), frames, start)
+
+
+def test_stream_moves_with_a_pending_poisoned_flag():
+    """A non-finite value produced inside the model on a clean frame: the next frame re-flushes, also in the model
+    the stream was moved to in between."""
+    dense = tiny_vit()
+    ev, twin = convert(dense, 0.5), convert(dense, 0.5)
+    frames = video(6, 32, batch=2)
+    weight = dense.blocks[1].mlp.fc2.weight
+    for m in (ev, twin):
+        m(frames[0])
+        m(frames[1])
+    with torch.no_grad():
+        saved = weight.clone()
+        weight[0, 0] = float("inf")
+    for m in (ev, twin):
+        m(frames[2])
+    with torch.no_grad():
+        weight.copy_(saved)
+    state = ev.stream_state()
+    assert state["screen"]["poisoned"]
+    fresh = convert(tiny_vit(), 0.5)
+    fresh.load_stream_state(state)
+    _continue((ev, twin, fresh), frames, 3)
+    assert fresh.frames_since_flush == ev.frames_since_flush == 2  # frame 3 was the refresh
+
+
+def test_stream_state_is_a_snapshot_and_loads_twice():
+    dense = tiny_sam()
+    ev, twin = convert(dense, 0.4), convert(dense, 0.4)
+    frames = video(7, 64, batch=2)
+    start = _prepare(ev, twin, frames, "mid")
+    state = ev.stream_state()
+    kept = copy.deepcopy(state)
+    ev(frames[start])
+    twin(frames[start])
+    first, second = convert(tiny_sam(), 0.4), convert(tiny_sam(), 0.4)
+    first.load_stream_state(state)
+    second.load_stream_state(state)
+    for m in (first, second):  # loading copies: two models from one dict, the dict itself unchanged
+        assert all(t.untyped_storage().data_ptr() != s.untyped_storage().data_ptr()
+                   for t in _state_tensors(m).values() for s in [state["screen"]["last"]])
+        m(frames[start])
+    flat = lambda s: [v for v in torch.utils._pytree.tree_leaves(s) if isinstance(v, torch.Tensor)]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(flat(state), flat(kept)))
+    _continue((first, twin, second), frames, start + 1)
+
+
+def test_stream_state_loads_into_a_running_model_and_drops_graphs():
+    from test_graphs import EmulatedCapture
+
+    dense = tiny_vit()
+    ev, twin = convert(dense, 0.4), convert(dense, 0.4)
+    frames = video(8, 32, batch=2)
+    start = _prepare(ev, twin, frames, "mid")
+    target = convert(dense, 0.4)
+    target.graphs = FrameGraphs(target._screened, capture=EmulatedCapture)
+    for x in video(4, 32, batch=3, seed=5):  # other streams, other batch size
+        target(x)
+    assert len(target.graphs) == 1
+    target.load_stream_state(ev.stream_state())
+    assert len(target.graphs) == 0
+    _continue((ev, twin, target), frames, start)
+
+
+def test_module_level_stream_state():
+    """nn.state works on any eventful module tree, e.g. a single block."""
+    from tiny_timm import tiny_sam as make
+
+    blk = make().blocks[1]  # global, rel-pos
+    eb, twin = EventfulBlock(blk, 0.4), EventfulBlock(blk, 0.4)
+    xs = torch.randn(6, 2, 8, 8, 32)
+    for x in xs[:3]:
+        torch.testing.assert_close(eb(x), twin(x), **EXACT)
+    other = EventfulBlock(blk, 0.4)
+    nn_state.load_stream_state(other, nn_state.stream_state(eb))
+    for x in xs[3:]:
+        want = twin(x)
+        torch.testing.assert_close(other(x), want, **EXACT)
+        torch.testing.assert_close(eb(x), want, **EXACT)
+
+
+# ---- rejected states leave the model untouched ------------------------------------------------------------------
+def _drop(path):
+    def edit(state):
+        *parents, last = path
+        node = state
+        for p in parents:
+            node = node[p]
+        del node[last]
+    return edit
+
+
+def _set(path, value):
+    def edit(state):
+        *parents, last = path
+        node = state
+        for p in parents:
+            node = node[p]
+        node[last] = value(node[last]) if callable(value) else value
+    return edit
+
+
+def _first_stream_only(block):
+    def edit(state):
+        for name, entries in state["model"]["modules"].items():
+            if name.startswith(block + "."):
+                entries.update({k: v[:1] for k, v in entries.items() if isinstance(v, torch.Tensor)})
+    return edit
+
+
+BAD = {
+    "format": (_set(["format"], 99), "format"),
+    "family": (_set(["family"], "sam"), "family"),
+    "missing key": (_drop(["frames_since_flush"]), "missing keys"),
+    "missing module": (_drop(["model", "modules", "blocks.1.mlp_buffer"]), r"missing keys \['blocks.1.mlp_buffer'\]"),
+    "missing attr": (_drop(["model", "modules", "blocks.0.qkv_gate", "ref"]), r"missing keys \['ref'\]"),
+    "unexpected attr": (_set(["model", "modules", "blocks.0.qkv_gate", "extra"], 1), "unexpected keys"),
+    "shape": (_set(["model", "modules", "blocks.1.proj_buffer", "state"], lambda t: t[:, :-1]),
+              r"blocks.1.proj_buffer.state has shape \[2, 16, 32\], expected \[2, 17, 32\]"),
+    "attention shape": (_set(["model", "modules", "blocks.0.eventful_attention.qk_buffer", "logits"],
+                             lambda t: t[:, :1]), "qk_buffer.logits has shape"),
+    "dtype": (_set(["model", "modules", "blocks.0.mlp_gate", "ref"], lambda t: t.double()),
+              "float64 on cpu but the block's weights are float32"),
+    "streams": (_set(["streams"], 3), "3"),
+    "one block's streams": (_first_stream_only("blocks.1"), "expected \\[2, 17, 32\\] \\(2 streams"),
+    "half a module": (_set(["model", "modules", "blocks.0.eventful_attention.av_buffer", "v_ref"], None),
+                      "all there or none"),
+    "no token state": (_set(["model", "modules", "blocks.0.qkv_gate", "ref"], None), "without a token state"),
+    "screen": (_set(["screen", "last"], lambda t: t[:, :, :16]), "screen.last"),
+    "frames device": (_set(["frames", "device"], "meta"), "another device"),
+    "frames dtype": (_set(["frames", "dtype"], "int64"), "floating dtype"),
+    "since flush": (_set(["frames_since_flush"], -1), "frames_since_flush"),
+    "mode": (_set(["model", "modules", "blocks.0", "attention_mode"], "sparse"), "attention_mode"),
+    "refresh": (_set(["model", "modules", "blocks.0.qkv_gate", "refresh"], "yes"), "refresh must be a bool"),
+    "not plain": (_set(["model", "modules", "blocks.0", "grid"], object()), "plain value"),
+    "architecture": (_set(["model", "architecture"], lambda a: a[:-1]), "architecture differs"),
+    "weights": (_set(["model", "weights", "blocks.0.block.attn.qkv.weight"], lambda s: s[:-1] + "0"), "weights differ"),
+    "weight dtype": (_set(["model", "weights", "head.weight"], lambda s: "float16" + s[len("float32"):]),
+                     "another architecture or dtype"),
+    "not a dict": (lambda s: s.clear() or s.update({"model": []}), "missing keys"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_state_is_rejected_and_nothing_changes(case):
+    edit, match = BAD[case]
+    dense = tiny_vit()
+    ev, twin = convert(dense, 0.4), convert(dense, 0.4)
+    frames = video(7, 32, batch=2)
+    source = convert(dense, 0.4)
+    for x in video(3, 32, batch=2, seed=3):
+        source(x)
+    start = _prepare(ev, twin, frames, "mid")
+    before = _state_tensors(ev)
+    state = source.stream_state()
+    edit(state)
+    with pytest.raises(ValueError, match=match):
+        ev.load_stream_state(state)
+    after = _state_tensors(ev)
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    for t in range(start, len(frames)):
+        torch.testing.assert_close(ev(frames[t]), twin(frames[t]), **EXACT, msg=f"frame {t}")
+
+
+def test_architecture_and_weights_must_match():
+    ev = convert(tiny_vit(), 0.4)
+    frames = video(3, 32, batch=2)
+    ev(frames[0])
+    state = ev.stream_state()
+    with pytest.raises(ValueError, match="family"):
+        convert(tiny_sam(), 0.4).load_stream_state(state)
+    from tiny_timm import VisionTransformer
+
+    deeper = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10)
+    with pytest.raises(ValueError, match="architecture differs"):
+        convert(deeper.eval(), 0.4).load_stream_state(state)
+    other = convert(tiny_vit(seed=1), 0.4)
+    with pytest.raises(ValueError, match="weights differ"):
+        other.load_stream_state(state)
+    other.load_stream_state(state, check_weights=False)  # allowed when asked for
+    assert not other.flushing
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import counting
 from ..nn import EventfulAttention, EventfulBlock, EventfulTokenwiseBlock, set_backend, set_policy
+from ..nn import state as nn_state
 from ..nn.linear import PackedGroup, repack
 from ..nn.placement import Workspace
 from ..nn.strategy import check_strategy
@@ -18,6 +19,9 @@ from .macs import OutsideMacCounter
 from .policy import Budget, make_policy
 
 _EVENTFUL_BLOCKS = (EventfulBlock, EventfulTokenwiseBlock)
+
+STREAM_STATE_FORMAT = 1
+
 
 def _reset_after_load(model: "EventfulModel", incompatible_keys) -> None:
     """``load_state_dict`` post-hook (also when a module holding the model loads): state computed with the old
@@ -51,7 +55,8 @@ class EventfulModel(nn.Module):
 
     Weights are shared with the dense model and read live (see docs/nn-api.md, "Weights and stream state"):
     :meth:`load_state_dict` and :meth:`load_checkpoint` also reset the streams. ``copy.deepcopy``, pickling and
-    ``torch.save`` copy the model with its streams (the dense twin too), never its caches.
+    ``torch.save`` copy the model with its streams (the dense twin too), never its caches. :meth:`stream_state` /
+    :meth:`load_stream_state` save and restore the streams alone.
     """
 
     def __init__(self, model: nn.Module, policy, *, dense: nn.Module, family: str, backend: str = "ops",
@@ -306,3 +311,87 @@ class EventfulModel(nn.Module):
             load_checkpoint(self.dense, path, strict=strict)
         finally:
             self.reset()
+
+    # ---- stream checkpoints -------------------------------------------------------------------------------------
+    def stream_state(self) -> dict:
+        """A copy of the streams' state as plain data (tensors, ints, floats, strs, bools, None, lists, dicts; no
+        modules, no weights): every eventful module's state, the blocks' geometry and attention modes, the
+        stream count, the frame spec, the frames since the last flush, the screen's last clean frames and any
+        pending refresh, with the architecture and a fingerprint of the weights. ``torch.save`` it and
+        ``torch.load(weights_only=True)`` it back; :meth:`load_stream_state` continues it bit-identically in any
+        converted model of the same architecture and weights (on the same device and dtype). Reads a flag from the
+        device (a synchronisation on a GPU)."""
+        spec = self._spec
+        return {
+            "format": STREAM_STATE_FORMAT,
+            "family": self.family,
+            "streams": self._streams,
+            "frames": None if spec is None else {"shape": list(spec[0]), "dtype": nn_state.dtype_name(spec[1]),
+                                                 "device": str(spec[2])},
+            "frames_since_flush": self._since_flush,
+            "screen": self._screen.stream_state(),
+            "model": nn_state.stream_state(self.model),
+        }
+
+    def load_stream_state(self, state: dict, check_weights: bool = True) -> None:
+        """Replace the streams by ``state`` (from :meth:`stream_state`, possibly of another model of the same
+        architecture and weights): the next frame continues them exactly as the saved model's next frame would.
+
+        Everything is checked first: a ``ValueError`` names what does not fit (the format, the family, the
+        architecture, the weights' dtype/shape or, unless ``check_weights=False``, values, a missing or unexpected
+        key, a shape, a dtype or device other than the weights', the number of streams) and the model is left as
+        it was. Loading onto another device or dtype is not supported. Captured graphs are dropped."""
+        staged, spec = self._check_stream_state(state, check_weights)
+        nn_state.apply_stream_state(staged)
+        self._streams = state["streams"]
+        self._spec = spec
+        self._since_flush = state["frames_since_flush"]
+        screen = state["screen"]
+        self._screen.load_stream_state(screen["last"], screen["poisoned"])
+        self.graphs.clear()
+        self._modes = None
+
+    def _check_stream_state(self, state, check_weights: bool):
+        fail = nn_state._fail
+        nn_state.check_keys(state, ("format", "family", "streams", "frames", "frames_since_flush", "screen", "model"),
+                            "the state")
+        if state["format"] != STREAM_STATE_FORMAT:
+            fail(f"format {state['format']!r}, this version reads {STREAM_STATE_FORMAT}")
+        if state["family"] != self.family:
+            fail(f"saved from a model of family {state['family']!r}, this one is {self.family!r}")
+        streams = state["streams"]
+        if streams is not None and (isinstance(streams, bool) or not isinstance(streams, int) or streams < 1):
+            fail(f"'streams' must be None or an int >= 1, got {streams!r}")
+        since = state["frames_since_flush"]
+        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+            fail(f"'frames_since_flush' must be an int >= 0, got {since!r}")
+        device = next(self.model.parameters()).device
+        spec = None
+        frames = state["frames"]
+        if frames is not None:
+            nn_state.check_keys(frames, ("shape", "dtype", "device"), "'frames'")
+            shape, dtype = frames["shape"], nn_state.parse_dtype(frames["dtype"])
+            if not isinstance(shape, (list, tuple)) or len(shape) != 3 or shape[0] != 3 or \
+                    not all(isinstance(s, int) and s > 0 for s in shape):
+                fail(f"'frames' shape must be [3, H, W], got {shape!r}")
+            if dtype is None or not dtype.is_floating_point:
+                fail(f"'frames' dtype must name a floating dtype, got {frames['dtype']!r}")
+            if str(frames["device"]) != str(device):
+                fail(f"the frames were on {frames['device']}, the model is on {device} (loading onto another "
+                     "device is not supported)")
+            spec = (tuple(shape), dtype, device)
+        screen = state["screen"]
+        nn_state.check_keys(screen, ("last", "poisoned"), "'screen'")
+        last = screen["last"]
+        if not isinstance(screen["poisoned"], bool):
+            fail("screen.poisoned must be a bool")
+        if last is not None:
+            if not isinstance(last, torch.Tensor) or last.dim() != 4 or last.device != device:
+                fail(f"screen.last must be a [B, 3, H, W] tensor on {device}")
+            if streams is not None and last.shape[0] != streams:
+                fail(f"screen.last holds {last.shape[0]} streams, not {streams}")
+            if spec is not None and (tuple(last.shape[1:]) != spec[0] or last.dtype != spec[1]):
+                fail(f"screen.last is {list(last.shape)} {last.dtype}, the frames {list(spec[0])} {spec[1]}")
+            streams = last.shape[0] if streams is None else streams
+        staged, _ = nn_state.check_stream_state(self.model, state["model"], streams, check_weights)
+        return staged, spec

@@ -39,13 +39,14 @@ class EventfulModule(nn.Module):
     it False on their parts, whose indices come from their own gates: no check, no host synchronisation).
 
     Each subclass declares its own per-stream state in :attr:`state_attrs` (its children declare theirs), used by
-    ``reset()`` and by copies (``copy.deepcopy``, pickling); :attr:`cache_attrs` are rebuilt, never copied.
+    ``reset()``, by copies (``copy.deepcopy``, pickling) and by :func:`eventful_kernels.nn.state.stream_state` /
+    :func:`~eventful_kernels.nn.state.load_stream_state`; :attr:`cache_attrs` are rebuilt, never copied.
     """
 
     check_index: bool = True
     _refresh: bool = False  # the next call recomputes the state densely, into the existing tensors
     # This module's per-stream state: attributes holding tensors or small values (ints, strs, tuples), set to
-    # ``state_defaults.get(name)`` (None unless given) by reset(), copied with the module.
+    # ``state_defaults.get(name)`` (None unless given) by reset(), copied with the module, saved by stream_state().
     state_attrs: Tuple[str, ...] = ()
     state_defaults: Dict[str, object] = {}
     # State tensors allocated at a fixed page offset (a slot of placement.SLOTS): placed again when copied or loaded.
@@ -90,6 +91,10 @@ class EventfulModule(nn.Module):
 
     def _derive_state(self) -> None:
         """Rebuild what derives from the state (after a copy or a load); overridden where something does."""
+
+    def signature(self) -> tuple:
+        """Configuration that fixes the shapes of the state (compared when a saved stream state is loaded)."""
+        return ()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

@@ -21,7 +21,9 @@ from .backend import EventfulModule, trust_indices
 from .buffers import TokenBuffer
 from .gates import TokenGate
 from .linear import PackedGroup, PackedLinear, PackedMlp
+from .matmul import MatmulBuffer, MatmulDeltaAccumulator
 from .policies import Policy, Threshold, as_policy
+from .relpos import DecomposedRelPos
 from .strategy import AttentionShape, check_strategy, choose, default_strategy
 from .windows import WindowGrid
 
@@ -92,6 +94,11 @@ class _EventfulBlockBase(EventfulModule):
         for gate in (self.qkv_gate, self.proj_gate, self.mlp_gate):
             gate.policy = self._policy
 
+    def signature(self) -> tuple:
+        attn = self.block.attn
+        return (self.dim, self.heads, self.head_dim, self.window, self.use_rel_pos, attn.qkv.out_features,
+                attn.proj.out_features)
+
     def _derive_state(self) -> None:
         if self.window > 0 and self._grid is not None:
             state = self.qkv_buffer.state
@@ -99,6 +106,39 @@ class _EventfulBlockBase(EventfulModule):
             self._windows = WindowGrid(self._grid[0], self._grid[1], self.window, device)
         else:
             self._windows = None
+
+    def state_shapes(self, streams: int, tokens: int, grid: Optional[Tuple[int, int]]) -> dict:
+        """The shape of every state tensor of this block (``"child.attr"`` relative to it) for ``streams`` streams
+        of ``tokens`` tokens (on a ``grid``, when the input is one); a ValueError when the grid does not fit."""
+        if grid is not None and grid[0] * grid[1] != tokens:
+            raise ValueError(f"grid {tuple(grid)} does not hold {tokens} tokens")
+        if grid is None and (self.window > 0 or self.use_rel_pos):
+            raise ValueError("a windowed / rel-pos block needs the token grid")
+        b, n, h, d = streams, tokens, self.heads, self.head_dim
+        if self.window > 0:
+            ws = self.window
+            windows = (-(-grid[0] // ws)) * (-(-grid[1] // ws))
+            t, attn_grid = ws * ws, (ws, ws)
+        else:
+            windows, t, attn_grid = 1, n, grid
+        bw = b * windows
+        shapes = {
+            "qkv_gate.ref": (b, n, self.dim),
+            "qkv_buffer.state": (b, windows * t, self.block.attn.qkv.out_features),
+            "proj_gate.ref": (b, n, h * d),
+            "proj_buffer.state": (b, n, self.block.attn.proj.out_features),
+            "mlp_gate.ref": (b, n, self.dim),
+            "mlp_buffer.state": (b, n, self.dim),
+        }
+        for name, m in self.named_modules():  # the attention modules
+            if isinstance(m, MatmulBuffer):
+                shapes[f"{name}.logits"] = (bw, h, t, t)
+            elif isinstance(m, MatmulDeltaAccumulator):
+                shapes.update({f"{name}.out": (bw, t, h, d), f"{name}.a_ref": (bw, h, t, t),
+                               f"{name}.v_ref": (bw, h, t, d)})
+            elif isinstance(m, DecomposedRelPos):
+                shapes.update({f"{name}.rel_h": (bw, h, t, attn_grid[0]), f"{name}.rel_w": (bw, h, t, attn_grid[1])})
+        return shapes
 
     # ---- token-wise pieces -------------------------------------------------------------------------------
     def _linear(self, role: str, module: nn.Module, x: Tensor) -> Tensor:
