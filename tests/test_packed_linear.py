@@ -1,10 +1,15 @@
 """Prepacked (oneDNN) linears of the gated path against ``F.linear`` / the modules they wrap."""
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eventful_kernels.nn.linear import PackedLinear, PackedMlp, packed_linears, packing_enabled
+from eventful_kernels.nn.linear import (
+    PackedGroup, PackedLinear, PackedMlp, packed_linears, packing_enabled, repack, sample_runs, sampled_entries,
+)
 
 needs_packing = pytest.mark.skipif(not packing_enabled(), reason="oneDNN packing unavailable or disabled")
 
@@ -150,3 +155,144 @@ def test_context_manager_patches_and_restores():
         assert not any("forward" in m.__dict__ for m in model.modules())
     torch.testing.assert_close(y, expected, **TOL[torch.float32])
     assert len(calls) == 2, "forward hooks fire on the packed path too"
+
+
+# ---- the fingerprint: writes that do not bump _version -----------------------------------------------------------
+@needs_packing
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_writes_through_data_repack(dtype):
+    """``.data`` writes leave ``_version`` alone; the sampled entries show them."""
+    lin = _linear(96, 80, dtype)
+    packed = PackedLinear(lin)
+    x = torch.randn(5, 96).to(dtype)
+    with torch.no_grad():
+        packed(x)
+        if packed.packed_weight(x) is None:
+            pytest.skip("no oneDNN support for this dtype on this CPU")
+        version = lin.weight._version
+        lin.weight.data.copy_(torch.randn(80, 96).to(dtype))  # a checkpoint copied in through .data
+        torch.testing.assert_close(packed(x), lin(x), **TOL[dtype])
+        ema = torch.randn(80, 96).to(dtype)
+        lin.weight.data.mul_(0.9).add_(ema, alpha=0.1)  # an EMA update
+        torch.testing.assert_close(packed(x), lin(x), **TOL[dtype])
+    assert lin.weight._version == version
+
+
+@needs_packing
+def test_fingerprint_is_stable():
+    """Unchanged weights are never repacked, NaN entries included (the sample compares bit patterns)."""
+    lin = _linear(64, 32, torch.float32)
+    with torch.no_grad():
+        lin.weight[3, 5] = float("nan")
+        lin.weight.view(-1)[sampled_entries(lin.weight)] = float("nan")
+    packed = PackedLinear(lin)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        first = packed.packed_weight(x)
+        for _ in range(3):
+            packed(x)
+        assert packed.packed_weight(x) is first
+
+
+def _unsampled(lin):
+    sampled = set(sampled_entries(lin.weight).tolist())
+    return next(i for i in range(lin.weight.numel()) if i not in sampled)
+
+
+@needs_packing
+def test_unsampled_write_through_data_needs_repack():
+    """The documented blind spot: one unsampled entry changed through ``.data``. ``repack`` fixes it."""
+    lin = _linear(64, 48, torch.float32)
+    model = nn.Sequential(lin)
+    packed = PackedLinear(lin)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        packed(x)
+        lin.weight.data.view(-1)[_unsampled(lin)] += 100.0
+        assert not torch.allclose(packed(x), lin(x), **TOL[torch.float32])  # stale, as documented
+        assert repack(model) is model
+        torch.testing.assert_close(packed(x), lin(x), **TOL[torch.float32])
+
+
+@needs_packing
+def test_fingerprint_check_can_be_switched_off(monkeypatch):
+    """The switch exists to measure what the comparison costs; with it off, ``.data`` writes go unseen."""
+    lin = _linear(32, 16, torch.float32)
+    packed = PackedLinear(lin)
+    x = torch.randn(4, 32)
+    monkeypatch.setattr(PackedLinear, "check_fingerprint", False)
+    with torch.no_grad():
+        packed(x)
+        lin.weight.data.mul_(-1)
+        assert not torch.allclose(packed(x), lin(x), **TOL[torch.float32])
+
+
+@needs_packing
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_drop_the_packed_weight(how):
+    lin = _linear(32, 16, torch.float32)
+    model = nn.Sequential(lin, nn.GELU())
+    packed = PackedLinear(lin, model[1])
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        y = packed(x)
+        cp = copy.deepcopy(packed) if how == "deepcopy" else pickle.loads(pickle.dumps(packed))
+        assert cp._packed is None and cp.linear is not lin
+        torch.testing.assert_close(cp(x), y, rtol=0, atol=0)
+        assert cp.packed_weight(x) is not None
+        cp.linear.weight.data.mul_(2)  # the copy's weights are its own
+        torch.testing.assert_close(packed(x), y, rtol=0, atol=0)
+        repack(cp.linear)
+
+
+@needs_packing
+def test_repack_reaches_the_context_manager():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 16)
+    with torch.no_grad(), packed_linears(model):
+        model(x)
+        model[0].weight.data.view(-1)[_unsampled(model[0])] += 50.0
+        repack(model)
+        y = model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(y, model(x), **TOL[torch.float32])
+
+
+@needs_packing
+def test_group_checks_its_linears_at_once():
+    """A group compares the sampled bytes of all its linears in one go and repacks only the changed ones; while it
+    is active its linears skip their own check (the owner checked before the batch)."""
+    lins = [_linear(64, 48, torch.float32, seed=s) for s in range(3)]
+    packed = [PackedLinear(lin) for lin in lins]
+    group = PackedGroup()
+    for p in packed:
+        group.add(p)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        for p in packed:
+            p(x)
+        first = [p.packed_weight(x) for p in packed]
+        group.check()
+        assert [p._packed for p in packed] == first  # nothing changed: nothing repacked
+        lins[1].weight.data.mul_(-1)
+        group.check()
+        assert packed[0]._packed is first[0] and packed[2]._packed is first[2] and packed[1]._packed is None
+        for p, lin in zip(packed, lins):
+            torch.testing.assert_close(p(x), lin(x), **TOL[torch.float32])
+        group.active = True
+        lins[2].weight.data.mul_(-1)
+        assert packed[2].packed_weight(x) is first[2]  # during the batch: as checked before it
+        group.active = False
+        torch.testing.assert_close(packed[2](x), lins[2](x), **TOL[torch.float32])  # after it: its own check
+
+
+def test_sampled_runs():
+    w = torch.arange(10_000, dtype=torch.float32).view(100, 100)
+    view = sample_runs(w)
+    assert view.shape == (16, 64) and view.dtype == torch.uint8
+    assert view.data_ptr() % 64 == w.data_ptr() % 64  # line-aligned runs
+    entries = sampled_entries(w)
+    assert entries.numel() == 16 * 64 // 4 and torch.equal(sample_runs(w.clone()), view)  # fixed by the size
+    small = torch.ones(3, 5)
+    assert sample_runs(small).numel() == small.numel() * 4 and sampled_entries(small).numel() == 15

@@ -9,6 +9,8 @@ from torch import nn
 
 from .. import counting
 from ..nn import EventfulAttention, EventfulBlock, EventfulTokenwiseBlock, set_backend, set_policy
+from ..nn import state as nn_state
+from ..nn.linear import PackedGroup, repack
 from ..nn.placement import Workspace
 from ..nn.strategy import check_strategy
 from .graphs import FrameGraphs, TensorAddresses
@@ -17,6 +19,25 @@ from .macs import OutsideMacCounter
 from .policy import Budget, make_policy
 
 _EVENTFUL_BLOCKS = (EventfulBlock, EventfulTokenwiseBlock)
+
+STREAM_STATE_FORMAT = 1
+
+
+def _reset_after_load(model: "EventfulModel", incompatible_keys) -> None:
+    """``load_state_dict`` post-hook (also when a module holding the model loads): state computed with the old
+    weights must not meet the new ones. Loading into the dense model instead keeps the streams (documented)."""
+    model.reset()
+
+
+class _ObserveTokens:
+    """Forward hook of the last block: hands its output tokens to the frame screen (a class, so copies of the model
+    get a hook on their own screen)."""
+
+    def __init__(self, screen: FrameScreen):
+        self.screen = screen
+
+    def __call__(self, module, args, out) -> None:
+        self.screen.observe(out)
 
 
 class EventfulModel(nn.Module):
@@ -31,6 +52,11 @@ class EventfulModel(nn.Module):
     does not trim), so it can be compiled (:meth:`compile`) or replayed as one CUDA graph (``cuda_graphs``, the
     default, on CUDA inputs: captured at the first steady frame of each budget, input shape, dtype, attention modes
     and weight addresses, see :mod:`eventful_kernels.models.graphs`). The flush always runs eagerly.
+
+    Weights are shared with the dense model and read live (see docs/nn-api.md, "Weights and stream state"):
+    :meth:`load_state_dict` and :meth:`load_checkpoint` also reset the streams. ``copy.deepcopy``, pickling and
+    ``torch.save`` copy the model with its streams (the dense twin too), never its caches. :meth:`stream_state` /
+    :meth:`load_stream_state` save and restore the streams alone.
     """
 
     def __init__(self, model: nn.Module, policy, *, dense: nn.Module, family: str, backend: str = "ops",
@@ -51,14 +77,19 @@ class EventfulModel(nn.Module):
         for m in self.model.modules():
             if isinstance(m, EventfulAttention):
                 m.workspace = self.workspace
-        self._step = self.model
+        # The packed weights' fingerprints are compared once before each frame, all together (see nn/linear.py).
+        self._packed_group = PackedGroup()
+        for b in self._blocks:
+            b.packed_group = self._packed_group
+        self._compile_kwargs: Optional[dict] = None
+        self._compiled: tuple = ()  # (the compiled model,) after compile(); a tuple, so it is not a submodule
         self.graphs = FrameGraphs(self._screened)
         self.cuda_graphs = cuda_graphs
         self._weights = TensorAddresses(self.model)
         self._screen = FrameScreen()
         blocks = self.eventful_blocks()
         if blocks:  # the last block's tokens show any non-finite value written into a token state that frame
-            blocks[-1].register_forward_hook(lambda module, args, out: self._screen.observe(out))
+            blocks[-1].register_forward_hook(_ObserveTokens(self._screen))
         self._spec: Optional[tuple] = None  # (C, H, W), dtype, device of the streams' frames
         self._since_flush = 0
         if refresh_every is not None and (isinstance(refresh_every, bool) or not isinstance(refresh_every, int)
@@ -66,6 +97,22 @@ class EventfulModel(nn.Module):
             raise ValueError(f"eventful: argument 'refresh_every' must be None or an int >= 1, got {refresh_every!r}")
         self.refresh_every = refresh_every
         self._modes: Optional[tuple] = None
+        self.register_load_state_dict_post_hook(_reset_after_load)
+
+    @property
+    def _step(self):
+        """What runs a steady-state frame: the compiled model after :meth:`compile`, else the model."""
+        return self._compiled[0] if self._compiled else self.model
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_compiled"] = ()  # compiled again from _compile_kwargs in the copy
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self._compile_kwargs is not None:
+            self._compiled = (torch.compile(self.model, **self._compile_kwargs),)
 
     @property
     def dense(self) -> nn.Module:
@@ -124,6 +171,14 @@ class EventfulModel(nn.Module):
                 f"frames: {list(frames.shape[1:])} {frames.dtype} on {frames.device} differs from the streams' "
                 f"{list(self._spec[0])} {self._spec[1]} on {self._spec[2]}; call reset() before starting new streams"
             )
+        if self._blocks:
+            ref, weight = self._blocks[0].qkv_gate.ref, self._blocks[0].block.attn.qkv.weight
+            if ref is not None and (ref.dtype != weight.dtype or ref.device != weight.device):
+                raise ValueError(
+                    f"the model's weights are {weight.dtype} on {weight.device} but the streams' state is {ref.dtype} "
+                    f"on {ref.device} (the model was converted or moved since the streams started); call reset() "
+                    "before the next frame"
+                )
 
     def forward(self, frames: torch.Tensor):
         # Never inference mode: state made under it would be inference tensors, which a later frame outside it could
@@ -135,11 +190,16 @@ class EventfulModel(nn.Module):
         self._check_frames(frames)
         if self._screen.poisoned() or (self.refresh_every and self._since_flush >= self.refresh_every):
             self.refresh()
+        group = self._packed_group
+        group.check()
+        group.active = True
         try:
             out = self._frame(frames)
         except BaseException as exc:
             self._failed(exc)
             raise
+        finally:
+            group.active = False
         self._streams = frames.shape[0]
         return out
 
@@ -205,7 +265,8 @@ class EventfulModel(nn.Module):
     def compile(self, **kwargs) -> None:
         """Compile the steady-state frame with ``torch.compile(**kwargs)`` (e.g. ``fullgraph=True``); the flush
         stays eager. A budget change that alters the shapes compiles once more; later frames reuse the graph."""
-        self._step = torch.compile(self.model, **kwargs)
+        self._compiled = (torch.compile(self.model, **kwargs),)
+        self._compile_kwargs = dict(kwargs)
         self.graphs.clear()
 
     def set_budget(self, budget: Budget) -> None:
@@ -233,9 +294,11 @@ class EventfulModel(nn.Module):
         self.graphs.clear()
 
     def reset(self) -> None:
-        """Forget all state: the next frame is a flush and may start a different number of streams."""
+        """Forget all state: the next frame is a flush and may start a different number of streams. The packed
+        weights are made again too (:func:`eventful_kernels.nn.linear.repack`)."""
         for block in self.eventful_blocks():
             block.reset()
+        repack(self.model)
         self.graphs.clear()
         self._screen.clear()
         self._modes = None
@@ -251,5 +314,91 @@ class EventfulModel(nn.Module):
         """Load a timm-format checkpoint (state-dict file or safetensors) into the shared weights, then reset."""
         from .checkpoint import load_checkpoint
 
-        load_checkpoint(self.dense, path, strict=strict)
-        self.reset()
+        try:
+            load_checkpoint(self.dense, path, strict=strict)
+        finally:
+            self.reset()
+
+    # ---- stream checkpoints -------------------------------------------------------------------------------------
+    def stream_state(self) -> dict:
+        """A copy of the streams' state as plain data (tensors, ints, floats, strs, bools, None, lists, dicts; no
+        modules, no weights): every eventful module's state, the blocks' geometry and attention modes, the
+        stream count, the frame spec, the frames since the last flush, the screen's last clean frames and any
+        pending refresh, with the architecture and a fingerprint of the weights. ``torch.save`` it and
+        ``torch.load(weights_only=True)`` it back; :meth:`load_stream_state` continues it bit-identically in any
+        converted model of the same architecture and weights (on the same device and dtype). Reads a flag from the
+        device (a synchronisation on a GPU)."""
+        spec = self._spec
+        return {
+            "format": STREAM_STATE_FORMAT,
+            "family": self.family,
+            "streams": self._streams,
+            "frames": None if spec is None else {"shape": list(spec[0]), "dtype": nn_state.dtype_name(spec[1]),
+                                                 "device": str(spec[2])},
+            "frames_since_flush": self._since_flush,
+            "screen": self._screen.stream_state(),
+            "model": nn_state.stream_state(self.model),
+        }
+
+    def load_stream_state(self, state: dict, check_weights: bool = True) -> None:
+        """Replace the streams by ``state`` (from :meth:`stream_state`, possibly of another model of the same
+        architecture and weights): the next frame continues them exactly as the saved model's next frame would.
+
+        Everything is checked first: a ``ValueError`` names what does not fit (the format, the family, the
+        architecture, the weights' dtype/shape or, unless ``check_weights=False``, values, a missing or unexpected
+        key, a shape, a dtype or device other than the weights', the number of streams) and the model is left as
+        it was. Loading onto another device or dtype is not supported. Captured graphs are dropped."""
+        staged, spec = self._check_stream_state(state, check_weights)
+        nn_state.apply_stream_state(staged)
+        self._streams = state["streams"]
+        self._spec = spec
+        self._since_flush = state["frames_since_flush"]
+        screen = state["screen"]
+        self._screen.load_stream_state(screen["last"], screen["poisoned"])
+        self.graphs.clear()
+        self._modes = None
+
+    def _check_stream_state(self, state, check_weights: bool):
+        fail = nn_state._fail
+        nn_state.check_keys(state, ("format", "family", "streams", "frames", "frames_since_flush", "screen", "model"),
+                            "the state")
+        if state["format"] != STREAM_STATE_FORMAT:
+            fail(f"format {state['format']!r}, this version reads {STREAM_STATE_FORMAT}")
+        if state["family"] != self.family:
+            fail(f"saved from a model of family {state['family']!r}, this one is {self.family!r}")
+        streams = state["streams"]
+        if streams is not None and (isinstance(streams, bool) or not isinstance(streams, int) or streams < 1):
+            fail(f"'streams' must be None or an int >= 1, got {streams!r}")
+        since = state["frames_since_flush"]
+        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+            fail(f"'frames_since_flush' must be an int >= 0, got {since!r}")
+        device = next(self.model.parameters()).device
+        spec = None
+        frames = state["frames"]
+        if frames is not None:
+            nn_state.check_keys(frames, ("shape", "dtype", "device"), "'frames'")
+            shape, dtype = frames["shape"], nn_state.parse_dtype(frames["dtype"])
+            if not isinstance(shape, (list, tuple)) or len(shape) != 3 or shape[0] != 3 or \
+                    not all(isinstance(s, int) and s > 0 for s in shape):
+                fail(f"'frames' shape must be [3, H, W], got {shape!r}")
+            if dtype is None or not dtype.is_floating_point:
+                fail(f"'frames' dtype must name a floating dtype, got {frames['dtype']!r}")
+            if str(frames["device"]) != str(device):
+                fail(f"the frames were on {frames['device']}, the model is on {device} (loading onto another "
+                     "device is not supported)")
+            spec = (tuple(shape), dtype, device)
+        screen = state["screen"]
+        nn_state.check_keys(screen, ("last", "poisoned"), "'screen'")
+        last = screen["last"]
+        if not isinstance(screen["poisoned"], bool):
+            fail("screen.poisoned must be a bool")
+        if last is not None:
+            if not isinstance(last, torch.Tensor) or last.dim() != 4 or last.device != device:
+                fail(f"screen.last must be a [B, 3, H, W] tensor on {device}")
+            if streams is not None and last.shape[0] != streams:
+                fail(f"screen.last holds {last.shape[0]} streams, not {streams}")
+            if spec is not None and (tuple(last.shape[1:]) != spec[0] or last.dtype != spec[1]):
+                fail(f"screen.last is {list(last.shape)} {last.dtype}, the frames {list(spec[0])} {spec[1]}")
+            streams = last.shape[0] if streams is None else streams
+        staged, _ = nn_state.check_stream_state(self.model, state["model"], streams, check_weights)
+        return staged, spec

@@ -55,6 +55,9 @@ class TensorAddresses:
             self._epoch = _REGISTRATIONS[0]
         return tuple(t.data_ptr() for t in self._tensors)
 
+    def __getstate__(self) -> dict:
+        return {"_module": self._module, "_tensors": None, "_epoch": -1}
+
 
 class CudaCapture:
     """The CUDA implementation of warm-up, capture and replay (for tensors on ``device_type``)."""
@@ -112,6 +115,11 @@ class FrameGraphs:
         """Drop every graph (and its memory pool); failed keys may be tried again."""
         self._graphs.clear()
         self.failures.clear()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_graphs=OrderedDict(), failures={})  # captured for the original's tensors: a copy recaptures
+        return state
 
     def __call__(self, frames: Tensor, key: Hashable) -> Tensor:
         full_key = (tuple(frames.shape), frames.dtype, frames.device, key)

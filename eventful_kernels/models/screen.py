@@ -41,6 +41,29 @@ class FrameScreen:
     def clear(self) -> None:
         self._last = self._flag = self._host = self._event = None
 
+    def stream_state(self) -> dict:
+        """``{"last": a copy of the last clean frames or None, "poisoned": the flag}`` (reads the flag from the
+        device: a synchronisation on a GPU)."""
+        return {"last": None if self._last is None else self._last.clone(),
+                "poisoned": self._flag is not None and bool(self._flag.any())}
+
+    def load_stream_state(self, last: Optional[Tensor], poisoned: bool) -> None:
+        """Take ``last`` (copied) as every stream's last clean frame and set the flag to ``poisoned``."""
+        if last is None:
+            self.clear()
+            return
+        self.start(last)
+        if poisoned:
+            self._flag.fill_(True)
+            self._host.fill_(True)
+
+    def __getstate__(self) -> dict:
+        return self.stream_state()
+
+    def __setstate__(self, state: dict) -> None:
+        self.clear()  # the pinned host copy and the CUDA event are made again
+        self.load_stream_state(state["last"], state["poisoned"])
+
     def start(self, frames: Tensor) -> None:
         """Take ``frames`` (finite) as every stream's last clean frame; (re)allocate the flag."""
         self._last = frames.detach().clone()

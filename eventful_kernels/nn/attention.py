@@ -58,6 +58,7 @@ class EventfulAttention(EventfulModule):
         self.workspace = Workspace()
 
     def _reset_state(self) -> None:
+        super()._reset_state()
         self.workspace.clear()
 
     @property

@@ -6,13 +6,14 @@ A backend is the module that implements the op contract: ``"ops"`` -> :mod:`even
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops as _ops
 from .. import reference as _reference
+from .placement import placed
 
 BACKENDS = {"ops": _ops, "reference": _reference}
 
@@ -36,10 +37,23 @@ class EventfulModule(nn.Module):
     keeps the memory. ``check_index``: whether index arguments
     are value-checked by the ops (True for a module used on its own, which may be handed any index; the blocks set
     it False on their parts, whose indices come from their own gates: no check, no host synchronisation).
+
+    Each subclass declares its own per-stream state in :attr:`state_attrs` (its children declare theirs), used by
+    ``reset()``, by copies (``copy.deepcopy``, pickling) and by :func:`eventful_kernels.nn.state.stream_state` /
+    :func:`~eventful_kernels.nn.state.load_stream_state`; :attr:`cache_attrs` are rebuilt, never copied.
     """
 
     check_index: bool = True
     _refresh: bool = False  # the next call recomputes the state densely, into the existing tensors
+    # This module's per-stream state: attributes holding tensors or small values (ints, strs, tuples), set to
+    # ``state_defaults.get(name)`` (None unless given) by reset(), copied with the module, saved by stream_state().
+    state_attrs: Tuple[str, ...] = ()
+    state_defaults: Dict[str, object] = {}
+    # State tensors allocated at a fixed page offset (a slot of placement.SLOTS): placed again when copied or loaded.
+    state_slots: Dict[str, str] = {}
+    # Caches (of shapes, weights or values derivable from the state): None after reset() and in a copy; rebuilt on
+    # use or by _derive_state().
+    cache_attrs: Tuple[str, ...] = ()
 
     def __init__(self, backend: str = "ops"):
         super().__init__()
@@ -68,7 +82,33 @@ class EventfulModule(nn.Module):
         self.last_macs = 0
 
     def _reset_state(self) -> None:
-        """Clear this module's own state; overridden by stateful subclasses."""
+        """Clear this module's own state and caches (as declared)."""
+        for name in self.state_attrs:
+            setattr(self, name, self.state_defaults.get(name))
+        for name in self.cache_attrs:
+            setattr(self, name, None)
+        self._refresh = False
+
+    def _derive_state(self) -> None:
+        """Rebuild what derives from the state (after a copy or a load); overridden where something does."""
+
+    def signature(self) -> tuple:
+        """Configuration that fixes the shapes of the state (compared when a saved stream state is loaded)."""
+        return ()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for name in self.cache_attrs:
+            state[name] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for name, slot in self.state_slots.items():
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, placed(value, slot))
+        self._derive_state()
 
     def refresh(self) -> None:
         """Make the next call of this module and its eventful children a flush that writes into the existing state

@@ -20,8 +20,10 @@ from .attention import DenseAttention, EventfulAttention
 from .backend import EventfulModule, trust_indices
 from .buffers import TokenBuffer
 from .gates import TokenGate
-from .linear import PackedLinear, PackedMlp
+from .linear import PackedGroup, PackedLinear, PackedMlp
+from .matmul import MatmulBuffer, MatmulDeltaAccumulator
 from .policies import Policy, Threshold, as_policy
+from .relpos import DecomposedRelPos
 from .strategy import AttentionShape, check_strategy, choose, default_strategy
 from .windows import WindowGrid
 
@@ -41,6 +43,10 @@ def _residual(x: Tensor, ls: nn.Module, y: Tensor) -> Tensor:
 
 class _EventfulBlockBase(EventfulModule):
     """Gated, buffered token-wise layers (qkv, projection, MLP) around an attention core set by the subclass."""
+
+    state_attrs = ("_grid",)  # the token grid of the streams ([B, H, W, D] input), None for [B, N, D] tokens
+    cache_attrs = ("_windows",)  # window geometry, rebuilt from the grid
+    packed_group: Optional[PackedGroup] = None  # checks the packed weights' fingerprints (set by EventfulModel)
 
     def __init__(self, block: nn.Module, policy: Optional[Policy] = None, backend: str = "ops"):
         super().__init__(backend)
@@ -88,9 +94,51 @@ class _EventfulBlockBase(EventfulModule):
         for gate in (self.qkv_gate, self.proj_gate, self.mlp_gate):
             gate.policy = self._policy
 
-    def _reset_state(self) -> None:
-        self._grid = None
-        self._windows = None
+    def signature(self) -> tuple:
+        attn = self.block.attn
+        return (self.dim, self.heads, self.head_dim, self.window, self.use_rel_pos, attn.qkv.out_features,
+                attn.proj.out_features)
+
+    def _derive_state(self) -> None:
+        if self.window > 0 and self._grid is not None:
+            state = self.qkv_buffer.state
+            device = state.device if state is not None else self.block.attn.qkv.weight.device
+            self._windows = WindowGrid(self._grid[0], self._grid[1], self.window, device)
+        else:
+            self._windows = None
+
+    def state_shapes(self, streams: int, tokens: int, grid: Optional[Tuple[int, int]]) -> dict:
+        """The shape of every state tensor of this block (``"child.attr"`` relative to it) for ``streams`` streams
+        of ``tokens`` tokens (on a ``grid``, when the input is one); a ValueError when the grid does not fit."""
+        if grid is not None and grid[0] * grid[1] != tokens:
+            raise ValueError(f"grid {tuple(grid)} does not hold {tokens} tokens")
+        if grid is None and (self.window > 0 or self.use_rel_pos):
+            raise ValueError("a windowed / rel-pos block needs the token grid")
+        b, n, h, d = streams, tokens, self.heads, self.head_dim
+        if self.window > 0:
+            ws = self.window
+            windows = (-(-grid[0] // ws)) * (-(-grid[1] // ws))
+            t, attn_grid = ws * ws, (ws, ws)
+        else:
+            windows, t, attn_grid = 1, n, grid
+        bw = b * windows
+        shapes = {
+            "qkv_gate.ref": (b, n, self.dim),
+            "qkv_buffer.state": (b, windows * t, self.block.attn.qkv.out_features),
+            "proj_gate.ref": (b, n, h * d),
+            "proj_buffer.state": (b, n, self.block.attn.proj.out_features),
+            "mlp_gate.ref": (b, n, self.dim),
+            "mlp_buffer.state": (b, n, self.dim),
+        }
+        for name, m in self.named_modules():  # the attention modules
+            if isinstance(m, MatmulBuffer):
+                shapes[f"{name}.logits"] = (bw, h, t, t)
+            elif isinstance(m, MatmulDeltaAccumulator):
+                shapes.update({f"{name}.out": (bw, t, h, d), f"{name}.a_ref": (bw, h, t, t),
+                               f"{name}.v_ref": (bw, h, t, d)})
+            elif isinstance(m, DecomposedRelPos):
+                shapes.update({f"{name}.rel_h": (bw, h, t, attn_grid[0]), f"{name}.rel_w": (bw, h, t, attn_grid[1])})
+        return shapes
 
     # ---- token-wise pieces -------------------------------------------------------------------------------
     def _linear(self, role: str, module: nn.Module, x: Tensor) -> Tensor:
@@ -106,6 +154,8 @@ class _EventfulBlockBase(EventfulModule):
                 packed = PackedLinear(module)
             else:
                 return module(x)
+            if self.packed_group is not None:
+                self.packed_group.add(packed)
             self._packed[role] = packed
         return packed(x)
 
@@ -236,6 +286,10 @@ class EventfulBlock(_EventfulBlockBase):
     ``r = N`` the block equals the dense block to float tolerance either way.
     """
 
+    state_attrs = _EventfulBlockBase.state_attrs + ("attention_mode",)
+    state_defaults = {"attention_mode": "eventful"}
+    cache_attrs = _EventfulBlockBase.cache_attrs + ("_shape",)  # the attention problem, rebuilt from the qkv state
+
     def __init__(self, block: nn.Module, policy: Optional[Policy] = None, backend: str = "ops",
                  strategy: Optional[str] = None):
         super().__init__(block, policy, backend)
@@ -261,9 +315,15 @@ class EventfulBlock(_EventfulBlockBase):
         """The attention module of the last frame's mode."""
         return self.dense_attention if self.attention_mode == "dense" else self.eventful_attention
 
-    def _reset_state(self) -> None:
-        super()._reset_state()
-        self._shape = None
+    def _derive_state(self) -> None:
+        super()._derive_state()
+        qkv = self.qkv_buffer.state
+        if qkv is None:
+            self._shape = None
+            return
+        windows = self._windows.n_windows if self._windows is not None else 1
+        self._shape = AttentionShape(qkv.shape[0] * windows, self.heads, qkv.shape[1] // windows, self.head_dim,
+                                     qkv.dtype, qkv.device, self.use_rel_pos)
 
     def _decision_k(self) -> int:
         """Changed tokens per attention stream the current policy asks for (a threshold: its capacity)."""

@@ -18,12 +18,11 @@ class TokenBuffer(EventfulModule):
     is filled through it, so any permutation of ``arange(N)`` works); ``n_tokens = K`` of that call.
     """
 
+    state_attrs = ("state",)
+
     def __init__(self, backend: str = "ops"):
         super().__init__(backend)
         self.state: Optional[Tensor] = None
-
-    def _reset_state(self) -> None:
-        self.state = None
 
     @property
     def n_tokens(self) -> Optional[int]:

@@ -50,14 +50,14 @@ def trim_slots(policy: Threshold, count: Tensor, *selected: Tensor) -> Tuple[Ten
 
 
 class _GateBase(EventfulModule):
+    state_attrs = ("ref",)
+    cache_attrs = ("_arange",)
+
     def __init__(self, policy: Optional[Policy] = None, backend: str = "ops"):
         super().__init__(backend)
         self.policy = as_policy(policy)
         self.ref: Optional[Tensor] = None
         self._arange: Optional[Tensor] = None
-
-    def _reset_state(self) -> None:
-        self.ref = None
 
     @property
     def flushing(self) -> bool:

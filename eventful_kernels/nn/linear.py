@@ -3,22 +3,71 @@
 A gated layer pushes few rows (the r selected tokens) through the same weights every frame. At such small M the
 stock ``F.linear`` (MKL sgemm on an unpacked ``[out, in]`` weight) re-packs the weight panel on every call and runs
 at ~70% of its large-M rate; a weight reordered once into oneDNN's blocked layout runs small-M products near the
-large-M rate (measured 2 threads, M=49, D=768: 105 -> ~190 GFLOP/s). The packed copy is made lazily, keyed by the
-weight's storage, version, dtype and device, so ``load_state_dict``/``.to()``/``.half()`` trigger a repack; it costs
-one extra copy of the weights. Anything the packed path does not cover (CUDA, float16 without CPU support, no
-oneDNN, ``EVENTFUL_PACKED_LINEAR=0``, tracing by ``torch.compile``) runs the module as it is.
+large-M rate (measured 2 threads, M=49, D=768: 105 -> ~190 GFLOP/s). The packed copy is made lazily and costs one
+extra copy of the weights. Anything the packed path does not cover (CUDA, float16 without CPU support, no oneDNN,
+``EVENTFUL_PACKED_LINEAR=0``, tracing by ``torch.compile``) runs the module as it is.
+
+A packed copy is a cache of the weight, so it must never outlive the values it was made from:
+
+- it is keyed by the weight's storage, ``_version``, dtype, device, shape and strides: a new Parameter,
+  ``.data = ...``, ``.to()``/``.half()`` and in-place writes through the Parameter (``load_state_dict``,
+  ``with torch.no_grad(): w.copy_(...)``) repack it;
+- writes through ``.data`` (``w.data.copy_(...)``, an EMA ``w.data.mul_(a).add_(...)``) do not bump ``_version``,
+  so the packed copy keeps a fingerprint of the weight: the bytes of :data:`FINGERPRINT_RUNS` runs of
+  :data:`FINGERPRINT_RUN_BYTES` consecutive bytes (256 float32 / 512 bfloat16 entries), evenly spaced at a fixed
+  pseudo-random phase (:func:`sample_runs`). They are compared with the weight's bytes now before the packed copy is
+  used, and any difference repacks. A :class:`PackedGroup` compares those of many linears at once: an eventful model
+  checks all of its packed weights once before each frame (one concatenation and one compare: ~0.37 ms for ViT-B's
+  48 weights, cold in cache as they are in a frame, against ~1.6 ms for 48 separate checks; measured by
+  ``benchmarks/bench_weight_check.py``), and its linears skip their own check during the frame. A linear outside
+  such a frame checks at every call.
+- A change confined to unsampled bytes that also avoids ``_version`` is not seen: after such an edit call
+  :func:`repack` (or ``EventfulModel.reset()``, which calls it). Non-contiguous weights are not packed.
+
+Copies (``copy.deepcopy``, pickling) drop the packed weights; they are made again on the first call.
 """
 from __future__ import annotations
 
 import os
+import random
+import weakref
 from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 _PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+FINGERPRINT_RUNS = 16  # runs of consecutive bytes sampled per weight ...
+FINGERPRINT_RUN_BYTES = 64  # ... a cache line each: the weight is cold when checked (the product reads the copy)
+_LIVE: "weakref.WeakSet[PackedLinear]" = weakref.WeakSet()  # every PackedLinear, for repack() and PackedGroup
+_PACKS = [0]  # bumped whenever a packed copy is dropped (before every repack too): groups rebuild their lists
+
+
+def sample_runs(t: Tensor) -> Tensor:
+    """The bytes of ``t`` (contiguous) that the fingerprint compares: a ``[runs, bytes]`` uint8 view of its memory,
+    :data:`FINGERPRINT_RUNS` runs of :data:`FINGERPRINT_RUN_BYTES` evenly spaced at a pseudo-random phase fixed by
+    the size (line-aligned when the storage is); all of ``t`` (``[1, nbytes]``) when it is that small."""
+    flat = t.detach().reshape(-1).view(torch.uint8)
+    n, runs, run = flat.numel(), FINGERPRINT_RUNS, FINGERPRINT_RUN_BYTES
+    if n <= runs * run:
+        return flat.view(1, n)
+    spacing = (n // runs) // run * run
+    phase = random.Random(n).randrange(spacing - run + 1) // run * run
+    return flat.as_strided((runs, run), (spacing, 1), flat.storage_offset() + phase)
+
+
+def sampled_entries(t: Tensor) -> Tensor:
+    """Flat indices of the entries of ``t`` that :func:`sample_runs` reads (wholly or in part)."""
+    view, size = sample_runs(t), t.element_size()
+    base = t.detach().reshape(-1).view(torch.uint8).storage_offset()
+    first = view.storage_offset() - base
+    starts = first + torch.arange(view.shape[0]) * (view.stride(0) if view.shape[0] > 1 else 0)
+    byte = (starts[:, None] + torch.arange(view.shape[1])).reshape(-1)
+    return torch.unique(byte // size)
 
 
 def packing_enabled() -> bool:
@@ -33,6 +82,44 @@ def _fusable_activation(act: nn.Module) -> Optional[Tuple[str, str]]:
     if type(act) is nn.ReLU:
         return ("relu", "")
     return None
+
+
+class PackedGroup:
+    """Fingerprint checks of the packed linears that name this group, all at once.
+
+    The owner calls :meth:`check` before a batch of calls (an eventful model: before each frame), which repacks any
+    linear whose sampled bytes changed, then sets :attr:`active` while the batch runs; meanwhile the group's linears
+    skip their own check. One concatenation and one compare instead of one check per linear.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self._epoch = -1
+        self._runners: List["PackedLinear"] = []
+        self._views: list = []
+        self._expected = b""
+
+    def add(self, runner) -> None:
+        """Make ``runner`` (a :class:`PackedLinear`, or a :class:`PackedMlp` for its linears) part of the group."""
+        for r in runner.runners():
+            r._group = self
+
+    def check(self) -> None:
+        """Repack every linear of the group whose sampled bytes changed since it was packed."""
+        if not PackedLinear.check_fingerprint:
+            return
+        if self._epoch != _PACKS[0]:
+            self._runners = [r for r in list(_LIVE) if r._group is self and r._fp_view is not None]
+            self._views = [r._fp_view for r in self._runners]
+            self._expected = b"".join(r._fp for r in self._runners)
+            self._epoch = _PACKS[0]
+        if self._views and np.concatenate(self._views).tobytes() != self._expected:
+            for r in self._runners:
+                if r._fp_view.tobytes() != r._fp:
+                    r.invalidate()
+
+    def __getstate__(self) -> dict:
+        return {"active": False, "_epoch": -1, "_runners": [], "_views": [], "_expected": b""}
 
 
 class PackedLinear:
@@ -56,6 +143,30 @@ class PackedLinear:
         self._key: Optional[tuple] = None
         self._src: Optional[Tensor] = None
         self._packed: Optional[Tensor] = None
+        self._fp: Optional[bytes] = None  # the sampled bytes when packed
+        self._fp_view: Optional[np.ndarray] = None  # the same bytes of the weight now (a view of its memory)
+        self._group: Optional[PackedGroup] = None
+        _LIVE.add(self)
+
+    # Compare the sampled bytes; False only to measure what the comparison costs.
+    check_fingerprint: bool = True
+
+    def runners(self) -> List["PackedLinear"]:
+        return [self]
+
+    def invalidate(self) -> None:
+        """Drop the packed copy: the next call packs the weight as it is then."""
+        self._key = self._src = self._packed = self._fp = self._fp_view = None
+        _PACKS[0] += 1
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_key=None, _src=None, _packed=None, _fp=None, _fp_view=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        _LIVE.add(self)
 
     def _weight_key(self, w: Tensor) -> tuple:
         # The packed source is kept alive in the key, so its address cannot be reused by a new weight while cached.
@@ -70,18 +181,30 @@ class PackedLinear:
             or w.device.type != "cpu"
             or x.dtype != w.dtype
             or w.dtype not in _PACKED_DTYPES
+            or not w.is_contiguous()
             or w.requires_grad and torch.is_grad_enabled()
             or torch.compiler.is_compiling()  # the packed call reads storage pointers: run F.linear in a graph
             or not packing_enabled()
         ):
             return None
         key = self._weight_key(w)
-        if self._key != key:
-            self._key, self._src, self._packed = key, w.detach(), None
-            try:
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(self._src)
-            except RuntimeError:  # dtype without CPU support (e.g. bf16 on a CPU lacking it): stay unpacked
-                self._packed = None
+        if self._key == key and (
+            self._fp_view is None  # not packed
+            or not self.check_fingerprint
+            or self._group is not None and self._group.active  # the group checked it before this frame
+            or self._fp_view.tobytes() == self._fp
+        ):
+            return self._packed
+        self.invalidate()
+        self._key, self._src = key, w.detach()
+        try:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(self._src)
+        except RuntimeError:  # dtype without CPU support (e.g. bf16 on a CPU lacking it): stay unpacked
+            self._packed = None
+        if self._packed is not None:
+            # A view of the weight's own memory (the key pins it): later writes through .data show in it.
+            self._fp_view = sample_runs(self._src).numpy()
+            self._fp = self._fp_view.tobytes()
         return self._packed
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -127,6 +250,21 @@ class PackedMlp:
         if self.norm is not None:
             h = self.norm(h)
         return self.fc2(h)
+
+    def runners(self) -> List[PackedLinear]:
+        return [self.fc1, self.fc2] if self._plain else []
+
+
+def repack(model: nn.Module) -> nn.Module:
+    """Drop the packed copy of every linear layer of ``model`` (packed by eventful blocks or by
+    :func:`packed_linears`): each is packed again from the weight as it is at its next call. Needed only after a
+    weight edit that neither bumps ``_version`` nor touches a sampled entry (see the module docstring). Returns
+    ``model``."""
+    linears = {id(m) for m in model.modules() if isinstance(m, nn.Linear)}
+    for packed in list(_LIVE):
+        if id(packed.linear) in linears:
+            packed.invalidate()
+    return model
 
 
 @contextmanager

@@ -49,12 +49,12 @@ class MatmulBuffer(EventfulModule):
     ``last_macs``: flush ``B*H*Nq*Nk*d``, update ``B*H*(Kq*Nk + Nq*Kk)*d``.
     """
 
+    state_attrs = ("logits",)
+    state_slots = {"logits": "logits"}
+
     def __init__(self, backend: str = "ops"):
         super().__init__(backend)
         self.logits: Optional[Tensor] = None
-
-    def _reset_state(self) -> None:
-        self.logits = None
 
     @torch.no_grad()
     def forward(
@@ -122,14 +122,14 @@ class MatmulDeltaAccumulator(EventfulModule):
     ``last_macs``: flush ``B*H*M*N*d``, update ``2*B*H*M*K*d``.
     """
 
+    state_attrs = ("out", "a_ref", "v_ref")
+    state_slots = {"a_ref": "attention_ref"}
+
     def __init__(self, backend: str = "ops"):
         super().__init__(backend)
         self.out: Optional[Tensor] = None  # [B, M, H, d]
         self.a_ref: Optional[Tensor] = None
         self.v_ref: Optional[Tensor] = None
-
-    def _reset_state(self) -> None:
-        self.out = self.a_ref = self.v_ref = None
 
     @property
     def flushing(self) -> bool:

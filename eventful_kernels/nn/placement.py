@@ -42,6 +42,13 @@ def placed_copy(src: Tensor, slot: str) -> Tensor:
     return empty_placed(src.shape, src, slot).copy_(src)
 
 
+def placed(t: Tensor, slot: str) -> Tensor:
+    """``t`` itself when it is contiguous and already placed at ``slot`` (or not on the CPU), else a placed copy."""
+    if t.device.type != "cpu" or (t.is_contiguous() and t.data_ptr() % PAGE_BYTES == SLOTS[slot]):
+        return t
+    return placed_copy(t, slot)
+
+
 class Workspace:
     """Scratch tensors that live only within one forward call, shared by the modules that hold this workspace.
 
@@ -65,6 +72,9 @@ class Workspace:
     def clear(self) -> None:
         """Drop every cached tensor (their memory goes back to the allocator)."""
         self._tensors.clear()
+
+    def __getstate__(self) -> dict:
+        return {"_tensors": {}}  # scratch: a copy starts empty
 
     def __len__(self) -> int:
         return len(self._tensors)

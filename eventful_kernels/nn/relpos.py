@@ -3,7 +3,9 @@
 For a query at grid cell ``(qh, qw)`` and a key at ``(kh, kw)`` the bias is ``rel_h[q, kh] + rel_w[q, kw]`` with
 ``rel_h[q] = R_h[qh] @ q_vec`` and ``rel_w[q] = R_w[qw] @ q_vec`` (``q_vec`` after q-norm, before the scale). The
 bias depends on the query only, so ``rel_h [B,H,N,Gh]`` / ``rel_w [B,H,N,Gw]`` are stored and recomputed at the
-changed query rows; bias rows/columns for the logits buffer are assembled from them.
+changed query rows; bias rows/columns for the logits buffer are assembled from them. The tables ``R_h``/``R_w`` are
+gathered from the parameters at every call (a few small kernels), so a weight changed in place is always used, also
+by a replayed CUDA graph.
 """
 from __future__ import annotations
 
@@ -16,11 +18,20 @@ from torch import Tensor, nn
 from .backend import EventfulModule, refill
 
 
-def rel_pos_table(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
+def rel_pos_index(q_size: int, k_size: int, device) -> Tensor:
+    """``[q_size, k_size]`` int64: the row of the (resized) rel-pos table for each query/key pair."""
+    q_coords = torch.arange(q_size, device=device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=device)[None, :] * max(q_size / k_size, 1.0)
+    relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return relative.long()
+
+
+def rel_pos_table(q_size: int, k_size: int, rel_pos: Tensor, index: Optional[Tensor] = None) -> Tensor:
     """Relative-position embeddings ``[q_size, k_size, C]`` for the offsets between query and key positions.
 
     ``rel_pos [L, C]`` is linearly resized to ``2*max(q_size, k_size) - 1`` entries when its length differs; with
-    different sizes the shorter side's coordinates are scaled (the ViTDet/SAM rule).
+    different sizes the shorter side's coordinates are scaled (the ViTDet/SAM rule). ``index``: the
+    :func:`rel_pos_index` of these sizes, when the caller keeps it.
     """
     max_rel_dist = int(2 * max(q_size, k_size) - 1)
     if rel_pos.shape[0] != max_rel_dist:
@@ -28,10 +39,7 @@ def rel_pos_table(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
         resized = resized.reshape(-1, max_rel_dist).permute(1, 0)
     else:
         resized = rel_pos
-    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
-    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
-    relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
-    return resized[relative.long()]
+    return resized[rel_pos_index(q_size, k_size, rel_pos.device) if index is None else index]
 
 
 class DecomposedRelPos(EventfulModule):
@@ -42,24 +50,25 @@ class DecomposedRelPos(EventfulModule):
     ``[B,H,K,N]``, ``[B,H,N,K]``, ``[B,H,N,N]``. The parameters are read from ``attn`` (not copied).
     """
 
+    state_attrs = ("rel_h", "rel_w")
+    cache_attrs = ("_index", "_grid", "_sel")
+
     def __init__(self, attn: nn.Module, backend: str = "ops"):
         super().__init__(backend)
         self._attn = (attn,)  # a tuple so the wrapped module is not registered twice
         self.rel_h: Optional[Tensor] = None
         self.rel_w: Optional[Tensor] = None
-        self._tables: Optional[Tuple[Tensor, Tensor]] = None
+        self._index: Optional[Tuple[tuple, Tensor, Tensor]] = None  # (grid, device), table row indices
         self._grid: Optional[Tuple[int, int]] = None
         self._sel: Optional[Tuple[Tensor, Tensor, Tensor]] = None
-
-    def _reset_state(self) -> None:
-        self.rel_h = self.rel_w = None
-        self._tables = self._grid = self._sel = None
 
     def _make_tables(self, grid: Tuple[int, int], like: Tensor) -> Tuple[Tensor, Tensor]:
         attn = self._attn[0]
         gh, gw = grid
-        rh = rel_pos_table(gh, gh, attn.rel_pos_h).to(like.dtype)
-        rw = rel_pos_table(gw, gw, attn.rel_pos_w).to(like.dtype)
+        if self._index is None or self._index[0] != (grid, like.device):
+            self._index = ((grid, like.device), rel_pos_index(gh, gh, like.device), rel_pos_index(gw, gw, like.device))
+        rh = rel_pos_table(gh, gh, attn.rel_pos_h, self._index[1]).to(like.dtype)
+        rw = rel_pos_table(gw, gw, attn.rel_pos_w, self._index[2]).to(like.dtype)
         return rh, rw
 
     @torch.no_grad()
@@ -68,10 +77,8 @@ class DecomposedRelPos(EventfulModule):
         gh, gw = grid
         if gh * gw != n:
             raise ValueError(f"eventful: grid {grid} does not hold the {n} query tokens")
-        if self._tables is None or self._grid != (gh, gw) or self._tables[0].dtype != q.dtype:
-            self._tables = self._make_tables((gh, gw), q)
-            self._grid = (gh, gw)
-        rh, rw = self._tables
+        rh, rw = self._make_tables((gh, gw), q)
+        self._grid = (gh, gw)
         self._sel = None
         if index_q is None or self.rel_h is None or self._refresh:
             # One batched product over the query cells t = (qh, qw): [B*H, d] @ [rh[qh]; rw[qw]]^T. Half the time
