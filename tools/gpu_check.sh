@@ -3,7 +3,7 @@
 # what finished; at most 7 files):
 #   1. build the extension with its CUDA kernels                         -> env.txt (+ build.log on failure)
 #   2. the end-to-end table: dense timm vs eventful, interleaved frames  -> gpu_e2e.json, gpu_e2e.md
-#   3. the Triton op table against the standard-PyTorch composition      -> bench_triton.json
+#   3. the op table (N = 4096, K = N/16 and N/4) against the standard-PyTorch composition -> ops_cuda.json
 #   4. the GPU tests, each file under its own time limit                 -> tests.log
 #   5. one line per step with its status and duration                    -> summary.txt (appended as it goes)
 # Needs a CUDA GPU with a CUDA build of torch, triton, timm and nvcc. The step limits add up to 8 min.
@@ -58,9 +58,9 @@ step e2e "${E2E_TIMEOUT:-150}" $PY benchmarks/bench_gpu.py --video "$VIDEO" --ou
 [ -f "$OUT/gpu_e2e.json" ] && $PY benchmarks/bench_gpu.py --report "$OUT/gpu_e2e.json" >"$OUT/gpu_e2e.md" \
   && cat "$OUT/gpu_e2e.md"
 
-echo "== Triton op table"
-step ops "${OPS_TIMEOUT:-90}" $PY -m pytest -q -p no:cacheprovider benchmarks/bench_triton.py \
-  --benchmark-json "$OUT/bench_triton.json" --benchmark-columns=median,rounds 2>&1 | tail -3
+echo "== op table"
+step ops "${OPS_TIMEOUT:-90}" $PY benchmarks/bench_ops.py --device cuda --dtype fp16 --sizes 4096:256,4096:1024 \
+  --rounds 30 --budget 2 --out "$OUT/ops_cuda.json"
 
 echo "== GPU tests"
 : >"$OUT/tests.log"
