@@ -48,6 +48,7 @@ def convert(
     strategy: Optional[str] = None,
     cuda_graphs: bool = True,
     refresh_every: Optional[int] = None,
+    gate_placement: str = "after_norm",
     kv_pool: Optional[int] = None,
     av_dtype: Optional[torch.dtype] = None,
 ) -> EventfulModel:
@@ -60,6 +61,8 @@ def convert(
     each steady-state frame on CUDA inputs as one captured CUDA graph (see :class:`EventfulModel`; on by default,
     ``False`` runs every frame eagerly). ``refresh_every``: recompute the state densely (in place) every that many
     steady-state frames, which bounds the drift of the accumulated A·V deltas (see :meth:`EventfulModel.refresh`).
+    ``gate_placement``: ``"after_norm"`` (default, as published: the gates score LayerNorm-ed tokens) or
+    ``"before_norm"`` (the gates score the residual stream; LayerNorm only on the selected rows).
 
     Options of the published method, for the global blocks (``EventfulBlock``; windowed blocks are left as they are,
     as in the published configurations): ``kv_pool`` (None or the pooling size, e.g. 2): keys and values
@@ -82,9 +85,10 @@ def convert(
         _check_block(block, i)
         windowed = family == "sam" and getattr(block, "window_size", 0) > 0
         if windowed:
-            blocks.append(EventfulTokenwiseBlock(block, pol, backend=backend))
+            blocks.append(EventfulTokenwiseBlock(block, pol, backend=backend, gate_placement=gate_placement))
         else:
-            blocks.append(EventfulBlock(block, pol, backend=backend, strategy=strategy, **options))
+            blocks.append(EventfulBlock(block, pol, backend=backend, strategy=strategy, gate_placement=gate_placement,
+                                        **options))
     # Shallow copy with its own child table: the copy gets eventful blocks, the original keeps its dense ones;
     # every other submodule (patch embedding, norms, head, neck) is the same object in both.
     twin = copy.copy(model)
