@@ -64,6 +64,8 @@ def dense_block_macs(
         n = int(n_tokens)
         gh = gw = None
     mlp = 2 * n * dim * hidden
+    if kv_pool is not None and (isinstance(kv_pool, bool) or not isinstance(kv_pool, int) or kv_pool < 2):
+        raise ValueError(f"eventful: argument 'kv_pool' must be None or an int >= 2, got {kv_pool!r}")
     if kv_pool:
         if window:
             raise ValueError("eventful: 'kv_pool' applies to global attention only, not with 'window'")

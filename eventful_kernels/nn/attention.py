@@ -220,6 +220,9 @@ class EventfulAttention(EventfulModule):
     ) -> Tensor:
         flush = self.flushing
         if flush:
+            if self.av_dtype is not None and q.dtype not in (torch.float32, self.av_dtype):
+                raise ValueError(f"eventful: argument 'av_dtype' ({self.av_dtype}) must be None or the dtype of a "
+                                 f"16-bit model ({q.dtype}); it rounds the A·V product of a float32 model")
             index = index_kv = None
             self.qk_buffer.refresh()
             self.av_buffer.refresh()

@@ -153,6 +153,10 @@ class _EventfulBlockBase(EventfulModule):
                 shapes.update({f"{name}.rel_h": (bw, h, t, attn_grid[0]), f"{name}.rel_w": (bw, h, t, attn_grid[1])})
         return shapes
 
+    def state_dtypes(self, weight_dtype: torch.dtype) -> dict:
+        """The dtype of each state tensor (``"child.attr"``) that is not kept in the weights' dtype."""
+        return {}
+
     # ---- token-wise pieces -------------------------------------------------------------------------------
     def _linear(self, role: str, module: nn.Module, x: Tensor) -> Tensor:
         """``module(x)``; the ops backend runs it on prepacked weights (:mod:`.linear`), the reference as is. The
@@ -381,6 +385,12 @@ class EventfulBlock(_EventfulBlockBase):
                 elif isinstance(m, MatmulDeltaAccumulator):
                     shapes.update({f"{name}.a_ref": (b, h, tokens, nk), f"{name}.v_ref": (b, h, nk, d)})
         return shapes
+
+    def state_dtypes(self, weight_dtype: torch.dtype) -> dict:
+        av = self.av_dtype
+        if av is None or av == weight_dtype:
+            return {}
+        return {"eventful_attention.av_buffer.a_ref": av, "eventful_attention.av_buffer.v_ref": av}
 
     def _derive_state(self) -> None:
         super()._derive_state()
