@@ -559,7 +559,7 @@ def test_stream_state_with_16_bit_references_checked():
     name = next(n for n in modules if n.endswith("av_buffer"))
     modules[name]["a_ref"] = modules[name]["a_ref"].float()
     fresh = convert(make_model(), 0.4, strategy="eventful", av_dtype=torch.float16)
-    with pytest.raises(ValueError, match="a_ref is float32 .* keeps it in float16"):
+    with pytest.raises(ValueError, match=r"a_ref is float32 .* \(the block keeps it in float16\)"):
         fresh.load_stream_state(state)
     assert all(b.qkv_buffer.state is None for b in fresh.eventful_blocks())
 

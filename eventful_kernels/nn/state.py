@@ -197,9 +197,10 @@ def _check_block(name: str, block: EventfulModule, states: dict, streams: Option
         where = _join(name, rel)
         dtype = dtypes.get(rel, weight.dtype)
         if t.dtype != dtype or t.device != weight.device:
-            _fail(f"{where} is {dtype_name(t.dtype)} on {t.device} but the block keeps it in "
-                  f"{dtype_name(dtype)} on {weight.device}, its weights' device (loading onto another dtype or "
-                  "device is not supported)")
+            kept = "" if dtype == weight.dtype else f" (the block keeps it in {dtype_name(dtype)})"
+            _fail(f"{where} is {dtype_name(t.dtype)} on {t.device} but the block's weights are "
+                  f"{dtype_name(weight.dtype)} on {weight.device}{kept} (loading onto another dtype or device is not "
+                  "supported)")
         want = shapes.get(rel)
         if want is not None and tuple(t.shape) != tuple(want):
             _fail(f"{where} has shape {list(t.shape)}, expected {list(want)} ({b} streams of {ref.shape[1]} tokens)")
