@@ -32,7 +32,8 @@ Key = Tuple[str, str]  # (eventful module name, state attribute)
 class StreamSlice:
     """One stream's state: ``tensors[(module, attr)]`` are ``[k, ...]`` slices (k = 1, or the number of windows),
     ``values`` the per-model plain values (equal for every stream of a batch), ``last`` the last clean frame
-    ``[1, 3, H, W]``, ``spec`` the frames' ``((3, H, W), dtype, device)``."""
+    ``[1, 3, H, W]``, ``spec`` the frames' ``((3, H, W), dtype, device)``, ``refresh`` whether the stream's next
+    frame must recompute its state densely (kept by the owner: :func:`put` leaves no refresh pending)."""
 
     tensors: Dict[Key, Tensor]
     values: Dict[Key, object]
@@ -58,9 +59,7 @@ def take(model: EventfulModel, indices: Optional[Sequence[int]] = None) -> List[
     indices = range(b) if indices is None else indices
     tensors: List[Dict[Key, Tensor]] = [{} for _ in indices]
     values: Dict[Key, object] = {}
-    refresh = False
     for name, m in _modules(model):
-        refresh = refresh or bool(m._refresh)
         for attr in m.state_attrs:
             v = getattr(m, attr)
             if isinstance(v, Tensor):
@@ -71,7 +70,7 @@ def take(model: EventfulModel, indices: Optional[Sequence[int]] = None) -> List[
                 values[(name, attr)] = v
     last = model._screen._last
     arch = nn_state.architecture(model.model)
-    return [StreamSlice(t, dict(values), last[i : i + 1].clone(), model._spec, refresh, arch)
+    return [StreamSlice(t, dict(values), last[i : i + 1].clone(), model._spec, False, arch)
             for t, i in zip(tensors, indices)]
 
 
@@ -144,5 +143,3 @@ def put(model: EventfulModel, streams: Sequence[StreamSlice]) -> None:
     model._streams = len(streams)
     model._spec = first.spec
     model._since_flush = 0
-    if any(s.refresh for s in streams):
-        model.refresh()
