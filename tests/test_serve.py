@@ -203,6 +203,19 @@ def test_refresh_every_counts_per_stream():
     assert phases[1] == ["flush", "steady", "steady", "refresh", "steady"]
 
 
+def test_dense_model_is_served_without_state():
+    v = video(2, 32, batch=3, seed=10)
+    dense = tiny_vit(0)
+    core = ReplicaCore(tiny_vit(0), max_streams=3)
+    for s in range(3):
+        core.open(s)
+    for t in range(2):
+        for s, r in zip(range(3), core.run([(s, v[t, s]) for s in range(3)])):
+            assert (ok(r)["phase"], r["batch"], r["frame"]) == ("dense", 3, t)
+            torch.testing.assert_close(r["output"], dense(v[t, s][None])[0], atol=ATOL, rtol=0)
+    assert core.checkpoint(0).state is None
+
+
 def test_put_rejects_streams_of_another_attention_mode():
     v = video(1, 32, seed=1)[0, 0]
     eventful = ReplicaCore(model(), max_streams=1)
@@ -220,6 +233,7 @@ def test_put_rejects_streams_of_another_attention_mode():
 # ---- StreamServer on Ray -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server():
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray on the loopback address only
     ray = pytest.importorskip("ray")
     from eventful_kernels.serve import StreamServer
 
@@ -235,10 +249,19 @@ def server():
     ray.shutdown()
 
 
-def ids_on(srv, replica, n, prefix):
-    """``n`` stream ids that the server places on replica index ``replica``."""
-    out = [f"{prefix}{i}" for i in range(200) if srv.ranking(f"{prefix}{i}")[:1] == [replica]]
-    return out[:n]
+def open_on(srv, replica, n, prefix):
+    """Open ``n`` streams (budget 0.5) that the server places on replica index ``replica``; returns their ids."""
+    kept, extra = [], []
+    for i in range(60):
+        stream = f"{prefix}{i}"
+        name = srv.open(stream, 0.5)
+        (kept if name == srv.names[replica] else extra).append(stream)
+        if len(kept) == n:
+            break
+    for stream in extra:
+        srv.close(stream)
+    assert len(kept) == n
+    return kept
 
 
 def drive(srv, frames_of, on_frame=None):
@@ -281,13 +304,17 @@ def test_server_routes_sticky_and_batches_across_streams(server):
 
 
 def test_server_capacity_and_eviction(server):
-    names = ids_on(server, 0, 6, "cap")
-    for s in names[:5]:
-        server.open(s, 0.5)
-    with pytest.raises(CapacityError, match="max_streams=5"):
-        server.open(names[5], 0.5)
-    assert names[5] not in server.streams()
-    for s in names[:5]:
+    opened, refused = [], None
+    for i in range(3 * 5 + 1):  # 3 live replicas of max_streams=5
+        try:
+            server.open(f"cap{i}", 0.5)
+            opened.append(f"cap{i}")
+        except CapacityError as exc:
+            refused = (f"cap{i}", str(exc))
+            break
+    assert refused is not None and "max_streams=5" in refused[1] and refused[0] not in server.streams()
+    assert len(opened) <= 15
+    for s in opened:
         server.close(s)
     v = video(2, 32, seed=12)
     server.open("sleepy", 0.5)
@@ -300,11 +327,9 @@ def test_server_capacity_and_eviction(server):
 
 
 def test_server_drain_moves_streams_exactly(server):
-    moving, staying = ids_on(server, 0, 2, "drain"), ids_on(server, 1, 1, "stay")
+    moving, staying = open_on(server, 0, 2, "drain"), open_on(server, 1, 1, "stay")
     v = video(6, 32, batch=3, seed=13)
     streams = dict(zip(moving + staying, [v[:, 0], v[:, 1], v[:, 2]]))
-    for s in streams:
-        server.open(s, 0.5)
     first = drive(server, {s: f[:3] for s, f in streams.items()})
     assert server.drain(0) == moving
     later = drive(server, {s: f[3:] for s, f in streams.items()})
@@ -325,12 +350,10 @@ def test_server_replica_killed_mid_run_resumes_or_reflushes(server):
     import ray
 
     victim = 1  # replica-0 is drained; replica-1 dies, replica-2 takes its streams
-    long_run, short_run = ids_on(server, victim, 2, "long"), ids_on(server, victim, 1, "short")
-    other = ids_on(server, 2, 1, "safe")
+    long_run, short_run = open_on(server, victim, 2, "long"), open_on(server, victim, 1, "short")
+    other = open_on(server, 2, 1, "safe")
     v = video(8, 32, batch=4, seed=14)
     streams = dict(zip(long_run + short_run + other, [v[:, 0], v[:, 1], v[:2, 2], v[:, 3]]))
-    for s in streams:
-        server.open(s, 0.5)
     drive(server, {s: streams[s][:1] for s in short_run})  # one frame: no checkpoint yet (every 3)
     killed = []
 

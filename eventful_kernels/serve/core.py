@@ -11,6 +11,9 @@ frames since the last flush, or a non-finite value seen in the stream's batch, o
 
 Every per-stream outcome is either a result dict or the exception for that stream; one stream's bad request never
 fails another's frame.
+
+A plain ``nn.Module`` (the dense model) is served the same way without state: every frame is phase ``"dense"`` and
+frames of any streams of one shape batch together (the baseline a deployment compares against).
 """
 from __future__ import annotations
 
@@ -64,11 +67,12 @@ class ReplicaCore:
     every that many frames of a stream its result carries a :class:`StreamCheckpoint` (None: never).
     ``refresh_every``: a dense in-place recomputation every that many steady frames (None: never)."""
 
-    def __init__(self, model: EventfulModel, *, max_streams: int = 16, idle_timeout_s: Optional[float] = None,
+    def __init__(self, model: torch.nn.Module, *, max_streams: int = 16, idle_timeout_s: Optional[float] = None,
                  checkpoint_every: Optional[int] = None, refresh_every: Optional[int] = None,
                  clock: Callable[[], float] = time.monotonic):
-        if not isinstance(model, EventfulModel):
-            raise ValueError(f"argument 'model' must be an EventfulModel, got {type(model).__name__}")
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"argument 'model' must be an EventfulModel or an nn.Module, got {type(model).__name__}")
+        self.stateful = isinstance(model, EventfulModel)
         for name, value in (("max_streams", max_streams), ("checkpoint_every", checkpoint_every),
                             ("refresh_every", refresh_every)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -77,7 +81,7 @@ class ReplicaCore:
             raise ValueError("argument 'max_streams' must be an int >= 1, got None")
         if idle_timeout_s is not None and not idle_timeout_s > 0:
             raise ValueError(f"argument 'idle_timeout_s' must be > 0 or None, got {idle_timeout_s!r}")
-        if model.refresh_every is not None:
+        if self.stateful and model.refresh_every is not None:
             raise ValueError("the model's own refresh_every counts frames of whatever batch runs; pass "
                              "refresh_every to the replica instead (counted per stream)")
         self.model = model
@@ -127,8 +131,8 @@ class ReplicaCore:
             if not isinstance(checkpoint, StreamCheckpoint):
                 raise StreamError(f"argument 'checkpoint' must be a StreamCheckpoint, got "
                                   f"{type(checkpoint).__name__}", stream)
-            arch = slots.nn_state.architecture(self.model.model)
-            if checkpoint.state is not None and checkpoint.state.architecture != arch:
+            if checkpoint.state is not None and (not self.stateful or checkpoint.state.architecture !=
+                                                 slots.nn_state.architecture(self.model.model)):
                 raise StreamError(f"stream {stream!r}: the checkpoint is from a model of another architecture",
                                   stream)
         if stream in self.streams:
@@ -167,7 +171,7 @@ class ReplicaCore:
     def checkpoint(self, stream) -> StreamCheckpoint:
         """``stream``'s state now (to move it to another replica: :meth:`open` there with ``checkpoint=``)."""
         s = self._get(stream)
-        return self._checkpoints([stream])[0] if s.has_state else \
+        return self._checkpoints([stream])[0] if s.has_state and self.stateful else \
             StreamCheckpoint(stream, s.frames, s.since_flush, s.budget, None)
 
     def _checkpoints(self, streams: Sequence[Hashable]) -> List[StreamCheckpoint]:
@@ -184,6 +188,8 @@ class ReplicaCore:
     # ---- frames -------------------------------------------------------------------------------------------------
     def phase(self, stream) -> str:
         s = self._get(stream)
+        if not self.stateful:
+            return "dense"
         if not s.has_state:
             return "flush"
         if s.refresh or (self.refresh_every is not None and s.since_flush >= self.refresh_every):
@@ -193,7 +199,8 @@ class ReplicaCore:
     def batch_key(self, stream, frame) -> tuple:
         """Frames with equal keys may run in one batch."""
         frame = _check_frame(frame, stream)
-        return (self.phase(stream), self._get(stream).budget.key(), tuple(frame.shape), frame.dtype)
+        budget = self._get(stream).budget.key() if self.stateful else None
+        return (self.phase(stream), budget, tuple(frame.shape), frame.dtype)
 
     def run(self, items: Sequence[Tuple[Hashable, Tensor]]) -> list:
         """Frames ``[(stream, frame [3, H, W])]`` (each stream at most once) -> per item a result dict
@@ -226,7 +233,24 @@ class ReplicaCore:
         self.resident = ()
         self.copies += 1
 
+    def _run_dense(self, ids: List[Hashable], frames: List[Tensor]) -> list:
+        weight = next(self.model.parameters())
+        try:
+            with torch.no_grad():
+                out = self.model(torch.stack(frames).to(device=weight.device, dtype=weight.dtype)).detach().cpu()
+        except Exception as exc:  # noqa: BLE001 - no state to lose
+            return [exc] * len(ids)
+        now = self.clock()
+        for k in ids:
+            self.streams[k].frames += 1
+            self.streams[k].last_seen = now
+        self.batch_sizes[len(ids)] = self.batch_sizes.get(len(ids), 0) + 1
+        return [{"stream": k, "output": out[i].clone(), "frame": self.streams[k].frames - 1, "phase": "dense",
+                 "batch": len(ids), "checkpoint": None} for i, k in enumerate(ids)]
+
     def _run_group(self, ids: List[Hashable], frames: List[Tensor], phase: str) -> list:
+        if not self.stateful:
+            return self._run_dense(ids, frames)
         model, records = self.model, [self.streams[k] for k in ids]
         batch = tuple(ids)
         if phase == "flush":

@@ -1,8 +1,9 @@
 """The replica: a Ray actor (asyncio) around a :class:`~eventful_kernels.serve.core.ReplicaCore`.
 
-Frame requests are queued per batch key; a queue becomes a batch when it holds ``max_batch`` frames or its first
-frame has waited ``max_wait_ms``, and batches run one at a time on one worker thread (the model is not re-entrant),
-while the event loop keeps accepting requests: frames that arrive during a batch form the next one. Lifecycle calls
+Frame requests are queued per batch key; a queue is due when it holds ``max_batch`` frames or its first frame has
+waited ``max_wait_ms``. Batches run one at a time on one worker thread (the model is not re-entrant) while the event
+loop keeps accepting requests: a due queue keeps collecting frames until the thread is free, then up to
+``max_batch`` of them run as one batch. Lifecycle calls
 run on the same thread, so they are ordered with the batches. Idle streams are evicted by a periodic task.
 """
 from __future__ import annotations
@@ -19,18 +20,21 @@ from .errors import CapacityError
 
 
 class Replica:
-    """``make_model()`` returns a timm ViT (converted here with ``convert_kwargs``) or an EventfulModel."""
+    """``make_model()`` returns a timm ViT (converted here with ``convert_kwargs``; served as it is when ``dense``)
+    or an EventfulModel."""
 
     def __init__(self, name: str, make_model: Callable, convert_kwargs: Optional[dict] = None, *,
                  max_streams: int = 16, max_batch: int = 8, max_wait_ms: float = 5.0,
                  idle_timeout_s: Optional[float] = None, checkpoint_every: Optional[int] = None,
-                 refresh_every: Optional[int] = None):
+                 refresh_every: Optional[int] = None, dense: bool = False):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"argument 'max_batch' must be an int >= 1, got {max_batch!r}")
         if not max_wait_ms >= 0:
             raise ValueError(f"argument 'max_wait_ms' must be >= 0, got {max_wait_ms!r}")
         model = make_model()
-        if not isinstance(model, EventfulModel):
+        if dense:
+            model = model.dense.eval() if isinstance(model, EventfulModel) else model.eval()
+        elif not isinstance(model, EventfulModel):
             model = convert(model, **(convert_kwargs or {}))
         self.name = name
         self.core = ReplicaCore(model, max_streams=max_streams, idle_timeout_s=idle_timeout_s,
@@ -91,29 +95,39 @@ class Replica:
         loop = asyncio.get_running_loop()
         key = self.core.batch_key(stream, frame)
         fut = loop.create_future()
-        queue = self._open.setdefault(key, [])
-        queue.append((stream, frame, fut))
-        if len(queue) >= self.max_batch:
-            self._due(key, queue)
-        elif len(queue) == 1:
-            loop.call_later(self.max_wait, self._due, key, queue)
+        queue = self._open.get(key)
+        if queue is None:
+            queue = self._open[key] = _Queue(key)
+        queue.items.append((stream, frame, fut))
+        if len(queue.items) == 1:
+            loop.call_later(self.max_wait, self._due, queue)
+        if len(queue.items) >= self.max_batch:
+            self._due(queue)
         result = await fut
         if isinstance(result, BaseException):
             raise result
         result["replica"] = self.name
         return result
 
-    def _due(self, key, queue) -> None:
-        if self._open.get(key) is queue:
-            del self._open[key]
+    def _due(self, queue: "_Queue") -> None:
+        if not queue.due and queue.items:
+            queue.due = True
             self._ready.append(queue)
             self._pump()
 
     def _pump(self) -> None:
-        if self._busy or not self._ready:
-            return
-        self._busy = True
-        asyncio.get_running_loop().create_task(self._run(self._ready.popleft()))
+        """Run the oldest due queue (at most ``max_batch`` of it) unless a batch is running; a due queue keeps
+        collecting frames until then."""
+        while not self._busy and self._ready:
+            queue = self._ready[0]
+            batch, queue.items = queue.items[: self.max_batch], queue.items[self.max_batch :]
+            if not queue.items:
+                self._ready.popleft()
+                if self._open.get(queue.key) is queue:
+                    del self._open[queue.key]
+            if batch:
+                self._busy = True
+                asyncio.get_running_loop().create_task(self._run(batch))
 
     async def _run(self, batch) -> None:
         try:
@@ -126,3 +140,12 @@ class Replica:
             if not fut.done():
                 fut.set_result(r)
         self._pump()
+
+
+class _Queue:
+    """Frames of one batch key waiting for a batch; ``due`` once full or once its first frame waited max_wait."""
+
+    def __init__(self, key):
+        self.key = key
+        self.items: list = []
+        self.due = False

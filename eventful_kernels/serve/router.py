@@ -1,7 +1,8 @@
 """StreamServer: replicas as Ray actors, frames routed by stream id, streams moved when a replica dies or drains.
 
-Routing is sticky: a new stream goes to the live replica ranked first for its id by rendezvous hashing (so when a
-replica leaves, only its own streams move), and the assignment is kept in a table; every request of a stream goes
+Routing is sticky: a new stream goes to the less loaded of the two live replicas ranked first for its id by
+rendezvous hashing (two choices: balanced load; when a replica leaves, only its own streams move), and the
+assignment is kept in a table; every request of a stream goes
 through the actor handle of its replica. One request per stream is in flight at a time (a per-stream lock), which
 keeps a stream's frames in order; different streams run concurrently and are batched by their replica.
 
@@ -94,13 +95,14 @@ class StreamServer:
     ``convert_kwargs``, or an EventfulModel; pickled to the actors, so a module-level function or a
     ``functools.partial`` of one) and up to ``max_streams`` streams; frames of one batch key are batched up to
     ``max_batch``, waiting at most ``max_wait_ms``. ``idle_timeout_s``, ``checkpoint_every``, ``refresh_every``: see
-    :class:`~eventful_kernels.serve.core.ReplicaCore`. ``actor_options``: Ray actor options (default ``num_cpus=1``;
+    :class:`~eventful_kernels.serve.core.ReplicaCore`. ``dense``: serve the dense model instead (stateless, every
+    frame full cost: the baseline). ``actor_options``: Ray actor options (default ``num_cpus=1``;
     ``num_gpus=1`` on a GPU cluster). Ray is initialised with defaults if it is not yet."""
 
     def __init__(self, make_model: Callable, *, replicas: int = 2, convert_kwargs: Optional[dict] = None,
                  max_streams: int = 16, max_batch: int = 8, max_wait_ms: float = 5.0,
                  idle_timeout_s: Optional[float] = None, checkpoint_every: Optional[int] = None,
-                 refresh_every: Optional[int] = None, actor_options: Optional[dict] = None):
+                 refresh_every: Optional[int] = None, dense: bool = False, actor_options: Optional[dict] = None):
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
             raise ValueError(f"argument 'replicas' must be an int >= 1, got {replicas!r}")
         options = _package_env({"num_cpus": 1, **(actor_options or {})})
@@ -108,7 +110,7 @@ class StreamServer:
         self.names: List[str] = [f"replica-{i}" for i in range(replicas)]
         self.handles = [actor.remote(name, make_model, convert_kwargs, max_streams=max_streams, max_batch=max_batch,
                                      max_wait_ms=max_wait_ms, idle_timeout_s=idle_timeout_s,
-                                     checkpoint_every=checkpoint_every, refresh_every=refresh_every)
+                                     checkpoint_every=checkpoint_every, refresh_every=refresh_every, dense=dense)
                         for name in self.names]
         self.alive = [True] * replicas
         self.draining = [False] * replicas
@@ -153,13 +155,17 @@ class StreamServer:
             if route.replica == index:
                 route.replica = None
 
+    def _load(self, index: int) -> int:
+        return sum(1 for r in self._routes.values() if r.replica == index)
+
     async def _place(self, stream, route: _Route, checkpoint: Optional[StreamCheckpoint]) -> dict:
-        """Open ``stream`` on its first live replica (from ``checkpoint`` when given)."""
+        """Open ``stream`` on the less loaded of its two first-ranked live replicas (from ``checkpoint`` when
+        given)."""
         while True:
             ranking = self.ranking(stream)
             if not ranking:
                 raise NoReplica(f"stream {stream!r}: no live replica left", stream)
-            index = ranking[0]
+            index = min(ranking[:2], key=self._load)
             try:
                 info = await self.handles[index].open.remote(stream, route.budget, checkpoint)
             except RayActorError:
