@@ -1,19 +1,22 @@
 """Load test of the Ray serving layer on this machine: N streams x M frames of the sample videos through R replicas.
 
     python benchmarks/bench_serve.py [--streams 8] [--frames 12] [--replicas 2] [--model vit_tiny_patch16_224]
-                                     [--budget N/4] [--max-batch 4] [--max-wait-ms 5] [--max-seconds 120]
+                                     [--budget N/4] [--max-batch 4] [--max-wait-ms 20] [--max-seconds 120]
                                      [--out results/serve.json]
 
 A local Ray (``num_cpus`` = replicas, loopback address only) runs ``--replicas`` actors, each owning the model
 (random weights, seeded; one thread each). Stream ``i`` plays ``bigbuckbunny`` (even i) or ``bikes`` (odd i) from
 frame ``(i // 2) * M`` on, fitted to the model's input size. Every stream sends its frames one at a time (closed
-loop: the next frame after the previous answer), all streams concurrently. Two modes, one after the other on the
-same replicas' machine: ``eventful`` (the converted model at ``--budget``) and ``dense`` (the timm model served the
-same way, stateless). Per mode: frames/s over the run (first request to last answer), latency per frame as the
-client sees it (p50/p99, all frames and steady frames only), batch sizes formed, streams per replica. Afterwards
+loop: the next frame after the previous answer), all streams concurrently. Two modes, each on its own replicas:
+``eventful`` (the converted model at ``--budget``) and ``dense`` (the timm model served the same way, stateless),
+interleaved: ``--rounds`` chunks of every stream's frames, the modes alternating chunk by chunk, only one mode
+running at a time. Per mode: frames/s (frames over the summed wall time of its chunks), latency per frame as the
+client sees it (p50/p99, all frames and steady frames only), frames by the batch size they ran in, streams per
+replica. Afterwards
 every answer is compared with a single-process run of the same stream (its own model, one stream per model): the
 largest absolute difference is reported and must stay below ``--tolerance``.
-Bounded: N x M requests per mode, and a stream stops sending once ``--max-seconds`` have passed in its mode.
+Bounded: N x M requests per mode, and a stream stops sending once ``--max-seconds`` have passed since the first
+chunk.
 """
 from __future__ import annotations
 
@@ -62,8 +65,9 @@ def percentile(values, q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
-def run_mode(server, clips: dict, budget, max_seconds: float) -> dict:
-    async def one(stream, frames, deadline):
+def run_chunk(server, clips: dict, start: int, stop: int, deadline: float):
+    """Frames ``start:stop`` of every stream, all streams concurrently -> ({stream: [(result, ms)]}, wall s)."""
+    async def one(stream, frames):
         out = []
         for f in frames:
             if time.perf_counter() > deadline:
@@ -74,17 +78,17 @@ def run_mode(server, clips: dict, budget, max_seconds: float) -> dict:
         return out
 
     async def main():
-        deadline = time.perf_counter() + max_seconds
-        return await asyncio.gather(*[one(s, f, deadline) for s, f in clips.items()])
+        return await asyncio.gather(*[one(s, c[start:stop]) for s, c in clips.items()])
 
-    placement = {s: server.open(s, budget) for s in clips}
     t0 = time.perf_counter()
     answers = dict(zip(clips, asyncio.run(main())))
-    wall = time.perf_counter() - t0
-    for s in clips:
-        server.close(s)
+    return answers, time.perf_counter() - t0
+
+
+def summarize(answers: dict, wall: float, placement: dict) -> dict:
     lat = [ms for a in answers.values() for _, ms in a]
     steady = [ms for a in answers.values() for r, ms in a if r.phase in ("steady", "dense") and r.frame > 0]
+    first = [ms for a in answers.values() for r, ms in a if r.frame == 0]
     batches: dict = {}
     for a in answers.values():
         for r, _ in a:
@@ -92,19 +96,20 @@ def run_mode(server, clips: dict, budget, max_seconds: float) -> dict:
     per_replica: dict = {}
     for name in placement.values():
         per_replica[name] = per_replica.get(name, 0) + 1
-    summary = {
+    return {
         "frames": len(lat),
         "wall_s": wall,
         "frames_per_s": len(lat) / wall,
         "latency_ms_p50": percentile(lat, 50),
         "latency_ms_p99": percentile(lat, 99),
+        "steady_frames": len(steady),
         "steady_latency_ms_p50": percentile(steady, 50) if steady else None,
         "steady_latency_ms_p99": percentile(steady, 99) if steady else None,
+        "first_frame_latency_ms_p50": percentile(first, 50) if first else None,
         "latency_ms_mean": statistics.fmean(lat),
         "frames_by_batch_size": dict(sorted(batches.items())),
         "streams_per_replica": per_replica,
     }
-    return summary, answers
 
 
 def check(answers: dict, clips: dict, make_model, budget, dense: bool) -> float:
@@ -128,8 +133,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="vit_tiny_patch16_224")
     p.add_argument("--budget", default="N/4")
     p.add_argument("--max-batch", type=int, default=4)
-    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--max-wait-ms", type=float, default=20.0)
     p.add_argument("--max-seconds", type=float, default=120.0)
+    p.add_argument("--rounds", type=int, default=3, help="chunks per stream, modes alternating chunk by chunk")
     p.add_argument("--tolerance", type=float, default=1e-3)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "serve.json"))
     args = p.parse_args(argv)
@@ -143,7 +149,8 @@ def main(argv=None) -> int:
     make_model = functools.partial(runner.create_model, args.model, seed=0)
     size, mean, std = runner.input_spec(make_model())
     clips = stream_frames(args.streams, args.frames, size, mean, std)
-    ray.init(num_cpus=args.replicas, include_dashboard=False, log_to_driver=False, configure_logging=False,
+    # Both servers are up at once (2 x replicas actors, one thread each) but only one runs at a time.
+    ray.init(num_cpus=2 * args.replicas, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}})
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -153,21 +160,39 @@ def main(argv=None) -> int:
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "modes": {},
     }
+    modes = ("eventful", "dense")
+    servers = {}
     try:
-        for mode in ("eventful", "dense"):
-            dense = mode == "dense"
-            server = StreamServer(make_model, replicas=args.replicas, convert_kwargs={"strategy": "eventful"},
-                                  max_streams=args.streams, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                                  dense=dense)
-            try:
-                run_mode(server, {s: c[:1] for s, c in list(clips.items())[:args.replicas]}, budget, 60)  # warm
-                summary, answers = run_mode(server, clips, budget, args.max_seconds)
-            finally:
-                server.shutdown()
-            summary["max_abs_diff_vs_single_process"] = check(answers, clips, make_model, budget, dense)
+        for mode in modes:
+            servers[mode] = StreamServer(make_model, replicas=args.replicas, max_streams=args.streams,
+                                         convert_kwargs={"strategy": "eventful"}, max_batch=args.max_batch,
+                                         max_wait_ms=args.max_wait_ms, dense=mode == "dense")
+        for mode, server in servers.items():  # warm-up: one frame of a stream per replica, then closed
+            for s, c in list(clips.items())[: args.replicas]:
+                server.open(s, budget)
+                server.frame(s, c[0])
+                server.close(s)
+        placement = {mode: {s: server.open(s, budget) for s in clips} for mode, server in servers.items()}
+        answers = {mode: {s: [] for s in clips} for mode in modes}
+        walls = dict.fromkeys(modes, 0.0)
+        deadline = {mode: time.perf_counter() + args.max_seconds for mode in modes}
+        step = max(1, -(-args.frames // args.rounds))
+        for start in range(0, args.frames, step):  # the modes interleaved, chunk by chunk
+            for mode in modes:
+                chunk, wall = run_chunk(servers[mode], clips, start, start + step, deadline[mode])
+                walls[mode] += wall
+                for s, a in chunk.items():
+                    answers[mode][s] += a
+        for mode in modes:
+            summary = summarize(answers[mode], walls[mode], placement[mode])
+            summary["replica_stats"] = servers[mode].stats()
+            summary["max_abs_diff_vs_single_process"] = check(answers[mode], clips, make_model, budget,
+                                                              mode == "dense")
             result["modes"][mode] = summary
             print(mode, json.dumps(summary), flush=True)
     finally:
+        for server in servers.values():
+            server.shutdown()
         ray.shutdown()
     ev, de = result["modes"]["eventful"], result["modes"]["dense"]
     result["eventful_vs_dense_throughput"] = ev["frames_per_s"] / de["frames_per_s"]

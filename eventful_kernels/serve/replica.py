@@ -9,7 +9,6 @@ run on the same thread, so they are ordered with the batches. Idle streams are e
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
@@ -44,6 +43,7 @@ class Replica:
         self._open: dict = {}  # batch key -> frames waiting [(stream, frame, future)]
         self._ready: deque = deque()  # batches due to run, in order
         self._busy = False
+        self._answered: set = set()  # streams of the batch that ran last
         self._evictor: Optional[asyncio.Task] = None
         self._draining = False
 
@@ -103,6 +103,8 @@ class Replica:
             loop.call_later(self.max_wait, self._due, queue)
         if len(queue.items) >= self.max_batch:
             self._due(queue)
+        if queue.held and not self._missing(queue):
+            self._pump()
         result = await fut
         if isinstance(result, BaseException):
             raise result
@@ -115,11 +117,21 @@ class Replica:
             self._ready.append(queue)
             self._pump()
 
+    def _missing(self, queue: "_Queue") -> bool:
+        """Whether streams of the batch that just ran have not sent their next frame to ``queue`` yet."""
+        return len(queue.items) < self.max_batch and bool(self._answered - {s for s, _, _ in queue.items})
+
     def _pump(self) -> None:
         """Run the oldest due queue (at most ``max_batch`` of it) unless a batch is running; a due queue keeps
-        collecting frames until then."""
+        collecting frames until then. A queue that lacks streams of the batch just answered waits once more, up to
+        ``max_wait_ms``, for their next frames: streams that send in step then stay in one batch (and resident)
+        instead of settling into alternating part-batches."""
         while not self._busy and self._ready:
             queue = self._ready[0]
+            if not queue.held and self._missing(queue):
+                queue.held = True
+                asyncio.get_running_loop().call_later(self.max_wait, self._pump)
+                return
             batch, queue.items = queue.items[: self.max_batch], queue.items[self.max_batch :]
             if not queue.items:
                 self._ready.popleft()
@@ -136,6 +148,7 @@ class Replica:
             results = [exc] * len(batch)
         finally:
             self._busy = False
+        self._answered = {s for s, _, _ in batch}
         for (_, _, fut), r in zip(batch, results):
             if not fut.done():
                 fut.set_result(r)
@@ -149,3 +162,4 @@ class _Queue:
         self.key = key
         self.items: list = []
         self.due = False
+        self.held = False  # has waited once for the streams of the last batch
