@@ -1,7 +1,7 @@
 """Load test of the Ray serving layer on this machine: N streams x M frames of the sample videos through R replicas.
 
     python benchmarks/bench_serve.py [--streams 8] [--frames 12] [--replicas 2] [--model vit_tiny_patch16_224]
-                                     [--budget N/4] [--max-batch 4] [--max-wait-ms 20] [--max-seconds 120]
+                                     [--budget N/4] [--max-batch 4] [--max-wait-ms 100] [--max-seconds 120]
                                      [--out results/serve.json]
 
 A local Ray (``num_cpus`` = replicas, loopback address only) runs ``--replicas`` actors, each owning the model
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="vit_tiny_patch16_224")
     p.add_argument("--budget", default="N/4")
     p.add_argument("--max-batch", type=int, default=4)
-    p.add_argument("--max-wait-ms", type=float, default=20.0)
+    p.add_argument("--max-wait-ms", type=float, default=100.0)
     p.add_argument("--max-seconds", type=float, default=120.0)
     p.add_argument("--rounds", type=int, default=3, help="chunks per stream, modes alternating chunk by chunk")
     p.add_argument("--tolerance", type=float, default=1e-3)
