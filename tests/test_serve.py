@@ -230,6 +230,38 @@ def test_put_rejects_streams_of_another_attention_mode():
                                reference(tiny_vit, torch.stack([v, v]), [0.5, 0.5])[1], atol=ATOL, rtol=0)
 
 
+# ---- the replica's batching queue (the actor class, run here in plain asyncio) --------------------------------------
+def test_replica_batches_streams_sending_in_step_and_evicts_idle_ones():
+    from eventful_kernels.serve.replica import Replica
+
+    v = video(4, 32, batch=5, seed=15)
+
+    async def main():
+        rep = Replica("r", functools.partial(tiny_vit, 0), {"strategy": "eventful"}, max_streams=5, max_batch=4,
+                      max_wait_ms=30, idle_timeout_s=0.3)
+        for s in range(5):
+            await rep.open(s, 0.5)
+
+        async def stream(s):
+            return [await rep.frame(s, v[t, s]) for t in range(4)]
+
+        answers = await asyncio.gather(*[stream(s) for s in range(5)])
+        await asyncio.sleep(0.6)  # > idle_timeout_s + the eviction period
+        with pytest.raises(StreamEvicted):
+            await rep.frame(0, v[0, 0])
+        return answers, await rep.stats()
+
+    answers, stats = asyncio.run(main())
+    for s, got in enumerate(answers):
+        refs = reference(tiny_vit, v[:, s], [0.5] * 4)
+        for t, r in enumerate(got):
+            assert r["replica"] == "r" and r["frame"] == t and r["batch"] <= 4
+            torch.testing.assert_close(r["output"], refs[t], atol=ATOL, rtol=0)
+    sizes = stats["batch_sizes"]
+    assert sum(k * n for k, n in sizes.items()) == 20 and max(sizes) == 4
+    assert stats["streams"] == 0
+
+
 # ---- StreamServer on Ray -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server():
