@@ -10,8 +10,8 @@ in a batch is independent of the others'.
 :func:`take` copies each stream's slices out of the model (one ``[k, ...]`` tensor per state tensor and stream, so
 a stream's memory is its own); :func:`put` concatenates streams into the model's state tensors *in place* when the
 model already holds a batch of the same shape (addresses kept: captured CUDA graphs stay valid), else into new
-tensors (placed as the model places them; caches and graphs dropped). :func:`clear` empties the model for a flush
-without re-packing the weights.
+tensors (placed as the model places them; caches, graphs and the scratch workspace dropped). :func:`clear`
+empties the model for a flush without re-packing the weights.
 """
 from __future__ import annotations
 
@@ -79,6 +79,7 @@ def clear(model: EventfulModel) -> None:
     for block in model.eventful_blocks():
         block.reset()
     model.graphs.clear()
+    model.workspace.clear()
     model._screen.clear()
     model._modes = None
     model._streams = None
@@ -139,6 +140,7 @@ def put(model: EventfulModel, streams: Sequence[StreamSlice]) -> None:
         for _, m in modules:
             m._derive_state()
         model.graphs.clear()
+        model.workspace.clear()  # scratch of the old batch size: one size's worth is kept, not one per size seen
         model._modes = None
     model._streams = len(streams)
     model._spec = first.spec
