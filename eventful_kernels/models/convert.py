@@ -1,7 +1,9 @@
-"""Convert a timm ViT into an :class:`EventfulModel` that shares its weights.
+"""Convert a timm ViT or a Hugging Face vision encoder into an :class:`EventfulModel` that shares its weights.
 
 Supported: timm ``VisionTransformer`` (every block global -> ``EventfulBlock``) and ``VisionTransformerSAM``
-(``samvit_*``: windowed blocks -> ``EventfulTokenwiseBlock``, global blocks -> ``EventfulBlock``).
+(``samvit_*``: windowed blocks -> ``EventfulTokenwiseBlock``, global blocks -> ``EventfulBlock``); transformers
+``ViTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel``, ``CLIPVisionModel``, ``SiglipVisionModel``
+(:mod:`.hf`: every layer -> ``EventfulBlock``).
 """
 from __future__ import annotations
 
@@ -13,11 +15,17 @@ from torch import nn
 from ..nn import EventfulBlock, EventfulTokenwiseBlock
 from ._timm import import_timm
 from .eventful_model import EventfulModel
+from .hf import convert_hf, hf_family
 from .policy import Budget, make_policy
 
 
 def model_family(model: nn.Module) -> str:
-    """``"vit"`` for timm ``VisionTransformer``, ``"sam"`` for ``VisionTransformerSAM``; TypeError otherwise."""
+    """``"vit"`` for timm ``VisionTransformer``, ``"sam"`` for ``VisionTransformerSAM``, ``"hf-vit"`` /
+    ``"hf-dinov2"`` / ``"hf-dinov2-registers"`` / ``"hf-clip"`` / ``"hf-siglip"`` for the supported Hugging Face
+    encoders; TypeError otherwise."""
+    family = hf_family(model)
+    if family is not None:
+        return family
     timm = import_timm()
     from timm.models.vision_transformer_sam import VisionTransformerSAM
 
@@ -26,7 +34,8 @@ def model_family(model: nn.Module) -> str:
     if isinstance(model, timm.models.vision_transformer.VisionTransformer):
         return "vit"
     raise TypeError(
-        f"convert: model must be a timm VisionTransformer or VisionTransformerSAM, got {type(model).__name__}"
+        "convert: model must be a timm VisionTransformer or VisionTransformerSAM or a supported Hugging Face vision "
+        f"encoder, got {type(model).__name__}"
     )
 
 
@@ -60,9 +69,12 @@ def convert(
     steady-state frames, which bounds the drift of the accumulated A·V deltas (see :meth:`EventfulModel.refresh`).
     ``gate_placement``: ``"after_norm"`` (default, as published: the gates score LayerNorm-ed tokens) or
     ``"before_norm"`` (the gates score the residual stream; LayerNorm only on the selected rows).
+    A Hugging Face encoder's eventful model returns a ``BaseModelOutputWithPooling`` as the dense model does.
     """
     family = model_family(model)
     pol = make_policy(1.0 if policy is None else policy)
+    if family.startswith("hf-"):
+        return convert_hf(model, family, pol, backend, strategy, cuda_graphs, refresh_every, gate_placement)
     blocks = []
     for i, block in enumerate(model.blocks):
         _check_block(block, i)
