@@ -172,7 +172,7 @@ class EventfulModel(nn.Module):
                 f"{list(self._spec[0])} {self._spec[1]} on {self._spec[2]}; call reset() before starting new streams"
             )
         if self._blocks:
-            ref, weight = self._blocks[0].qkv_gate.ref, next(self._blocks[0].parameters())
+            ref, weight = self._blocks[0].qkv_gate.ref, self._blocks[0].block.attn.proj.weight
             if ref is not None and (ref.dtype != weight.dtype or ref.device != weight.device):
                 raise ValueError(
                     f"the model's weights are {weight.dtype} on {weight.device} but the streams' state is {ref.dtype} "
