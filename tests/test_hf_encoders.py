@@ -241,3 +241,72 @@ def test_macs_count_the_eventful_blocks():
     per_token = 3 * d * d + d * d + 2 * d * 64
     attention = heads * (4 * n + n * 4) * hd + 2 * heads * n * 4 * hd
     assert counting.count_macs(ev.model) == 2 * (4 * per_token + attention)
+
+
+TINY_CONFIG = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+               "image_size": SIZE, "patch_size": 8}
+
+
+@pytest.fixture
+def _restore_threads():
+    before = torch.get_num_threads()  # the CLI sets torch's thread count for the whole process
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("_restore_threads")
+def test_cli_runs_an_hf_preset(tmp_path, capsys):
+    import json
+
+    from eventful_kernels import cli
+
+    out = tmp_path / "out"
+    rc = cli.main(["--model", "hf:clip-vit-b16", "--model-kwargs", json.dumps(TINY_CONFIG), "--frames", "4",
+                   "--budgets", "N,N/4", "--threads", "1", "--out", str(out), "--quiet", "--system-malloc",
+                   "--no-plots"])
+    assert rc == 0
+    res = json.load(open(out / "result.json"))
+    assert res["tokens"] == 17 and res["input_size"] == SIZE and res["framework"] == "HF"
+    by = {b["budget"]: b for b in res["budgets"]}
+    assert by["N"]["rel_error_max"] < 1e-4 and by["N/4"]["rel_error_max"] > by["N"]["rel_error_max"]
+    assert by["N/4"]["gflops_mean"] < res["dense"]["gflops_mean"] and by["N/4"]["tokens"] == 4
+    # dense count: patch embedding (16 patches x 3*8*8 x 32) + 2 layers of linears on 17 tokens + attention
+    per_layer = 17 * (4 * 32 * 32 + 2 * 32 * 64) + 2 * 17 * 17 * 32
+    assert res["dense"]["gflops_mean"] == pytest.approx(2 * (16 * 192 * 32 + 2 * per_layer) / 1e9)
+    assert "dense HF" in capsys.readouterr().out
+
+
+def test_hf_specs_presets_directories_and_the_cache(tmp_path):
+    from eventful_kernels.models.hf_create import PRESETS, create_model, input_spec
+
+    dinov2 = create_model("dinov2-small", **{k: v for k, v in TINY_CONFIG.items() if k != "intermediate_size"})
+    assert type(dinov2).__name__ == "Dinov2Model" and dinov2.config.hidden_size == 32
+    assert input_spec(dinov2) == (SIZE, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert PRESETS["siglip-so400m"][1]["hidden_size"] == 1152
+    # a saved full CLIP model (vision + text): its vision tower with the saved weights and normaliser
+    cfg = transformers.CLIPConfig(vision_config=TINY_CONFIG, text_config=dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    full = transformers.CLIPModel(cfg).eval()
+    full.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text('{"image_mean": [0.1, 0.2, 0.3], "image_std": [1, 2, 3]}')
+    tower = create_model(str(tmp_path))
+    x = video(1, SIZE)[0]
+    assert type(tower).__name__ == "CLIPVisionModel"
+    assert torch.equal(tower(x).pooler_output, full.vision_model(x).pooler_output)
+    assert input_spec(tower) == (SIZE, (0.1, 0.2, 0.3), (1, 2, 3))
+    with pytest.raises(ValueError, match="local Hugging Face cache"):
+        create_model("nobody/no-such-model-here")
+
+
+def test_the_hf_extra_is_installed_by_install_sh():
+    """CI runs install.sh: every pin of pyproject's hf extra must be in the requirement files it installs."""
+    import os
+    import tomllib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    extra = tomllib.load(open(os.path.join(root, "pyproject.toml"), "rb"))["project"]["optional-dependencies"]["hf"]
+    installed = set()
+    for name in ("requirements.txt", "requirements-nodeps.txt"):
+        installed |= {line.strip() for line in open(os.path.join(root, name)) if line.strip()[:1].isalnum()}
+    assert "transformers==5.23.0" in extra and set(extra) <= installed
+    assert transformers.__version__ == "5.23.0"
