@@ -310,3 +310,18 @@ def test_the_hf_extra_is_installed_by_install_sh():
         installed |= {line.strip() for line in open(os.path.join(root, name)) if line.strip()[:1].isalnum()}
     assert "transformers==5.23.0" in extra and set(extra) <= installed
     assert transformers.__version__ == "5.23.0"
+
+
+def test_steady_frame_compiles_as_one_graph():
+    """SigLIP (with its attention-pooling head): the steady frame compiles with fullgraph=True, once."""
+    import torch._dynamo.testing
+
+    dense = MODELS["siglip"][0]()
+    compiled = convert(dense, 0.4, strategy="eventful")
+    eager = convert(dense, 0.4, strategy="eventful")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled.compile(fullgraph=True, backend=counter, dynamic=False)
+    for t, x in enumerate(video(4, SIZE, batch=2)):
+        _assert_outputs_close(compiled(x), eager(x), msg=f"frame {t}")
+        assert counter.frame_count == (0 if t == 0 else 1)
