@@ -325,3 +325,37 @@ def test_steady_frame_compiles_as_one_graph():
     for t, x in enumerate(video(4, SIZE, batch=2)):
         _assert_outputs_close(compiled(x), eager(x), msg=f"frame {t}")
         assert counter.frame_count == (0 if t == 0 else 1)
+
+
+@pytest.mark.skipif(not packing_enabled(), reason="oneDNN packing unavailable or disabled")
+def test_concat_linear_packs_one_stack_that_follows_every_part():
+    from torch import nn
+
+    from eventful_kernels.nn.linear import PackedGroup, PackedLinear, repack
+
+    torch.manual_seed(0)
+    q, k, v = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+    cat = ConcatLinear(q_proj=q, k_proj=k, v_proj=v)
+    assert (cat.in_features, cat.out_features) == (32, 96)
+    packed = PackedLinear(cat)
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(packed(x), torch.cat([q(x), k(x), v(x)], -1))
+    stack = packed._packed
+    assert stack is not None and len(packed._srcs) == 3
+    v.weight.data.mul_(2.0)  # no _version bump: the fingerprint of v's weight sees it
+    torch.testing.assert_close(packed(x), cat(x))
+    assert packed._packed is not stack
+    k.bias.data.add_(1.0)  # biases are read at every call
+    torch.testing.assert_close(packed(x), cat(x))
+    cat.k_proj = nn.Linear(32, 32)  # a replaced part: its weight's address keys a new stack
+    torch.testing.assert_close(packed(x), cat(x))
+    group = PackedGroup()
+    group.add(packed)
+    group.check()
+    q.weight.data.add_(0.5)
+    group.check()  # the group compares all three parts' sampled bytes at once and repacks
+    group.active = True
+    torch.testing.assert_close(packed(x), cat(x))
+    group.active = False
+    repack(nn.Sequential(cat))
+    assert packed._packed is None
