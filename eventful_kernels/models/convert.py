@@ -1,7 +1,9 @@
-"""Convert a timm ViT into an :class:`EventfulModel` that shares its weights.
+"""Convert a timm ViT or a Hugging Face vision encoder into an :class:`EventfulModel` that shares its weights.
 
 Supported: timm ``VisionTransformer`` (every block global -> ``EventfulBlock``) and ``VisionTransformerSAM``
-(``samvit_*``: windowed blocks -> ``EventfulTokenwiseBlock``, global blocks -> ``EventfulBlock``).
+(``samvit_*``: windowed blocks -> ``EventfulTokenwiseBlock``, global blocks -> ``EventfulBlock``); transformers
+``ViTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel``, ``CLIPVisionModel``, ``SiglipVisionModel``
+(:mod:`.hf`: every layer -> ``EventfulBlock``).
 """
 from __future__ import annotations
 
@@ -14,11 +16,17 @@ from torch import nn
 from ..nn import EventfulBlock, EventfulTokenwiseBlock
 from ._timm import import_timm
 from .eventful_model import EventfulModel
+from .hf import convert_hf, hf_family, hf_pool_geometry
 from .policy import Budget, make_policy
 
 
 def model_family(model: nn.Module) -> str:
-    """``"vit"`` for timm ``VisionTransformer``, ``"sam"`` for ``VisionTransformerSAM``; TypeError otherwise."""
+    """``"vit"`` for timm ``VisionTransformer``, ``"sam"`` for ``VisionTransformerSAM``, ``"hf-vit"`` /
+    ``"hf-dinov2"`` / ``"hf-dinov2-registers"`` / ``"hf-clip"`` / ``"hf-siglip"`` for the supported Hugging Face
+    encoders; TypeError otherwise."""
+    family = hf_family(model)
+    if family is not None:
+        return family
     timm = import_timm()
     from timm.models.vision_transformer_sam import VisionTransformerSAM
 
@@ -27,7 +35,8 @@ def model_family(model: nn.Module) -> str:
     if isinstance(model, timm.models.vision_transformer.VisionTransformer):
         return "vit"
     raise TypeError(
-        f"convert: model must be a timm VisionTransformer or VisionTransformerSAM, got {type(model).__name__}"
+        "convert: model must be a timm VisionTransformer or VisionTransformerSAM or a supported Hugging Face vision "
+        f"encoder, got {type(model).__name__}"
     )
 
 
@@ -71,10 +80,16 @@ def convert(
     ``dynamic_img_size``: the square grid of the tokens). ``av_dtype`` (None, ``torch.float16`` or
     ``torch.bfloat16``): the attention weights and values of the A·V product, and its stored references, in that
     dtype, the output accumulated in float32. See docs/nn-api.md, "Published options".
+    A Hugging Face encoder's eventful model returns a ``BaseModelOutputWithPooling`` as the dense model does.
     """
     family = model_family(model)
     pol = make_policy(1.0 if policy is None else policy)
     options = {"kv_pool": kv_pool, "av_dtype": av_dtype}
+    if family.startswith("hf-"):
+        if kv_pool:
+            options.update(hf_pool_geometry(model, family))
+        return convert_hf(model, family, pol, backend, strategy, cuda_graphs, refresh_every, gate_placement,
+                          **options)
     if family == "vit" and kv_pool:
         options["prefix_tokens"] = int(getattr(model, "num_prefix_tokens", 0))
         grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)

@@ -20,7 +20,7 @@ from .attention import DenseAttention, EventfulAttention, KVPool, check_kv_optio
 from .backend import EventfulModule, trust_indices
 from .buffers import TokenBuffer
 from .gates import TokenGate
-from .linear import PackedGroup, PackedLinear, PackedMlp
+from .linear import ConcatLinear, PackedGroup, PackedLinear, PackedMlp
 from .matmul import MatmulBuffer, MatmulDeltaAccumulator
 from .policies import Policy, Threshold, as_policy
 from .relpos import DecomposedRelPos
@@ -33,11 +33,13 @@ GATE_PLACEMENTS = ("after_norm", "before_norm")
 
 
 def _residual(x: Tensor, ls: nn.Module, y: Tensor) -> Tensor:
-    """``x + ls(y)`` without mutating ``y`` (a buffer state); LayerScale is fused as ``addcmul(x, y, gamma)``."""
+    """``x + ls(y)`` without mutating ``y`` (a buffer state); a layer scale (timm ``LayerScale``, or a module whose
+    class sets ``scales_by_gamma``: ``ls(y) = y * ls.gamma``) is fused as ``addcmul(x, y, gamma)``."""
     if isinstance(ls, nn.Identity):
         return x + y
     gamma = getattr(ls, "gamma", None)
-    if type(ls).__name__ == "LayerScale" and isinstance(gamma, Tensor):
+    if (type(ls).__name__ == "LayerScale" or getattr(type(ls), "scales_by_gamma", False)) and \
+            isinstance(gamma, Tensor):
         return torch.addcmul(x, y, gamma)
     return x + ls(y.clone())
 
@@ -167,7 +169,7 @@ class _EventfulBlockBase(EventfulModule):
         if packed is None or packed.module is not module:
             if role == "mlp":
                 packed = PackedMlp(module)
-            elif isinstance(module, nn.Linear):
+            elif isinstance(module, (nn.Linear, ConcatLinear)):
                 packed = PackedLinear(module)
             else:
                 return module(x)

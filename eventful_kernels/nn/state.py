@@ -191,7 +191,7 @@ def _check_block(name: str, block: EventfulModule, states: dict, streams: Option
         shapes = block.state_shapes(b, ref.shape[1], None if grid is None else tuple(grid))
     except ValueError as exc:
         _fail(f"block '{name}': {exc}")
-    weight = block.block.attn.qkv.weight
+    weight = block.block.attn.proj.weight
     dtypes = block.state_dtypes(weight.dtype)
     for rel, t in tensors.items():
         where = _join(name, rel)
