@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from . import attention, gates, gather_scatter
+from . import av_delta_update, gather_scatter, qk_update, token_gate
 
 BACKENDS = ("auto", "triton", "cuda")
 
@@ -27,16 +27,10 @@ def _none(fn: Callable) -> Callable:
     return kernel
 
 
+# op name -> dispatcher kernel, from each family module's KERNELS (in torch.ops.eventful's order, csrc/ops.cpp)
 KERNELS: Dict[str, Callable] = {
-    "gather_rows": gather_scatter.gather_rows,
-    "scatter_rows_": _none(gather_scatter.scatter_rows_),
-    "gather_cols": gather_scatter.gather_cols,
-    "scatter_cols_": _none(gather_scatter.scatter_cols_),
-    "token_gate": gates.token_gate,
-    "token_gate_threshold": gates.token_gate_threshold,
-    "token_delta_gate": gates.token_delta_gate,
-    "qk_update_": _none(attention.qk_update_),
-    "av_delta_update_": _none(attention.av_delta_update_),
+    name: _none(fn) if name.endswith("_") else fn
+    for family in (gather_scatter, token_gate, qk_update, av_delta_update) for name, fn in family.KERNELS.items()
 }
 
 _LIB: Optional[torch.library.Library] = None
