@@ -2,7 +2,6 @@
 against ``ref`` and refresh ``ref`` there."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -42,12 +41,11 @@ def _token_gate_fake(c, ref, k):
 @torch.library.register_fake("eventful::token_gate_threshold")
 def _token_gate_threshold_fake(c, ref, threshold, capacity):
     b, n, d = c.shape
-    # the kernels' argument checks that decide the output shape / validity (messages as csrc/include/eventful/checks.h)
-    msg = f"eventful: argument 'capacity' must satisfy 0 <= capacity <= N = {n} (tokens in 'c'), got {capacity}"
-    torch._check_value(capacity >= 0, lambda: msg)
-    torch._check_value(capacity <= n, lambda: msg)
-    if isinstance(threshold, (int, float)) and not math.isfinite(threshold):
-        raise ValueError(f"eventful: argument 'threshold' must be finite, got {float(threshold)}")
+    if all(isinstance(s, int) for s in (*c.shape, *ref.shape)):
+        _ops._check_token_gate_threshold(c, ref, threshold, capacity)  # the kernels' own checks (checks.h)
+    else:  # symbolic sizes: the output shape still needs 0 <= capacity <= N (the kernel raises the full message)
+        torch._check_value(capacity >= 0)
+        torch._check_value(capacity <= n)
     return (
         c.new_empty((b, capacity), dtype=torch.long),
         c.new_empty((b,), dtype=torch.long),

@@ -13,7 +13,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from . import av_delta_update, gather_scatter, qk_update, token_gate
+from .av_delta_update import KERNELS as _AV_DELTA_UPDATE
+from .gather_scatter import KERNELS as _GATHER_SCATTER
+from .qk_update import KERNELS as _QK_UPDATE
+from .token_gate import KERNELS as _TOKEN_GATE
 
 BACKENDS = ("auto", "triton", "cuda")
 
@@ -30,7 +33,7 @@ def _none(fn: Callable) -> Callable:
 # op name -> dispatcher kernel, from each family module's KERNELS (in torch.ops.eventful's order, csrc/ops.cpp)
 KERNELS: Dict[str, Callable] = {
     name: _none(fn) if name.endswith("_") else fn
-    for family in (gather_scatter, token_gate, qk_update, av_delta_update) for name, fn in family.KERNELS.items()
+    for family in (_GATHER_SCATTER, _TOKEN_GATE, _QK_UPDATE, _AV_DELTA_UPDATE) for name, fn in family.items()
 }
 
 _LIB: Optional[torch.library.Library] = None
