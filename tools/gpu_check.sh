@@ -68,8 +68,8 @@ xdist=()
 $PY -c "import xdist" 2>/dev/null && xdist=(-n "${XDIST:-4}")  # parallel Triton JIT compilation
 # file:seconds:selection (the op tests: the backends that need a GPU, "cuda" (torch.ops.eventful on CUDA tensors)
 # and "triton" (the Triton functions); the CPU backend of the same files runs anywhere)
-for spec in "test_graphs.py:40:cuda" "test_gather_scatter.py:40:cuda or triton" "test_token_gate.py:40:cuda or triton" \
-    "test_qk_update.py:30:cuda or triton" "test_av_delta_update.py:30:cuda or triton" "test_backends.py:30:" \
+for spec in "test_graphs.py:40:cuda" "test_gather_scatter.py:35:cuda or triton" "test_token_gate.py:30:cuda or triton" \
+    "test_qk_update.py:20:cuda or triton" "test_av_delta_update.py:20:cuda or triton" "test_backends.py:15:" \
     "test_blocks.py:20:cuda"; do
   IFS=: read -r file limit select <<<"$spec"
   # -v: each result is logged as it happens, so a file cut at its limit still shows what ran
