@@ -1,7 +1,8 @@
-"""Which implementation serves each op, and the backends' build checks: the Triton registration rule and its
+"""Which implementation serves each op, and what every backend must share: the Triton registration rule and its
 EVENTFUL_BACKEND_CUDA switch, the import guard without triton, one argument-check op per op with the op's own
-arguments, the C++ CUDA kernels under compute-sanitizer (GPU), and the Triton kernels compiling for sm_90 (no GPU
-needed). The ops' results are tested per op family, on every backend, in tests/test_<family>.py."""
+arguments, every op sync-free and CUDA-graph capturable with check_index=False (GPU), the C++ CUDA kernels under
+compute-sanitizer (GPU), and the Triton kernels compiling for sm_90 (no GPU needed). The ops' results are tested per
+op family, on every backend, in tests/test_<family>.py."""
 from __future__ import annotations
 
 import os
@@ -164,3 +165,65 @@ def test_every_triton_kernel_compiles_for_sm90():
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "PASSED" in proc.stdout
+
+
+def _unchecked_state():
+    g = torch.Generator().manual_seed(25)
+    idx = torch.stack([torch.randperm(64, generator=g)[:16] for _ in range(2)]).cuda()
+    idx[0, :3] = -1
+    t = {"x": torch.randn(2, 64, 32, generator=g).half().cuda(), "idx": idx,
+         "a": torch.rand(2, 2, 64, 64, generator=g).half().cuda(),
+         "q": torch.randn(2, 2, 64, 64, generator=g).half().cuda(),
+         "k": torch.randn(2, 2, 64, 64, generator=g).half().cuda()}
+    t.update(dst=t["x"].clone(), ref=t["x"] + 1, a_ref=t["a"].flip(-1).contiguous(),
+             logits=torch.randn(2, 2, 64, 64, generator=g).half().cuda(), out=t["q"].clone(), v_ref=t["k"] * 2)
+    return t
+
+
+def _unchecked_step(ops_, t):
+    """One call of every op with check_index=False (and the gates, which take no index); returns the outputs."""
+    y = ops_.gather_rows(t["x"], t["idx"], check_index=False)
+    ops_.scatter_rows_(t["dst"], t["idx"], y, check_index=False)
+    z = ops_.gather_cols(t["a"], t["idx"], check_index=False)
+    ops_.scatter_cols_(t["a_ref"], t["idx"], z, check_index=False)
+    gate = ops_.token_gate(t["x"], t["ref"], 8)
+    thr = ops_.token_gate_threshold(t["x"], t["ref"], 1.0, 16)
+    delta = ops_.token_delta_gate(t["x"], t["ref"], -1, t["idx"], check_index=False)
+    ops_.qk_update_(t["logits"], t["q"], t["k"], t["idx"], t["idx"], 0.125, check_index=False)
+    ops_.av_delta_update_(t["out"], t["a"], t["a_ref"], t["k"], t["v_ref"], t["idx"], check_index=False)
+    return [y, z, *gate, *thr, *delta]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("which", ["ops", "triton"])
+def test_unchecked_ops_need_no_host_sync_and_capture_in_a_cuda_graph(which):
+    """check_index=False makes every op sync-free and CUDA-graph capturable: a replayed graph gives the eager
+    results. ``ops``: torch.ops.eventful (C++ CUDA or Triton kernels); ``triton``: the Triton functions."""
+    if which == "triton" and T is None:
+        pytest.skip("needs triton")
+    from eventful_kernels import ops
+    ops_ = ops if which == "ops" else T
+    t = _unchecked_state()
+    _unchecked_step(ops_, {k: v.clone() for k, v in t.items()})  # warm up (compile, autotune)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _unchecked_step(ops_, {k: v.clone() for k, v in t.items()})
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    eager_state = {k: v.clone() for k, v in t.items()}
+    eager = _unchecked_step(ops_, eager_state)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the capture stream, as torch.cuda.graphs asks
+        _unchecked_step(ops_, {k: v.clone() for k, v in t.items()})
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _unchecked_step(ops_, t)
+    graph.replay()
+    torch.cuda.synchronize()
+    for x, y in zip(captured, eager, strict=True):
+        assert torch.equal(x, y)
+    for k in t:
+        assert torch.equal(t[k], eager_state[k])

@@ -422,4 +422,7 @@ def test_compile_fullgraph_matches_eager(backend, grad_mode):
 @pytest.mark.parametrize("name,variant", SAMPLES, ids=SAMPLE_IDS)
 def test_opcheck(backend, name, variant):
     args = _sample(name, variant=variant)
-    torch.library.opcheck(getattr(E, name).default, tuple(args.values()))
+    op = getattr(E, name).default
+    torch.library.opcheck(op, tuple(args.values()))
+    if any(a.name == "check_index" for a in op._schema.arguments):  # the keyword through the dispatcher
+        torch.library.opcheck(op, tuple(_sample(name, variant=variant).values()), {"check_index": False})
