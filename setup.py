@@ -21,7 +21,8 @@ def _want_cuda() -> bool:
 
 
 def _extension():
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # the contract and check ops (csrc/*.cpp) and the CPU kernels, one file per op family (csrc/README.md)
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp"]
     kwargs = dict(
         include_dirs=[os.path.join(ROOT, "csrc", "include")],

@@ -66,8 +66,11 @@ echo "== GPU tests"
 : >"$OUT/tests.log"
 xdist=()
 $PY -c "import xdist" 2>/dev/null && xdist=(-n "${XDIST:-4}")  # parallel Triton JIT compilation
-# file:seconds:selection (every test of test_triton.py / test_cuda_ops.py runs on the GPU when one is present)
-for spec in "test_graphs.py:40:cuda" "test_cuda_ops.py:50:" "test_triton.py:70:" "test_blocks.py:20:cuda"; do
+# file:seconds:selection (the op tests: the backends that need a GPU, "cuda" (torch.ops.eventful on CUDA tensors)
+# and "triton" (the Triton functions); the CPU backend of the same files runs anywhere)
+for spec in "test_graphs.py:40:cuda" "test_gather_scatter.py:35:cuda or triton" "test_token_gate.py:30:cuda or triton" \
+    "test_qk_update.py:20:cuda or triton" "test_av_delta_update.py:20:cuda or triton" "test_backends.py:15:" \
+    "test_blocks.py:20:cuda"; do
   IFS=: read -r file limit select <<<"$spec"
   # -v: each result is logged as it happens, so a file cut at its limit still shows what ran
   step "tests/$file" "$limit" $PY -m pytest -v -p no:cacheprovider "${xdist[@]}" --maxfail=20 "tests/$file" \
