@@ -45,6 +45,11 @@ def _cpp_cuda_ops(ops: List[str]) -> List[str]:
     return [n for n in ops if torch._C._dispatch_has_kernel_for_dispatch_key(f"eventful::{n}", "CUDA")]
 
 
+def _cuda_devices() -> List[str]:
+    return [f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
+            for i in range(torch.cuda.device_count())]
+
+
 def collect() -> Dict[str, Any]:
     """Everything ``info()`` reports, as a dict of plain values (JSON-serialisable)."""
     import eventful_kernels as ek
@@ -60,9 +65,7 @@ def collect() -> Dict[str, Any]:
         "torch": {"version": torch.__version__, "cuda": torch.version.cuda, "hip": torch.version.hip,
                   "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
                   "mkldnn": torch.backends.mkldnn.is_available()},
-        "cuda": {"available": cuda_ok,
-                 "devices": [f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
-                             for i in range(torch.cuda.device_count())] if cuda_ok else [],
+        "cuda": {"available": cuda_ok, "devices": _cuda_devices() if cuda_ok else [],
                  "cpp_kernels": _cpp_cuda_ops(ops)},
         "triton": _triton(),
         "env": {name: os.environ[name] for name in _ENV if name in os.environ},

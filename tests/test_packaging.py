@@ -2,15 +2,21 @@
 (extracted) outside the checkout it imports, runs the ops and reports itself; a source checkout without a built
 library (Python started in it after a non-editable install) uses the installed copy's library."""
 import glob
+import importlib.machinery
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 
 import pytest
+import torch
+
+import eventful_kernels
+from eventful_kernels import _load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = """
@@ -128,3 +134,23 @@ def test_checkout_without_library_uses_installed_copy(site, tmp_path):
     assert paths["include"] == str(checkout / "csrc" / "include")
     alone = _python("import eventful_kernels", cwd=str(checkout), pythonpath=None)
     assert alone.returncode != 0 and "compiled library _C not found" in alone.stderr
+
+
+def test_library_built_for_another_torch(tmp_path, monkeypatch):
+    """A library that cannot load, or was built against another torch minor version, is reported as such."""
+    built = _load.library_facts(eventful_kernels.get_library_path())["torch_built_against"]
+    monkeypatch.setattr(torch, "__version__", "2.99.0+cu130")
+    with pytest.warns(RuntimeWarning, match=rf"built against torch {re.escape(built)} but torch 2.99.0\+cu130"):
+        _load.load_native()
+    monkeypatch.setattr(torch, "__version__", built + ".post1+cu130")  # same minor version: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _load.load_native()
+
+    package = tmp_path / "eventful_kernels"
+    shutil.copytree(os.path.join(ROOT, "eventful_kernels"), package,
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    (package / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(b"not a shared library")
+    result = _python("import eventful_kernels", cwd=str(tmp_path), pythonpath=None)
+    assert result.returncode != 0
+    assert "ImportError: eventful_kernels: cannot load" in result.stderr and "rebuild it" in result.stderr
