@@ -348,4 +348,21 @@ TORCH_LIBRARY_IMPL(eventful, CPU, m) {
   m.impl("token_delta_gate", &token_delta_gate_cpu);
 }
 
+// For eventful_kernels.info() (csrc/build_info.cpp): which row-distance paths this build has, and which one dense
+// rows take on this machine.
+bool cpu_gate_avx2_compiled() {
+#ifdef EVENTFUL_GATE_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
+
+const char* cpu_gate_path() {
+#ifdef EVENTFUL_GATE_AVX2
+  if (cpu_has_avx2()) return "avx2";
+#endif
+  return "generic";
+}
+
 }  // namespace eventful
