@@ -48,10 +48,14 @@ def test_topk_policy():
 
 def test_topfraction_policy():
     assert TopFraction(0.5).k(10) == 5
-    assert TopFraction(0.25).k(10) == 3  # 2.5 rounds half up
-    assert TopFraction(0.01).k(10) == 1  # at least one when f > 0
+    assert TopFraction(0.25).k(10) == 2  # int(2.5): the floor, as published
+    assert TopFraction(0.5).k(197) == 98 and TopFraction(0.25).k(197) == 49
+    assert TopFraction(0.01).k(10) == 0  # no minimum
     assert TopFraction(0.0).k(10) == 0
     assert TopFraction(1.0).k(7) == 7
+    for f in (0.1, 0.25, 0.3, 0.5, 0.7, 0.9, 1 / 3):
+        for n in (1, 7, 10, 17, 197, 4096):
+            assert TopFraction(f).k(n) == int(f * n)  # the published expression, float artefacts included
     for bad in (-0.1, 1.5, float("nan"), "x"):
         with pytest.raises(ValueError, match="'f'"):
             TopFraction(bad)

@@ -47,6 +47,7 @@ def convert(
     strategy: Optional[str] = None,
     cuda_graphs: bool = True,
     refresh_every: Optional[int] = None,
+    gate_placement: str = "after_norm",
 ) -> EventfulModel:
     """Wrap ``model``'s blocks in eventful blocks; returns an :class:`EventfulModel` sharing every weight.
 
@@ -57,6 +58,8 @@ def convert(
     each steady-state frame on CUDA inputs as one captured CUDA graph (see :class:`EventfulModel`; on by default,
     ``False`` runs every frame eagerly). ``refresh_every``: recompute the state densely (in place) every that many
     steady-state frames, which bounds the drift of the accumulated A·V deltas (see :meth:`EventfulModel.refresh`).
+    ``gate_placement``: ``"after_norm"`` (default, as published: the gates score LayerNorm-ed tokens) or
+    ``"before_norm"`` (the gates score the residual stream; LayerNorm only on the selected rows).
     """
     family = model_family(model)
     pol = make_policy(1.0 if policy is None else policy)
@@ -65,9 +68,9 @@ def convert(
         _check_block(block, i)
         windowed = family == "sam" and getattr(block, "window_size", 0) > 0
         if windowed:
-            blocks.append(EventfulTokenwiseBlock(block, pol, backend=backend))
+            blocks.append(EventfulTokenwiseBlock(block, pol, backend=backend, gate_placement=gate_placement))
         else:
-            blocks.append(EventfulBlock(block, pol, backend=backend, strategy=strategy))
+            blocks.append(EventfulBlock(block, pol, backend=backend, strategy=strategy, gate_placement=gate_placement))
     # Shallow copy with its own child table: the copy gets eventful blocks, the original keeps its dense ones;
     # every other submodule (patch embedding, norms, head, neck) is the same object in both.
     twin = copy.copy(model)

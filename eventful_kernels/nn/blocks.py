@@ -29,6 +29,7 @@ from .windows import WindowGrid
 
 
 _IDENTITY = nn.Identity()
+GATE_PLACEMENTS = ("after_norm", "before_norm")
 
 
 def _residual(x: Tensor, ls: nn.Module, y: Tensor) -> Tensor:
@@ -48,8 +49,13 @@ class _EventfulBlockBase(EventfulModule):
     cache_attrs = ("_windows",)  # window geometry, rebuilt from the grid
     packed_group: Optional[PackedGroup] = None  # checks the packed weights' fingerprints (set by EventfulModel)
 
-    def __init__(self, block: nn.Module, policy: Optional[Policy] = None, backend: str = "ops"):
+    def __init__(self, block: nn.Module, policy: Optional[Policy] = None, backend: str = "ops", *,
+                 gate_placement: str = "after_norm"):
         super().__init__(backend)
+        if gate_placement not in GATE_PLACEMENTS:
+            raise ValueError(f"eventful: argument 'gate_placement' must be one of {GATE_PLACEMENTS}, got "
+                             f"{gate_placement!r}")
+        self._gate_placement = gate_placement
         for name in ("norm1", "attn", "norm2", "mlp"):
             if not hasattr(block, name):
                 raise TypeError(f"eventful: block {type(block).__name__} has no '{name}'; expected a timm ViT/SAM Block")
@@ -88,6 +94,13 @@ class _EventfulBlockBase(EventfulModule):
     def policy(self) -> Policy:
         return self._policy
 
+    @property
+    def gate_placement(self) -> str:
+        """``"after_norm"`` (the published default: LayerNorm on all tokens, the gates score normalised tokens) or
+        ``"before_norm"`` (the gates score the residual stream, LayerNorm runs on the selected rows). Fixed at
+        construction: the gates' references hold what they score."""
+        return self._gate_placement
+
     @policy.setter
     def policy(self, value) -> None:
         self._policy = as_policy(value)
@@ -97,7 +110,7 @@ class _EventfulBlockBase(EventfulModule):
     def signature(self) -> tuple:
         attn = self.block.attn
         return (self.dim, self.heads, self.head_dim, self.window, self.use_rel_pos, attn.qkv.out_features,
-                attn.proj.out_features)
+                attn.proj.out_features, self._gate_placement)
 
     def _derive_state(self) -> None:
         if self.window > 0 and self._grid is not None:
@@ -222,8 +235,13 @@ class _EventfulBlockBase(EventfulModule):
     def _forward_tokens(self, x: Tensor, flush: bool) -> Tensor:
         block, attn = self.block, self.block.attn
         b = x.shape[0]
-        idx1, x_sel = self.qkv_gate(x)
-        qkv_sel = self._qkv(block.norm1(x_sel))
+        after = self._gate_placement == "after_norm"
+        if after:
+            idx1, h_sel = self.qkv_gate(block.norm1(x))
+        else:
+            idx1, x_sel = self.qkv_gate(x)
+            h_sel = block.norm1(x_sel)
+        qkv_sel = self._qkv(h_sel)
         if self._windows is None:
             qkv = self.qkv_buffer(qkv_sel, None if flush else idx1)
             wid = None
@@ -237,15 +255,23 @@ class _EventfulBlockBase(EventfulModule):
         q, k, v = self._split(qkv)
         o = self._tokens_out(self._attend(q, k, v, idx1, wid, flush), b)
 
-        idx2, o_sel = self.proj_gate(o)
         norm = getattr(attn, "norm", None)
-        if norm is not None and not isinstance(norm, nn.Identity):
+        if norm is None or isinstance(norm, nn.Identity):
+            idx2, o_sel = self.proj_gate(o)
+        elif after:
+            idx2, o_sel = self.proj_gate(norm(o))
+        else:
+            idx2, o_sel = self.proj_gate(o)
             o_sel = norm(o_sel)
         p_sel = self._linear("proj", attn.proj, o_sel)
         x1 = _residual(x, getattr(block, "ls1", _IDENTITY), self.proj_buffer(p_sel, idx2))
 
-        idx3, h_sel = self.mlp_gate(x1)
-        m_sel = self._linear("mlp", block.mlp, block.norm2(h_sel))
+        if after:
+            idx3, m_in = self.mlp_gate(block.norm2(x1))
+        else:
+            idx3, h_sel = self.mlp_gate(x1)
+            m_in = block.norm2(h_sel)
+        m_sel = self._linear("mlp", block.mlp, m_in)
         y = _residual(x1, getattr(block, "ls2", _IDENTITY), self.mlp_buffer(m_sel, idx3))
         self.last_macs = (
             b * (idx1.shape[1] * self._macs_qkv + idx2.shape[1] * self._macs_proj + idx3.shape[1] * self._macs_mlp)
@@ -261,8 +287,9 @@ class EventfulTokenwiseBlock(_EventfulBlockBase):
     """Token-wise layers gated and buffered; attention computed densely over the buffered q/k/v every frame
     (per window for windowed blocks). ``forward(x) -> y``; ``last_macs`` counts gated linears + dense attention."""
 
-    def __init__(self, block: nn.Module, policy: Optional[Policy] = None, backend: str = "ops"):
-        super().__init__(block, policy, backend)
+    def __init__(self, block: nn.Module, policy: Optional[Policy] = None, backend: str = "ops", *,
+                 gate_placement: str = "after_norm"):
+        super().__init__(block, policy, backend, gate_placement=gate_placement)
         self.attention = DenseAttention(block.attn if self.use_rel_pos else None, backend)
         trust_indices(self)
 
@@ -291,8 +318,8 @@ class EventfulBlock(_EventfulBlockBase):
     cache_attrs = _EventfulBlockBase.cache_attrs + ("_shape",)  # the attention problem, rebuilt from the qkv state
 
     def __init__(self, block: nn.Module, policy: Optional[Policy] = None, backend: str = "ops",
-                 strategy: Optional[str] = None):
-        super().__init__(block, policy, backend)
+                 strategy: Optional[str] = None, *, gate_placement: str = "after_norm"):
+        super().__init__(block, policy, backend, gate_placement=gate_placement)
         bias_attn = block.attn if self.use_rel_pos else None
         self.eventful_attention = EventfulAttention(bias_attn, backend)
         self.dense_attention = DenseAttention(bias_attn, backend)

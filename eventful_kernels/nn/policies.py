@@ -53,7 +53,8 @@ class TopK(Policy):
 
 
 class TopFraction(Policy):
-    """Select ``round(f * N)`` tokens per stream (round half up), at least 1 when ``f > 0``; ``0 <= f <= 1``."""
+    """Select ``int(f * N)`` tokens per stream (the floor of the float product, as the published implementation
+    computes it: ``f = 0.5`` of 197 tokens is 98); ``0 <= f <= 1``."""
 
     def __init__(self, f: float):
         self.f = f
@@ -69,10 +70,7 @@ class TopFraction(Policy):
         self._f = float(value)
 
     def k(self, n_tokens: int) -> int:
-        n = int(n_tokens)
-        if self._f == 0.0 or n == 0:
-            return 0
-        return min(n, max(1, math.floor(self._f * n + 0.5)))
+        return min(int(n_tokens), int(self._f * int(n_tokens)))
 
     def __repr__(self) -> str:
         return f"TopFraction(f={self._f})"
