@@ -27,6 +27,7 @@ import torch
 PROG = "eventful-video"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STRATEGIES = ("auto", "eventful", "dense")
+GATE_PLACEMENTS = {"after_norm": "gates after the LayerNorms", "before_norm": "gates before the LayerNorms"}
 
 
 class UsageError(Exception):
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="ops", choices=("ops", "reference"))
     p.add_argument("--strategy", default=None, choices=STRATEGIES, help="attention of the global blocks "
                    "(default: EVENTFUL_ATTENTION, else auto: the cheaper of eventful and dense per device and shape)")
+    p.add_argument("--gate-placement", default="after_norm", choices=tuple(GATE_PLACEMENTS), help="where the "
+                   "gates sit: after_norm (default, as published: they score LayerNorm-ed tokens, LayerNorm runs on "
+                   "all tokens) or before_norm (they score the residual stream, LayerNorm runs on the selected "
+                   "tokens only)")
     p.add_argument("--device", default="cpu", help="torch device for both models (cpu, cuda, cuda:1)")
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="model and frames are cast to it "
                    "(where the device supports it)")
@@ -182,6 +187,20 @@ def check_args(args: argparse.Namespace) -> Dict:
             "device": device, "dtype": dtype}
 
 
+def _check_budgets_select(args: argparse.Namespace, checked: Dict, n_tokens: int) -> None:
+    """Every budget must select at least one of the model's ``n_tokens`` (a fraction selects int(f·N))."""
+    from .video import budgets as bud
+
+    given = [("--budgets", text, b) for text, b in checked["budgets"]]
+    given += [("--schedule", f"{t}:{bud.budget_text(b)}", b) for t, b in (checked["schedule"] or {}).items()]
+    if args.overlay or args.overlay_block is not None:
+        given.append(("--overlay-budget", args.overlay_budget, checked["overlay_budget"]))
+    for option, text, b in given:
+        if bud.tokens_for(b, n_tokens) < 1:
+            raise UsageError(f"{option}: budget {text!r} selects no tokens of the {n_tokens} of {args.model} "
+                             f"(a fraction f selects int(f*N)); use a larger fraction or a token count")
+
+
 def build_model(args: argparse.Namespace, kwargs: Dict) -> torch.nn.Module:
     """The timm model, or :class:`UsageError` saying why it cannot be used."""
     from .models import import_timm, model_family
@@ -230,6 +249,7 @@ def run(args: argparse.Namespace) -> Dict:
     model = build_model(args, checked["kwargs"])
     if overlay and args.overlay_block is not None and args.overlay_block >= len(model.blocks):
         raise UsageError(f"--overlay-block {args.overlay_block}: {args.model} has blocks 0..{len(model.blocks) - 1}")
+    _check_budgets_select(args, checked, runner.token_count(model))
     model = model.to(device=device, dtype=dtype)
     size, mean, std = runner.input_spec(model)
     try:
@@ -256,13 +276,15 @@ def run(args: argparse.Namespace) -> Dict:
     bar = progress(n_frames * runs_per_frame, args.sequential and "dense" or "interleaved", enabled=not args.quiet)
     labelled = [(bud.budget_label(text, b), b) for text, b in budget_list]
     cmp = runner.compare(model, frames, mean, std, labelled, schedule, backend=args.backend, strategy=args.strategy,
-                         packed_baseline=packed_baseline, sequential=args.sequential, warmup=1, tick=bar.update,
+                         packed_baseline=packed_baseline, sequential=args.sequential,
+                         gate_placement=args.gate_placement, warmup=1, tick=bar.update,
                          phase=bar.set_description)
     overlay_run = None
     if overlay:
         bar.set_description("overlay")
         ob = checked["overlay_budget"]
-        ev = convert(model, bud.fresh(ob), backend=args.backend, strategy=args.strategy, cuda_graphs=False)
+        ev = convert(model, bud.fresh(ob), backend=args.backend, strategy=args.strategy, cuda_graphs=False,
+                     gate_placement=args.gate_placement)
         grid = ov.patch_grid(model, cmp.n_tokens)
         maps, gflops = ov.record(ev, frames, mean, std, bud.fresh(ob), grid, tick=bar.update)
         del ev
@@ -283,6 +305,7 @@ def run(args: argparse.Namespace) -> Dict:
         "dtype": args.dtype,
         "backend": args.backend,
         "strategy": args.strategy or os.environ.get("EVENTFUL_ATTENTION", "auto"),
+        "gate_placement": args.gate_placement,
         "device": str(device),
         "mode": cmp.mode,
         "mode_description": runner.MODES[cmp.mode],
@@ -392,7 +415,8 @@ def _report(result: Dict) -> str:
     check = result["noise_check"]
     head = (f"{result['model']} @ {result['input_size']}px, {result['tokens']} tokens/block, {result['frames']} frames "
             f"of {os.path.basename(result['video'])}; {result['device']} {result['dtype']}, {result['threads']} "
-            f"threads, backend={result['backend']}, attention strategy {result['strategy']}")
+            f"threads, backend={result['backend']}, attention strategy {result['strategy']}, "
+            f"{GATE_PLACEMENTS[result['gate_placement']]} ({result['gate_placement']})")
     mode = f"timing {result['mode_description']}; ms = median of the steady-state frames (frame 0 left out)"
     spreads = ", ".join(f"{k} {v:.0%}" for k, v in check["dense_spread"].items())
     if result["noisy"]:

@@ -79,6 +79,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert res["tokens"] == 17 and res["frames"] == 5 and res["input_size"] == 32 and res["threads"] == 1
     assert res["malloc_keep_freed"] is False
     assert res["mode"] == "interleaved" and "interleaved" in res["mode_description"] and res["dtype"] == "float32"
+    assert res["gate_placement"] == "after_norm"  # the default, as published
     assert len(res["dense"]["ms_per_frame"]) == 5
     by = {b["budget"]: b for b in res["budgets"]}
     assert set(by) == {"N", "N/4", "3", "t0.5"}

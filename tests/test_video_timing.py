@@ -155,6 +155,36 @@ def test_compare_interleaves_and_matches_sequential(monkeypatch):
     assert inter.runs[0].attention[-1] == ("eventful", "eventful")
 
 
+def test_compare_gate_placements_interleaved_and_sequential():
+    torch.set_num_threads(1)
+    model = _tiny_model()
+    size, mean, std = runner.input_spec(model)
+    torch.manual_seed(3)
+    frames = (torch.rand(5, 3, size, size) * 255).to(torch.uint8)  # every token moves: the placements disagree
+    plan = [("after", 0.25), ("before", 0.25, "before_norm"), ("all before", 1.0, "before_norm")]
+    inter = runner.compare(model, frames, mean, std, plan, {0: 0.5}, gate_placement="after_norm")
+    seq = runner.compare(model, frames, mean, std, plan, {0: 0.5}, gate_placement="after_norm", sequential=True)
+    for cmp in (inter, seq):
+        after, before, full = cmp.runs
+        assert [r.gate_placement for r in cmp.runs] == ["after_norm", "before_norm", "before_norm"]
+        assert cmp.schedule.gate_placement == "after_norm" and cmp.dense.gate_placement is None
+        assert max(full.rel_error) < 1e-5  # r = N: the dense output, either placement
+        assert after.gflops == before.gflops  # same token counts: the operation counts agree ...
+        assert max(abs(a - b) for a, b in zip(after.rel_error, before.rel_error)) > 1e-3  # ... the tokens do not
+        assert after.to_json()["gate_placement"] == "after_norm" and "gate_placement" not in cmp.dense.to_json()
+    for a, b in zip(inter.runs + [inter.schedule], seq.runs + [seq.schedule]):
+        assert a.rel_error == pytest.approx(b.rel_error, abs=1e-6)
+    with pytest.raises(ValueError, match="gate_placement"):
+        runner.compare(model, frames[:2], mean, std, [("x", 0.5, "inside")])
+
+
+def test_token_count():
+    assert runner.token_count(_tiny_model()) == 17  # 4x4 patches + class token
+    from tiny_timm import tiny_sam
+
+    assert runner.token_count(tiny_sam()) == 64  # 8x8 grid, no prefix tokens
+
+
 def test_attention_summary():
     assert runner.attention_summary([("eventful",) * 2] * 3) == "eventful"
     assert runner.attention_summary([("eventful", "eventful"), ("dense", "dense")]) == "dense"  # flush left out
@@ -190,6 +220,7 @@ ERRORS = [
     (["--threads", "two"], "argument --threads: invalid int value"),
     (["--no-such-flag"], "unrecognized arguments"),
     (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
+    (["--gate-placement", "inside"], "argument --gate-placement: invalid choice: 'inside'"),
 ]
 if not torch.cuda.is_available():
     ERRORS.append((["--device", "cuda"], "--device cuda: CUDA is not available"))
@@ -210,6 +241,59 @@ def test_cli_error_overlay_block_out_of_range(capsys, tmp_path):
     assert rc == 2
     err = capsys.readouterr().err
     assert err == "eventful-video: error: --overlay-block 2: vit_small_patch16_224 has blocks 0..1\n"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--budgets", "N,N/32"], "--budgets: budget 'N/32' selects no tokens of the 17 of vit_small_patch16_224"),
+    (["--budgets", "N", "--schedule", "0:N,2:0.05"], "--schedule: budget '2:0.05' selects no tokens of the 17"),
+    (["--budgets", "N", "--overlay", "--overlay-budget", "0.02"], "--overlay-budget: budget '0.02' selects no"),
+])
+def test_cli_error_budget_selects_no_tokens_of_the_model(extra, message, capsys, tmp_path):
+    rc = cli.main(TINY_ARGS + extra + ["--frames", "2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and message in err  # floor(f * 17) = 0
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_gate_placement(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(TINY_ARGS + ["--frames", "3", "--budgets", "N,N/4", "--schedule", "0:N,1:N/4",
+                               "--gate-placement", "before_norm", "--out", str(out)])
+    assert rc == 0
+    res = json.load(open(out / "result.json"))
+    assert res["gate_placement"] == "before_norm"
+    assert [b["gate_placement"] for b in res["budgets"]] == ["before_norm"] * 2
+    assert res["schedule"]["gate_placement"] == "before_norm"
+    by = {b["budget"]: b for b in res["budgets"]}
+    assert by["N"]["rel_error_max"] < 1e-5 and by["N/4"]["tokens_per_frame"] == [17, 4, 4]
+    assert "gates before the LayerNorms (before_norm)" in capsys.readouterr().out
+
+
+def test_bench_video_reports_gate_placements(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_video", os.path.join(ROOT, "benchmarks", "bench_video.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    argv = ["--models", "vit_small_patch16_224", "--model-kwargs", json.dumps(TINY_VIT), "--frames", "4",
+            "--threads", "1", "--system-malloc", "--out", str(out)]
+    assert bench.main(argv + ["--gate-placement", "after_norm,before_norm"]) == 0
+    res = json.load(open(out))
+    assert res["gate_placements"] == ["after_norm", "before_norm"] and res["mode"] == "interleaved"
+    m = res["models"][0]
+    assert m["gate_placement"] == "after_norm" and m["eventful"]["gate_placement"] == "after_norm"
+    after, before = m["placements"]["after_norm"], m["placements"]["before_norm"]
+    assert before["run"]["gate_placement"] == "before_norm" and len(before["run"]["ms_per_frame"]) == 4
+    assert after["ms_ratio_to_first_paired_median"] == 1.0 and before["ms_ratio_to_first_paired_median"] > 0
+    assert after["ms_median"] == m["eventful"]["ms_median"] and before["gflops_mean"] == after["gflops_mean"]
+    assert set(m["noise_check"]["dense_spread"]) >= {"dense"} and isinstance(m["noisy"], bool)
+    assert "gates before_norm:" in capsys.readouterr().out
+    assert bench.main(argv + ["--gate-placement", "before_norm"]) == 0
+    m = json.load(open(out))["models"][0]
+    assert m["gate_placement"] == "before_norm" and "placements" not in m
+    with pytest.raises(SystemExit):
+        bench.main(argv + ["--gate-placement", "after_norm,inside"])
 
 
 def test_cli_error_undecodable_video(capsys, tmp_path):

@@ -36,6 +36,7 @@ class Run:
     top1_agree: List[float] = field(default_factory=list)
     tokens: List[float] = field(default_factory=list)  # tokens re-processed per block (mean over blocks)
     attention: List[Tuple[str, ...]] = field(default_factory=list)  # each global block's attention mode
+    gate_placement: Optional[str] = None  # eventful runs: "after_norm" or "before_norm"
 
     def steady(self, values: Sequence[float]) -> List[float]:
         return list(values[1:]) if len(values) > 1 else list(values)
@@ -67,6 +68,8 @@ class Run:
             d["top1_agreement_per_frame"] = self.top1_agree
         if self.tokens:
             d["tokens_per_frame"] = self.tokens
+        if self.gate_placement is not None:
+            d["gate_placement"] = self.gate_placement
         if self.attention:
             d["attention"] = attention_summary(self.attention)
             d["attention_modes"] = list(self.attention[-1])  # each global block, last frame
@@ -96,6 +99,12 @@ def input_spec(model: torch.nn.Module):
     mean = cfg.get("mean", (0.485, 0.456, 0.406))
     std = cfg.get("std", (0.229, 0.224, 0.225))
     return int(size), tuple(mean), tuple(std)
+
+
+def token_count(model: torch.nn.Module) -> int:
+    """Tokens per stream entering the first block: the patch grid plus the class / prefix tokens (SAM: none)."""
+    rows, cols = model.patch_embed.grid_size
+    return int(rows) * int(cols) + int(getattr(model, "num_prefix_tokens", 0) or 0)
 
 
 def _timed(fn, x):
@@ -178,7 +187,8 @@ class _Eventful:
     """One eventful model run from a fresh state, its budget set at the frames of ``schedule``."""
 
     def __init__(self, ev: EventfulModel, label: str, schedule: Dict[int, object]):
-        self.ev, self.schedule, self.run = ev, schedule, Run(label)
+        self.ev, self.schedule = ev, schedule
+        self.run = Run(label, gate_placement=ev.eventful_blocks()[0].gate_placement if ev.eventful_blocks() else None)
         self.current = None
         self._hooks: list = []
         self._k: List[int] = []
@@ -248,12 +258,14 @@ def compare(
     strategy: Optional[str] = None,
     packed_baseline: bool = False,
     sequential: bool = False,
+    gate_placement: str = "after_norm",
     warmup: int = 1,
     tick: Callable[[], None] = lambda: None,
     phase: Callable[[str], None] = lambda label: None,
 ) -> Comparison:
     """Dense timm ``model`` (and, with ``packed_baseline``, the same model on prepacked linears) against its
-    eventful twin at each ``(label, budget)`` of ``budget_list`` (and with the budget ``schedule``, frame ->
+    eventful twin at each ``(label, budget)`` or ``(label, budget, gate_placement)`` of ``budget_list`` (the
+    placement defaults to ``gate_placement``, see :func:`eventful_kernels.models.convert`; and with the budget ``schedule``, frame ->
     budget, as one more run labelled ``schedule``) over ``frames [T,3,H,W]`` uint8, one frame (B = 1) at a time, on
     the model's device and dtype. Every run records per-frame wall time, GFLOPs and (eventful) tokens, attention
     modes and deviation from the dense output of the same frame. ``warmup`` untimed dense frames run first (the
@@ -275,9 +287,9 @@ def compare(
     baselines = [dense]
     if packed_baseline:
         baselines.append(_Dense(PackedDense(model), counter, "dense packed"))
-    plan = [(label, {0: b}) for label, b in budget_list]
+    plan = [(entry[0], {0: entry[1]}, entry[2] if len(entry) > 2 else gate_placement) for entry in budget_list]
     if schedule:
-        plan.append(("schedule", dict(schedule)))
+        plan.append(("schedule", dict(schedule), gate_placement))
     entrants: List[_Eventful] = []
     try:
         if sequential:
@@ -290,19 +302,25 @@ def compare(
                     if base is dense:
                         outputs.append(y)
                     tick()
-            ev = convert(model, 1.0, backend=backend, strategy=strategy) if plan else None
-            for label, sched in plan:
+            models: Dict[str, EventfulModel] = {}  # one per placement (fixed at construction)
+            for label, sched, placement in plan:
                 phase(label)
-                e = _Eventful(ev, label, sched)
+                if placement not in models:
+                    models.clear()  # one eventful state in memory at a time
+                    models[placement] = convert(model, 1.0, backend=backend, strategy=strategy,
+                                                gate_placement=placement)
+                e = _Eventful(models[placement], label, sched)
                 entrants.append(e)
                 e.start()
                 for t, frame in enumerate(frames):
                     _deviation(e.run, e.step(t, prep(frame)), outputs[t])
                     tick()
                 e.finish()
+                e.ev = None  # the run is kept, not the model
         else:
-            for label, sched in plan:
-                ev = convert(model, budgets.fresh(sched[0]), backend=backend, strategy=strategy)
+            for label, sched, placement in plan:
+                ev = convert(model, budgets.fresh(sched[0]), backend=backend, strategy=strategy,
+                             gate_placement=placement)
                 entrants.append(_Eventful(ev, label, sched))
             for e in entrants:
                 e.start()
