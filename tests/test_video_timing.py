@@ -236,6 +236,15 @@ def test_cli_errors_are_one_line(argv, message, capsys, tmp_path):
     assert not (tmp_path / "out" / "result.json").exists()
 
 
+def test_cli_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--gate-placement", "--dtype", "--overlay", "--sequential", "--schedule", "t0.5"):
+        assert option in text
+
+
 def test_cli_error_overlay_block_out_of_range(capsys, tmp_path):
     rc = cli.main(TINY_ARGS + ["--overlay-block", "2", "--frames", "2", "--out", str(tmp_path)])
     assert rc == 2
