@@ -97,3 +97,15 @@ def normalize(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (frames.float() / 255.0 - m) / s
+
+
+def video_fps(path: str, default: float = 25.0) -> float:
+    """Frame rate of ``path`` (its first video stream's average rate), ``default`` when it cannot be read."""
+    try:
+        import av
+
+        with av.open(path) as container:
+            rate = container.streams.video[0].average_rate
+        return float(rate) if rate else default
+    except Exception:  # noqa: BLE001 - any decoder trouble: the caller only needs a plausible rate
+        return default
