@@ -40,7 +40,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from eventful_kernels.models import convert, parse_budget  # noqa: E402
+from eventful_kernels.models import convert  # noqa: E402
+from eventful_kernels.video.budgets import parse_budget  # noqa: E402
 from eventful_kernels.models.graphs import FrameGraphs  # noqa: E402
 from eventful_kernels.models.macs import DenseMacCounter  # noqa: E402
 from eventful_kernels.video import runner  # noqa: E402

@@ -38,7 +38,8 @@ import torch  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from eventful_kernels.models import convert, parse_budget  # noqa: E402
+from eventful_kernels.models import convert  # noqa: E402
+from eventful_kernels.video.budgets import parse_budget  # noqa: E402
 from eventful_kernels.video import runner  # noqa: E402
 from eventful_kernels.video.decode import normalize, read_frames, sample_video  # noqa: E402
 

@@ -3,7 +3,9 @@ import pytest
 import torch
 from tiny_timm import SAM_TOKENS, VIT_TOKENS, tiny_sam, tiny_vit, video
 
-from eventful_kernels.models import convert, make_policy, parse_budget
+from eventful_kernels.models import convert
+from eventful_kernels.nn.policies import as_policy
+from eventful_kernels.video.budgets import parse_budget
 from eventful_kernels.models.macs import DenseMacCounter
 from eventful_kernels.nn import EventfulBlock, EventfulTokenwiseBlock
 from eventful_kernels.nn.policies import Threshold, TopFraction, TopK
@@ -194,11 +196,15 @@ def test_bad_input_and_budgets():
         convert(torch.nn.Linear(3, 3))
 
 
-def test_make_and_parse_budget():
-    assert isinstance(make_policy(7), TopK) and make_policy(7).k(100) == 7
-    assert isinstance(make_policy(0.25), TopFraction) and make_policy(0.25).k(100) == 25
+def test_as_policy_and_parse_budget():
+    assert isinstance(as_policy(7), TopK) and as_policy(7).k(100) == 7
+    assert isinstance(as_policy(0.25), TopFraction) and as_policy(0.25).k(100) == 25
+    assert isinstance(as_policy(None), TopFraction) and as_policy(None).k(100) == 100
     pol = Threshold(0.1)
-    assert make_policy(pol) is pol
+    assert as_policy(pol) is pol
+    for bad in (-3, 1.5, "4", True, [2]):
+        with pytest.raises(ValueError, match="budget"):
+            as_policy(bad)
     assert parse_budget("N") == 1.0 and parse_budget("N/4") == 0.25 and parse_budget("1/8") == 0.125
     assert parse_budget("0.5") == 0.5 and parse_budget("49") == 49 and isinstance(parse_budget("49"), int)
     with pytest.raises(ValueError, match="budget"):

@@ -8,15 +8,12 @@ from ._timm import import_timm
 from .checkpoint import load_checkpoint, read_state_dict
 from .convert import convert, model_family
 from .eventful_model import EventfulModel
-from .policy import make_policy, parse_budget
 
 __all__ = [
     "EventfulModel",
     "convert",
     "import_timm",
     "load_checkpoint",
-    "make_policy",
     "model_family",
-    "parse_budget",
     "read_state_dict",
 ]

@@ -17,7 +17,7 @@ from ..nn import EventfulBlock, EventfulTokenwiseBlock
 from ._timm import import_timm
 from .eventful_model import EventfulModel
 from .hf import convert_hf, hf_family, hf_pool_geometry
-from .policy import Budget, make_policy
+from ..nn.policies import Budget, as_policy
 
 
 def model_family(model: nn.Module) -> str:
@@ -83,7 +83,7 @@ def convert(
     A Hugging Face encoder's eventful model returns a ``BaseModelOutputWithPooling`` as the dense model does.
     """
     family = model_family(model)
-    pol = make_policy(1.0 if policy is None else policy)
+    pol = as_policy(policy)
     options = {"kv_pool": kv_pool, "av_dtype": av_dtype}
     if family.startswith("hf-"):
         if kv_pool:

@@ -17,7 +17,7 @@ from ..nn.strategy import check_strategy
 from .graphs import FrameGraphs, TensorAddresses
 from .screen import FrameScreen
 from .macs import OutsideMacCounter
-from .policy import Budget, make_policy
+from ..nn.policies import Budget, as_policy
 
 _EVENTFUL_BLOCKS = (EventfulBlock, EventfulTokenwiseBlock)
 
@@ -274,7 +274,9 @@ class EventfulModel(nn.Module):
 
     def set_budget(self, budget: Budget) -> None:
         """Change the per-block budget from the next frame on: int tokens, float fraction, or a policy object."""
-        pol = make_policy(budget)
+        if budget is None:
+            raise ValueError("eventful: set_budget: a budget must be an int, a float or a Policy, got None")
+        pol = as_policy(budget)
         set_policy(self.model, pol)
         self.policy = pol
 

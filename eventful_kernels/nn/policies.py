@@ -135,16 +135,20 @@ class Threshold(Policy):
         return f"Threshold(h={self._h}, capacity={self._capacity}{trim})"
 
 
+Budget = Union[int, float, Policy]
+
+
 def as_policy(value: Union[None, int, float, Policy]) -> Policy:
-    """``None`` -> ``TopFraction(1.0)``; int -> ``TopK``; float -> ``TopFraction``; a Policy is returned as is."""
+    """A budget as a policy: ``None`` -> ``TopFraction(1.0)`` (all tokens); ``int r`` -> ``TopK(r)``; ``float f`` ->
+    ``TopFraction(f)`` (``0 <= f <= 1``); a :class:`Policy` is returned as is. ``ValueError`` naming the budget for
+    anything else (bool, str, negative r, f outside [0, 1])."""
     if value is None:
         return TopFraction(1.0)
     if isinstance(value, Policy):
         return value
-    if isinstance(value, bool):
-        raise ValueError(f"eventful: a budget must be an int, float or Policy, got {value!r}")
-    if isinstance(value, Integral):
-        return TopK(int(value))
-    if isinstance(value, Real):
-        return TopFraction(float(value))
-    raise ValueError(f"eventful: a budget must be an int, float or Policy, got {value!r}")
+    if isinstance(value, (bool, str)) or not isinstance(value, Real):
+        raise ValueError(f"eventful: a budget must be an int, a float or a Policy, got {value!r}")
+    try:
+        return TopK(int(value)) if isinstance(value, Integral) else TopFraction(float(value))
+    except ValueError as e:
+        raise ValueError(f"eventful: budget {value!r}: {e}") from None

@@ -25,7 +25,8 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..models import EventfulModel, make_policy
+from ..models import EventfulModel
+from ..nn.policies import as_policy
 from ..nn.policies import Policy
 from . import slots
 from .errors import CapacityError, StreamError, StreamEvicted, StreamNotOpen
@@ -122,7 +123,7 @@ class ReplicaCore:
         ``{"stream", "start": "flush" | "resumed", "frame"}``."""
         if stream is None:
             raise StreamError("argument 'stream' must not be None")
-        policy = make_policy(1.0 if budget is None and checkpoint is None else
+        policy = as_policy(1.0 if budget is None and checkpoint is None else
                              checkpoint.budget if budget is None else budget)
         if stream not in self.streams and len(self.streams) >= self.max_streams:
             raise CapacityError(f"stream {stream!r}: the replica holds max_streams={self.max_streams} streams; "
@@ -155,7 +156,7 @@ class ReplicaCore:
     def set_budget(self, stream, budget) -> None:
         """``stream``'s budget from its next frame on (int tokens, float fraction or a policy)."""
         s = self._get(stream)
-        s.budget = make_policy(budget)
+        s.budget = as_policy(budget)
         s.last_seen = self.clock()
 
     def evict_idle(self) -> List[Hashable]:

@@ -10,13 +10,30 @@ from __future__ import annotations
 import math
 from typing import List, Tuple, Union
 
-from ..models import make_policy
-from ..models import parse_budget as _parse_topk
-from ..nn.policies import Policy, Threshold
+from ..nn.policies import Policy, Threshold, as_policy
 
 Budget = Union[int, float, Threshold]
 
 THRESHOLD_FORM = "t<threshold>[:<capacity>], e.g. t0.5 or t0.5:49"
+
+
+def _parse_topk(text: str) -> Union[int, float]:
+    """``"49"`` -> 49 tokens, ``"0.25"`` or ``"1/4"`` -> fraction 0.25, ``"N"`` -> all tokens (1.0), ``"N/8"`` ->
+    0.125."""
+    t = text.strip()
+    try:
+        if t.upper() == "N":
+            return 1.0
+        if t.upper().startswith("N/"):
+            return 1.0 / float(t[2:])
+        if "/" in t:
+            num, den = t.split("/", 1)
+            return float(num) / float(den)
+        if any(ch in t for ch in ".eE"):
+            return float(t)
+        return int(t)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"budget {text!r}: expected N, N/<d>, a fraction like 0.25 or a token count") from None
 
 
 def parse_budget(text: str) -> Budget:
@@ -41,7 +58,7 @@ def parse_budget(text: str) -> Budget:
     if isinstance(b, float) and not math.isfinite(b):
         raise ValueError(f"budget {text!r}: expected N, N/<d>, a fraction like 0.25 or a token count")
     try:
-        make_policy(b)
+        as_policy(b)
     except ValueError:
         what = "a fraction must lie in (0, 1]" if isinstance(b, float) else "a token count must be >= 1"
         raise ValueError(f"budget {text!r}: {what}") from None
@@ -88,7 +105,7 @@ def budget_label(text: str, budget: Budget) -> str:
 
 def tokens_for(budget: Budget, n_tokens: int) -> int:
     """Tokens re-processed per block: the top-k size, or a threshold's capacity (the most it may select)."""
-    pol = make_policy(fresh(budget))
+    pol = as_policy(fresh(budget))
     if isinstance(pol, Threshold):
         return pol.capacity_for(n_tokens)
     return pol.k(n_tokens)

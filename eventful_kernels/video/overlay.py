@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models import EventfulModel, make_policy
+from ..models import EventfulModel
+from ..nn.policies import as_policy
 from .decode import normalize
 
 TARGET_SIZE = 384  # display size of the picture panel, in pixels (cells of whole pixels: close to it)
@@ -83,7 +84,7 @@ def record(ev: EventfulModel, frames: torch.Tensor, mean, std, budget, grid: Tup
     the patches each block re-processed, ``bool [T, blocks, rows, cols]``, and the GFLOPs of each frame."""
     p = next(ev.parameters())
     ev.reset()
-    ev.set_budget(make_policy(budget))
+    ev.set_budget(as_policy(budget))
     rec = SelectionRecorder(ev, grid)
     maps, gflops = [], []
     try:

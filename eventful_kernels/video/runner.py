@@ -15,7 +15,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..models import EventfulModel, convert, import_timm, load_checkpoint, make_policy
+from ..models import EventfulModel, convert, import_timm, load_checkpoint
+from ..nn.policies import as_policy
 from ..models.macs import DenseMacCounter
 from ..nn.linear import PackedGroup, PackedLinear
 from . import budgets
@@ -249,7 +250,7 @@ class _Eventful:
     def step(self, t: int, x: torch.Tensor) -> torch.Tensor:
         if t in self.schedule:
             self.current = self.schedule[t]
-            self.ev.set_budget(make_policy(budgets.fresh(self.current)))
+            self.ev.set_budget(as_policy(budgets.fresh(self.current)))
         self._k = []
         y, ms = _timed(self.ev, x)
         run = self.run
