@@ -68,6 +68,17 @@ def test_policy_fused_forms_and_status():
     assert TokenNormTopFraction(0.5).fused().k(197) == 98
     assert isinstance(TokenNormThreshold(0.3).fused(), Threshold)
     assert TokenNormTopK(7, order=1).fused() is None
+
+    class Lowest(TokenNormTopK):  # a subclass with its own selection is called, never fused
+        def forward(self, x, dim=-1):
+            return (-torch.linalg.vector_norm(x, dim=dim)).topk(self.k, dim=-1).indices.sort(-1).values
+
+    assert Lowest(3).fused() is None
+    gate = TokenGate()
+    gate.policy = Lowest(2)
+    gate(torch.zeros(1, 5, 2))
+    _, index = gate(torch.tensor([[[3.0, 0], [0.1, 0], [2.0, 0], [0.0, 0], [5.0, 0]]]))
+    assert index.tolist() == [[1, 3]]
     p = TokenNormTopK(3, save_status=True)
     assert p.fused() is None
     e = torch.randn(1, 10, 4)

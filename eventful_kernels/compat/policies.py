@@ -30,8 +30,11 @@ class _NormPolicy(ExtendedModule):
 
     def fused(self) -> Optional[Policy]:
         """The :mod:`eventful_kernels.nn.policies` policy the gates' fused kernels apply for this one, or None when
-        the gate must call this policy on the errors (a norm other than L2, or the policy records its calls)."""
-        return None
+        the gate must call this policy on the errors (a norm other than L2, a policy that records its calls, or a
+        subclass with its own ``forward``)."""
+        if self.order != 2 or type(self).forward is not type(self)._FORWARD:
+            return None
+        return self._ours()
 
 
 def _top(norms: Tensor, k: int) -> Tensor:
@@ -61,8 +64,8 @@ class TokenNormTopK(_NormPolicy):
             self.last_input, self.last_output = x.clone(), out.clone()
         return out
 
-    def fused(self) -> Optional[Policy]:
-        return TopK(self.k) if self.order == 2 and not self.save_status else None
+    def _ours(self) -> Optional[Policy]:
+        return None if self.save_status else TopK(self.k)
 
 
 class TokenNormTopFraction(_NormPolicy):
@@ -77,8 +80,8 @@ class TokenNormTopFraction(_NormPolicy):
         norms = self._norms(x, dim)
         return _top(norms, TopFraction(self.fraction).k(norms.shape[-1]))
 
-    def fused(self) -> Optional[Policy]:
-        return TopFraction(self.fraction) if self.order == 2 else None
+    def _ours(self) -> Policy:
+        return TopFraction(self.fraction)
 
 
 class TokenNormThreshold(_NormPolicy):
@@ -97,5 +100,9 @@ class TokenNormThreshold(_NormPolicy):
         k = int(count.max()) if count.numel() else 0
         return index[:, :k].reshape(*norms.shape[:-1], k)
 
-    def fused(self) -> Optional[Policy]:
-        return Threshold(float(self.threshold), trim=True) if self.order == 2 else None
+    def _ours(self) -> Policy:
+        return Threshold(float(self.threshold), trim=True)
+
+
+for _cls in (TokenNormTopK, TokenNormTopFraction, TokenNormThreshold):
+    _cls._FORWARD = _cls.forward
