@@ -2,7 +2,7 @@
 frames pass through an empty one), later frames reuse it without recompiling, and the output equals eager.
 
 The packed oneDNN linears stay on: the eager frames (the flush, refreshes) use them, and inside the compiled graph
-they step aside for ``F.linear``.
+they are the custom op ``eventful_nn.packed_linear`` (or plain ``F.linear`` with ``PackedLinear.in_graph = False``).
 """
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ def test_torch_compile_steady_frame_is_one_graph(kind):
     ops = _graph_ops(steady)
     assert "eventful.token_gate" in ops and "eventful.scatter_rows_" in ops and "eventful.qk_update_" in ops
     assert "isfinite" in ops  # the frame screen is part of the graph
+    assert "eventful_nn.packed_linear" in ops  # the gated linears keep their packed weights in the graph
     assert ev.frames_since_flush == 6 and ev.macs_last_frame() == eager.macs_last_frame()
 
 
@@ -84,6 +85,19 @@ def test_torch_compile_with_inductor_and_packed_linears():
             if t == 0:
                 assert _packed_in_use(ev.model)  # the flush ran eagerly on the packed weights
         assert counter.frame_count == 2 and recompiles.count == 0
+
+
+def test_graph_linears_plain_when_asked(monkeypatch):
+    monkeypatch.setattr(PackedLinear, "in_graph", False)
+    dense = tiny_vit()
+    ev, eager = convert(dense, 0.4, strategy="eventful"), convert(dense, 0.4, strategy="eventful")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(ev, backend=counter, fullgraph=True, dynamic=False)
+    for t, x in enumerate(video(4, 32, batch=2)):
+        torch.testing.assert_close(compiled(x), eager(x), **TOL, msg=f"frame {t}")
+    ops = _graph_ops(counter.graphs[1])
+    assert "packed_linear" not in ops and "function linear>" in ops and counter.frame_count == 2
 
 
 def test_eager_frames_under_torch_compile_refresh_and_failure():

@@ -5,7 +5,9 @@ stock ``F.linear`` (MKL sgemm on an unpacked ``[out, in]`` weight) re-packs the 
 at ~70% of its large-M rate; a weight reordered once into oneDNN's blocked layout runs small-M products near the
 large-M rate (measured 2 threads, M=49, D=768: 105 -> ~190 GFLOP/s). The packed copy is made lazily and costs one
 extra copy of the weights. Anything the packed path does not cover (CUDA, float16 without CPU support, no oneDNN,
-``EVENTFUL_PACKED_LINEAR=0``, tracing by ``torch.compile``) runs the module as it is.
+``EVENTFUL_PACKED_LINEAR=0``) runs the module as it is. Inside a ``torch.compile`` graph the packed product is
+the custom op ``torch.ops.eventful_nn.packed_linear`` (opaque to the compiler, which sees its output shape only), so
+compiled frames keep the packed weights; ``PackedLinear.in_graph = False`` makes them plain ``F.linear`` there.
 
 A packed copy is a cache of the weight, so it must never outlive the values it was made from:
 
@@ -75,6 +77,12 @@ def packing_enabled() -> bool:
     return os.environ.get("EVENTFUL_PACKED_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
 
 
+@torch.compiler.assume_constant_result
+def _packing_on() -> bool:
+    """:func:`packing_enabled`, read once per compilation inside a ``torch.compile`` graph (a constant there)."""
+    return packing_enabled()
+
+
 def _fusable_activation(act: nn.Module) -> Optional[Tuple[str, str]]:
     """oneDNN post-op ``(attr, algorithm)`` equal to ``act``, or None when it cannot be fused."""
     if type(act) is nn.GELU:
@@ -122,6 +130,21 @@ class PackedGroup:
         return {"active": False, "_epoch": -1, "_runners": [], "_views": [], "_expected": b""}
 
 
+_RUNNERS: "weakref.WeakValueDictionary[int, PackedLinear]" = weakref.WeakValueDictionary()  # handle -> runner
+
+
+@torch.library.custom_op("eventful_nn::packed_linear", mutates_args=())
+def packed_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], handle: int) -> Tensor:
+    """``PackedLinear`` number ``handle`` applied to ``x`` (its packed product and fused activation), as one op of a
+    compiled graph. ``weight`` / ``bias`` are that linear's, passed so the graph depends on them."""
+    return _RUNNERS[handle].eager(x)
+
+
+@packed_linear_op.register_fake
+def _packed_linear_fake(x, weight, bias, handle):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 class PackedLinear:
     """``linear(x)`` (optionally followed by ``activation``) for ``x [..., in]`` -> ``[..., out]``.
 
@@ -147,9 +170,13 @@ class PackedLinear:
         self._fp_view: Optional[np.ndarray] = None  # the same bytes of the weight now (a view of its memory)
         self._group: Optional[PackedGroup] = None
         _LIVE.add(self)
+        self._handle = id(self)
+        _RUNNERS[self._handle] = self
 
     # Compare the sampled bytes; False only to measure what the comparison costs.
     check_fingerprint: bool = True
+    # Inside a torch.compile graph: the packed product as a custom op (True) or plain F.linear (False).
+    in_graph: bool = True
 
     def runners(self) -> List["PackedLinear"]:
         return [self]
@@ -167,26 +194,31 @@ class PackedLinear:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         _LIVE.add(self)
+        self._handle = id(self)
+        _RUNNERS[self._handle] = self
 
     def _weight_key(self, w: Tensor) -> tuple:
         # The packed source is kept alive in the key, so its address cannot be reused by a new weight while cached.
         return (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape), tuple(w.stride()))
 
+    def _packable(self, x: Tensor) -> bool:
+        w = self.linear.weight
+        return (
+            self._exact
+            and x.device.type == "cpu"
+            and w.device.type == "cpu"
+            and x.dtype == w.dtype
+            and w.dtype in _PACKED_DTYPES
+            and w.is_contiguous()
+            and not (w.requires_grad and torch.is_grad_enabled())
+            and _packing_on()
+        )
+
     def packed_weight(self, x: Tensor) -> Optional[Tensor]:
         """The reordered weight usable for ``x``, (re)packed when the weight changed; None when not applicable."""
-        w = self.linear.weight
-        if (
-            not self._exact
-            or x.device.type != "cpu"
-            or w.device.type != "cpu"
-            or x.dtype != w.dtype
-            or w.dtype not in _PACKED_DTYPES
-            or not w.is_contiguous()
-            or w.requires_grad and torch.is_grad_enabled()
-            or torch.compiler.is_compiling()  # the packed call reads storage pointers: run F.linear in a graph
-            or not packing_enabled()
-        ):
+        if not self._packable(x) or torch.compiler.is_compiling():  # in a graph: packed_linear_op instead
             return None
+        w = self.linear.weight
         key = self._weight_key(w)
         if self._key == key and (
             self._fp_view is None  # not packed
@@ -208,6 +240,13 @@ class PackedLinear:
         return self._packed
 
     def __call__(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() and PackedLinear.in_graph and self._packable(x):
+            bias = self.linear.bias
+            return packed_linear_op(x, self.linear.weight, None if bias is None else bias, self._handle)
+        return self.eager(x)
+
+    def eager(self, x: Tensor) -> Tensor:
+        """``activation(linear(x))`` on the packed weight when it applies, else as the modules define it."""
         packed = self.packed_weight(x)
         if packed is None:
             y = F.linear(x, self.linear.weight, self.linear.bias) if self._exact else self.linear(x)
