@@ -1,11 +1,12 @@
 """``torch.compile(model)`` against eager on a converted ViT-B/16 at 224 px (197 tokens), CPU.
 
-    python benchmarks/bench_compile.py [--frames 40] [--budget N/4] [--threads 2] [--backend inductor]
-                                       [--out benchmarks/results/compile_cpu.json]
+    python benchmarks/bench_compile.py [--frames 20] [--budget N/4] [--threads 2] [--backend inductor]
+                                       [--graph-linears packed|plain] [--out benchmarks/results/compile_cpu.json]
 
 Two converted models share one dense timm model (random seeded weights: timing does not depend on the values):
 one runs eagerly (packed oneDNN linears, fused ops), the other through ``torch.compile(model)`` (default options:
-inductor; inside the graph the linears are ``F.linear``). Both flush on frame 0; the compiled model's first
+inductor; inside the graph the gated linears are the packed custom op, or ``F.linear`` with
+``--graph-linears plain``). Both flush on frame 0; the compiled model's first
 steady-state frame compiles (its wall time is reported as the compile time); then every frame goes through both,
 the order alternating frame by frame, and the medians of the per-frame wall times are compared. The outputs are
 compared too (max abs difference). Frames: a fixed random background with per-frame noise and a moving bright
@@ -28,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from eventful_kernels.models import convert, import_timm, parse_budget  # noqa: E402
+from eventful_kernels.nn.linear import PackedLinear  # noqa: E402
 
 
 def frames(n: int, size: int = 224, seed: int = 0):
@@ -50,14 +52,17 @@ def timed(fn, x):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="vit_base_patch16_224")
-    ap.add_argument("--frames", type=int, default=40, help="timed steady-state frames (each through both models)")
+    ap.add_argument("--frames", type=int, default=20, help="timed steady-state frames (each through both models)")
     ap.add_argument("--budget", default="N/4")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backend", default="inductor", help="torch.compile backend")
     ap.add_argument("--strategy", default=None, help="attention strategy of the global blocks (default: auto)")
+    ap.add_argument("--graph-linears", choices=["packed", "plain"], default="packed",
+                    help="gated linears inside the compiled graph: the packed custom op or F.linear")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    PackedLinear.in_graph = args.graph_linears == "packed"
     torch.manual_seed(0)
     dense = import_timm().create_model(args.model).eval()
     budget = parse_budget(args.budget)
@@ -92,6 +97,8 @@ def main() -> None:
         "tokens_selected": eager.eventful_blocks()[0].policy.k(197),
         "attention_modes": eager.attention_modes(),
         "backend": args.backend,
+        "graph_linears": args.graph_linears,
+        "load_average": os.getloadavg(),
         "frames": args.frames,
         "compile_s": compile_ms / 1e3,
         "median_ms": med,
