@@ -7,7 +7,10 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 pip install -q --disable-pip-version-check torch==2.13.0
+# requirements.txt includes ray (core only) for eventful_kernels.serve: ~45 s, no torch among its dependencies.
 pip install -q --disable-pip-version-check -r requirements.txt
-# timm and torchvision without their deps: their declared deps would replace the pinned torch.
-pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+# timm, torchvision, transformers ... without their deps: timm's and torchvision's would replace the pinned torch.
+# --no-compile: transformers ships ~4000 modules; byte-compiling them all costs minutes on 2 cores, while an import
+# compiles (and caches) only the few it uses.
+pip install -q --disable-pip-version-check --no-deps --no-compile -r requirements-nodeps.txt
 pip install -q --disable-pip-version-check --no-build-isolation -e .

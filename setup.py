@@ -1,14 +1,28 @@
 """Build eventful_kernels._C: the CPU C++ ops always; CUDA kernels when a CUDA build of torch and nvcc exist.
 
 EVENTFUL_CUDA=1 forces the CUDA build (fails without a toolkit), EVENTFUL_CUDA=0 disables it; unset = auto.
+The library is compiled against the torch installed in the build environment, so build without isolation
+(`pip install --no-build-isolation .`, `python -m build --no-isolation --wheel`) after installing torch.
+The public headers (csrc/include/eventful/) are copied into the package as eventful_kernels/include/.
 """
 import glob
 import os
+import shutil
 
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension
+from setuptools.command.build_py import build_py
+
+try:
+    from torch.utils import cpp_extension
+except ImportError as exc:
+    raise SystemExit(
+        "eventful-kernels: building needs torch installed in the build environment (the C++ library is compiled "
+        "against it). Install torch first, then build without isolation: "
+        "`pip install --no-build-isolation .` or `python -m build --no-isolation --wheel`."
+    ) from exc
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+INCLUDE = os.path.join(ROOT, "csrc", "include")
 
 
 def _want_cuda() -> bool:
@@ -21,12 +35,10 @@ def _want_cuda() -> bool:
 
 
 def _extension():
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # the contract and check ops (csrc/*.cpp) and the CPU kernels, one file per op family (csrc/README.md)
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp"]
-    kwargs = dict(
-        include_dirs=[os.path.join(ROOT, "csrc", "include")],
-        extra_link_args=["-fopenmp"],
-    )
+    kwargs = dict(include_dirs=[INCLUDE], extra_link_args=["-fopenmp"])
     if _want_cuda():
         # kernels (*.cu) and the op/registration files that call them (*.cpp); see tools/check_cuda_compile.py
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
@@ -38,8 +50,23 @@ def _extension():
     return cpp_extension.CppExtension("eventful_kernels._C", sources, **kwargs)
 
 
+class BuildPyWithHeaders(build_py):
+    """Installs the public headers with the package (eventful_kernels/include/eventful/*.h)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):  # an editable install finds them in csrc/include
+            return
+        target = os.path.join(self.build_lib, "eventful_kernels", "include")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(INCLUDE, target)
+
+
 setup(
     packages=find_packages(include=["eventful_kernels", "eventful_kernels.*"]),
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={
+        "build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True),
+        "build_py": BuildPyWithHeaders,
+    },
 )

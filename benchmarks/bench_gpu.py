@@ -25,6 +25,7 @@ operation counts do not depend on them. Runs on CPU too (``--device cpu``: no gr
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import json
 import os
@@ -237,6 +238,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = {
+        "kind": "gpu_e2e",
+        "date": datetime.date.today().isoformat(),
+        "command": "python benchmarks/bench_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "dtype": args.dtype,

@@ -1,86 +1,223 @@
-"""Op microbenchmarks (CPU): each fused op vs the standard-PyTorch composition, plus a plain copy of the same bytes
-for the data-movement ops. ViT-B shapes: D = 768 (tokens), H = 12 heads of d = 64 (attention), N in {196, 1024,
-4096}, K in {N/16, N/4}, float32, int64 index, B = 1.
+"""Op microbenchmarks, CPU or GPU: each fused op against the standard-PyTorch composition (compositions.py) and,
+for the ops that move data, a plain copy of the bytes the op must move.
 
-    python -m pytest benchmarks/bench_ops.py --benchmark-json results/ops.json
-    python benchmarks/report.py results/ops.json      # markdown table with ratios
+The implementations of one case run interleaved, round by round (fused, composition, copy, fused, ...), so load on
+a shared machine hits them alike; each reports the median and the minimum of its rounds. Like is compared with
+like: an op that returns a new tensor (gather_rows, gather_cols) is measured against a copy that allocates its
+output too, an in-place op against a copy into a preallocated tensor.
+
+    python benchmarks/bench_ops.py --out benchmarks/results/ops_cpu.json            # CPU, 2 threads
+    python benchmarks/bench_ops.py --device cuda --dtype fp16 --sizes 4096:256 --out results/ops_cuda.json
+    python benchmarks/render.py                                                     # tables into README.md
+
+Shapes (ViT-B): tokens D = 768, attention H = 12 heads of d = 64, B = 1, int64 index of K distinct sorted ids.
+``fused_unchecked`` (GPU only) passes ``check_index=False``: no index value check, hence no host sync.
 """
-import pytest
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
 import torch
 
-from eventful_kernels import ops
-
-import compositions as comp
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compositions as comp  # noqa: E402
 
 D, H, HD = 768, 12, 64
-SIZES = [(n, k) for n in (196, 1024, 4096) for k in (n // 16, n // 4)]
+OPS = ["gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "token_gate", "token_gate_threshold",
+       "token_delta_gate", "qk_update_", "qk_update_relpos_", "av_delta_update_"]
+FUNCTION = {"qk_update_relpos_": "qk_update_"}  # case -> op name
+TAKES_INDEX = {"gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "qk_update_", "qk_update_relpos_",
+               "av_delta_update_"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_SIZES = "196:12,196:49,1024:64,1024:256,4096:256,4096:1024"
 
 
-def _index(n, k, b=1):
-    return torch.stack([torch.randperm(n)[:k].sort().values for _ in range(b)])
+class Case:
+    """One op at one (N, K): ``args`` for the op and the composition, ``nbytes`` the op must move at least, and a
+    ``copy`` of those bytes (None for ops that compute)."""
+
+    def __init__(self, op: str, n: int, k: int, dtype: torch.dtype, device: str, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.op, self.n, self.k = op, n, k
+        es = torch.tensor([], dtype=dtype).element_size()
+
+        def rnd(*shape):
+            return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+        idx = torch.randperm(n, generator=g)[:k].sort().values[None].to(device)
+        self.copy: Optional[Callable] = None
+        if op in ("gather_rows", "scatter_rows_"):
+            x, src = rnd(1, n, D), rnd(1, k, D)
+            self.args = (x, idx) if op == "gather_rows" else (x, idx, src)
+            self.nbytes = 2 * k * D * es
+            self.copy = (lambda: x[:, :k].clone()) if op == "gather_rows" else (lambda: x[:, :k].copy_(src))
+        elif op in ("gather_cols", "scatter_cols_"):
+            a, src = rnd(1, H, n, n), rnd(1, H, n, k)
+            self.args = (a, idx) if op == "gather_cols" else (a, idx, src)
+            self.nbytes = 2 * H * n * k * es
+            self.copy = (lambda: a[..., :k].clone()) if op == "gather_cols" else (lambda: a[..., :k].copy_(src))
+        elif op.startswith("token_"):
+            c = rnd(1, n, D)
+            ref = c + 0.1 * rnd(1, n, D)
+            if op == "token_gate_threshold":
+                h = float((c - ref).float().norm(dim=-1).quantile(1 - k / n))
+                self.args = (c, ref, h, k)
+            else:
+                self.args = (c, ref, k)
+            self.nbytes = (2 * n * D + (5 if op == "token_delta_gate" else 3) * k * D) * es
+        elif op in ("qk_update_", "qk_update_relpos_"):
+            q, kk, logits = rnd(1, H, n, HD), rnd(1, H, n, HD), rnd(1, H, n, n)
+            self.args = (logits, q, kk, idx, idx.clone(), HD ** -0.5)
+            self.nbytes = (2 * H * n * HD + 2 * H * n * k) * es
+            if op == "qk_update_relpos_":
+                side = int(round(n ** 0.5))
+                if side * side != n:
+                    raise ValueError(f"{op} needs a square token grid, N = {n} is not one")
+                self.args += (rnd(1, H, n, side), rnd(1, H, n, side))
+                self.nbytes += 2 * H * n * side * es
+        elif op == "av_delta_update_":
+            out, vn, vr = rnd(1, H, n, HD), rnd(1, H, n, HD), rnd(1, H, n, HD)
+            an, ar = torch.softmax(rnd(1, H, n, n), -1), torch.softmax(rnd(1, H, n, n), -1)
+            self.args = (out, an, ar, vn, vr, idx)
+            self.nbytes = (4 * H * n * k + 2 * H * n * HD + 4 * H * k * HD) * es
+        else:
+            raise KeyError(op)
+
+    def implementations(self, device: str) -> Dict[str, Callable]:
+        from eventful_kernels import ops
+
+        fused = getattr(ops, FUNCTION.get(self.op, self.op))
+        composition = getattr(comp, self.op)
+        impls = {"fused": lambda: fused(*self.args), "composition": lambda: composition(*self.args)}
+        if device != "cpu" and self.op in TAKES_INDEX:
+            impls["fused_unchecked"] = lambda: fused(*self.args, check_index=False)
+        if self.copy is not None:
+            impls["copy"] = self.copy
+        return impls
 
 
-def _case(op, n, k):
-    """(args builder, fused fn, composition fn, copy fn or None)."""
-    g = torch.Generator().manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    idx = _index(n, k)
-    if op == "gather_rows":
-        x, y = rnd(1, n, D), torch.empty(1, k, D)
-        return (x, idx), ops.gather_rows, comp.gather_rows, lambda: y.copy_(x[:, :k])
-    if op == "scatter_rows_":
-        dst, src = rnd(1, n, D), rnd(1, k, D)
-        return (dst, idx, src), ops.scatter_rows_, comp.scatter_rows_, lambda: dst[:, :k].copy_(src)
-    if op == "gather_cols":
-        x, y = rnd(1, H, n, n), torch.empty(1, H, n, k)
-        return (x, idx), ops.gather_cols, comp.gather_cols, lambda: y.copy_(x[..., :k])
-    if op == "scatter_cols_":
-        dst, src = rnd(1, H, n, n), rnd(1, H, n, k)
-        return (dst, idx, src), ops.scatter_cols_, comp.scatter_cols_, lambda: dst[..., :k].copy_(src)
-    if op == "token_gate":
-        return (rnd(1, n, D), rnd(1, n, D), k), ops.token_gate, comp.token_gate, None
-    if op == "token_gate_threshold":
-        c, ref = rnd(1, n, D), rnd(1, n, D)
-        h = float((c - ref).norm(dim=-1).quantile(1 - k / n))
-        return (c, ref, h, k), ops.token_gate_threshold, comp.token_gate_threshold, None
-    if op == "token_delta_gate":
-        return (rnd(1, n, D), rnd(1, n, D), k), ops.token_delta_gate, comp.token_delta_gate, None
-    if op == "qk_update_":
-        q, kk = rnd(1, H, n, HD), rnd(1, H, n, HD)
-        logits = rnd(1, H, n, n)
-        return (logits, q, kk, idx, idx, HD**-0.5), ops.qk_update_, comp.qk_update_, None
-    if op == "qk_update_relpos_":  # SAM global attention: N = Gh*Gw tokens on a square grid
-        side = int(n**0.5)
-        if side * side != n:
-            return None
-        q, kk = rnd(1, H, n, HD), rnd(1, H, n, HD)
-        logits, rel_h, rel_w = rnd(1, H, n, n), rnd(1, H, n, side), rnd(1, H, n, side)
-        args = (logits, q, kk, idx, idx, HD**-0.5, rel_h, rel_w)
-        return args, ops.qk_update_, comp.qk_update_relpos_, None
-    if op == "av_delta_update_":
-        out, vn, vr = rnd(1, H, n, HD), rnd(1, H, n, HD), rnd(1, H, n, HD)
-        an, ar = rnd(1, H, n, n), rnd(1, H, n, n)
-        return (out, an, ar, vn, vr, idx), ops.av_delta_update_, comp.av_delta_update_, None
-    raise KeyError(op)
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
-OPS = [
-    "gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "token_gate", "token_gate_threshold",
-    "token_delta_gate", "qk_update_", "qk_update_relpos_", "av_delta_update_",
-]
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("impl", ["fused", "composition", "copy"])
-@pytest.mark.parametrize("n,k", SIZES, ids=[f"N{n}-K{k}" for n, k in SIZES])
-@pytest.mark.parametrize("op", OPS)
-def test_op(benchmark, op, n, k, impl):
-    case = _case(op, n, k)
-    if case is None:
-        pytest.skip(f"{op} needs a square token grid, N = {n} is not one")
-    args, fused, composition, copy = case
-    if impl == "copy" and copy is None:
-        pytest.skip("copy yardstick only for data-movement ops")
-    fn = {"fused": lambda: fused(*args), "composition": lambda: composition(*args), "copy": copy}[impl]
-    benchmark.group = f"{op} N={n} K={k}"
-    benchmark.extra_info.update(op=op, n=n, k=k, impl=impl, threads=torch.get_num_threads())
-    benchmark.pedantic(fn, rounds=10, iterations=1, warmup_rounds=2)
+def time_interleaved(impls: Dict[str, Callable], device: str, rounds: int, budget_s: float) -> Dict[str, Dict]:
+    """Run every implementation once per round, in turn; stop after ``rounds`` rounds or ``budget_s`` seconds
+    (at least 3 rounds). Returns per implementation the median, min and 90th percentile in ms and the rounds."""
+    for fn in impls.values():  # warm-up: allocator, autotuning, code paths
+        for _ in range(2):
+            fn()
+    _sync(device)
+    times: Dict[str, List[float]] = {name: [] for name in impls}
+    start = time.perf_counter()
+    for r in range(rounds):
+        for name, fn in impls.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        if r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return {name: {"median_ms": statistics.median(t), "min_ms": min(t),
+                   "p90_ms": sorted(t)[int(0.9 * (len(t) - 1))], "rounds": len(t)} for name, t in times.items()}
+
+
+def _sizes(text: str) -> List[Tuple[int, int]]:
+    out = []
+    for part in text.split(","):
+        n, k = part.split(":")
+        out.append((int(n), int(k)))
+    return out
+
+
+def _write(result: Dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def run(ops: List[str], sizes: List[Tuple[int, int]], dtype: str, device: str, rounds: int,
+        budget_s: float, out: Optional[str] = None, log=print) -> Dict:
+    """Measure every (op, N, K); the result is plain data (see render.py for the tables), written to ``out``
+    after every case, so a run cut short keeps what it measured."""
+    import eventful_kernels  # noqa: F401  (loads the ops)
+
+    results: List[Dict] = []
+    result = {
+        "kind": "ops",
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name(),
+        "device_type": "cuda" if device.startswith("cuda") else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "dtype": dtype,
+        "shape": {"D": D, "H": H, "d": HD, "B": 1},
+        "command": "python benchmarks/bench_ops.py " + " ".join(sys.argv[1:]),
+        "results": results,
+    }
+    for op in ops:
+        for n, k in sizes:
+            try:
+                case = Case(op, n, k, DTYPES[dtype], device)
+            except ValueError as e:
+                log(f"skip {op} N={n} K={k}: {e}")
+                continue
+            timing = time_interleaved(case.implementations(device), device, rounds, budget_s)
+            results.append({"op": op, "n": n, "k": k, "bytes": case.nbytes, "times": timing})
+            fused, compo = timing["fused"]["median_ms"], timing["composition"]["median_ms"]
+            extra = f", copy {timing['copy']['median_ms']:.3f}" if "copy" in timing else ""
+            log(f"{op:22s} N={n:5d} K={k:5d}: fused {fused:.3f} ms, composition {compo:.3f}{extra} "
+                f"({compo / fused:.2f}x)")
+            del case
+            if out:
+                _write(result, out)
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--ops", default=",".join(OPS))
+    p.add_argument("--sizes", default=DEFAULT_SIZES, help="N:K pairs, comma separated")
+    p.add_argument("--rounds", type=int, default=50)
+    p.add_argument("--budget", type=float, default=3.0, help="seconds per case at most (after 3 rounds)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads torch uses (pinned)")
+    p.add_argument("--out", help="JSON file to write")
+    a = p.parse_args(argv)
+    if a.threads < 1:
+        p.error("--threads must be at least 1")
+    torch.set_num_threads(a.threads)
+    ops = [o for o in a.ops.split(",") if o]
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        p.error(f"unknown --ops {unknown}; choose from {OPS}")
+    run(ops, _sizes(a.sizes), a.dtype, a.device, a.rounds, a.budget, out=a.out)
+    if a.out:
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,7 @@
 // The eventful op contract: every schema is declared here, once. Backends register implementations in
-// csrc/cpu/*.cpp and csrc/cuda/*.cu (and eventful_kernels/triton registers CUDA kernels from Python); the Python fake
-// (meta) kernels live in eventful_kernels/ops.py. Semantics of each op: eventful_kernels/reference.py.
+// csrc/cpu/<family>.cpp and csrc/cuda/<family>.cu (and eventful_kernels/triton registers CUDA kernels from Python); the
+// Python fake (meta) kernels live beside the wrappers in eventful_kernels/ops/<family>.py. Semantics of each op:
+// eventful_kernels/reference.py. How to add an op: csrc/README.md.
 //
 // Every op defined here also gets two backend-independent kernels, so they hold for each backend, C++ or Python:
 //  - Autograd: the ops are inference-only. With grad mode on, a tensor argument that requires grad is refused
@@ -8,6 +9,9 @@
 //  - ADInplaceOrView (ops with a mutated `Tensor(a!)` argument): after the backend kernel returns, the version
 //    counter of every mutated argument is bumped once, as PyTorch's own in-place ops do, so autograd's saved-tensor
 //    checks and version-keyed caches see the write. A failed call (bad input raises before any write) bumps nothing.
+// And a companion check op, _check_<op> (trailing underscore dropped), with the op's own arguments (no alias
+// annotations) returning nothing: the argument checks of csrc/include/eventful/checks.h that every C++ kernel runs,
+// for backends written in Python (csrc/checks.cpp).
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
@@ -68,10 +72,22 @@ void inplace_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, tor
   for (const at::Tensor& t : mutated) t.unsafeGetTensorImpl()->bump_version();
 }
 
-// Declares one op and registers its Autograd (and, if it mutates an argument, ADInplaceOrView) kernel.
+// The schema of an op's check op: _check_<name without a trailing '_'>, the same arguments without alias
+// annotations, no returns.
+c10::FunctionSchema check_schema(const c10::FunctionSchema& op) {
+  std::string name = op.name();
+  if (!name.empty() && name.back() == '_') name.pop_back();
+  std::vector<c10::Argument> args;
+  for (const auto& a : op.arguments()) args.emplace_back(a.name(), a.type(), a.N(), a.default_value(), a.kwarg_only());
+  return c10::FunctionSchema("_check_" + name, "", std::move(args), {});
+}
+
+// Declares one op and its check op, and registers the op's Autograd (and, if it mutates an argument,
+// ADInplaceOrView) kernel.
 void define(torch::Library& m, const char* schema_text) {
   c10::FunctionSchema schema = torch::schema(schema_text);
   const std::string name = schema.name();
+  m.def(check_schema(schema));
   bool mutates = false;
   for (const auto& arg : schema.arguments()) mutates |= arg.alias_info() != nullptr && arg.alias_info()->isWrite();
   m.def(std::move(schema));

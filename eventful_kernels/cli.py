@@ -18,6 +18,7 @@ import torch
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .models.hf_create import PRESETS as HF_PRESETS
     from .video.runner import MODELS
 
     p = argparse.ArgumentParser(
@@ -27,11 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: eventful-video --model vit_base_patch16_224 --frames 24 --budgets N,N/2,N/4,N/8 "
         "--schedule 0:1.0,12:0.25",
     )
-    p.add_argument("--model", default="vit_base_patch16_224", help=f"timm model name; tested: {', '.join(MODELS)}")
+    p.add_argument("--model", default="vit_base_patch16_224",
+                   help=f"timm model name (tested: {', '.join(MODELS)}) or hf:<spec> for a Hugging Face encoder: a "
+                   f"preset ({', '.join(HF_PRESETS)}; random weights), a config.json or save_pretrained directory, "
+                   "or a hub id already in the local cache (never downloaded)")
     p.add_argument("--model-kwargs", default="{}",
-                   help="JSON dict passed to timm.create_model (e.g. tiny test configs)")
-    p.add_argument("--checkpoint", default=None, help="timm-format weights (.safetensors or state-dict file); "
-                   "default: random init (seeded)")
+                   help="JSON dict passed to timm.create_model, or config fields of an hf: model (e.g. tiny test "
+                   "configs)")
+    p.add_argument("--checkpoint", default=None, help="weights (.safetensors or state-dict file; timm format, or an "
+                   "hf: model's own key names); default: random init (seeded)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--video", default="bigbuckbunny", help="path to a video file, or a bundled sample: "
                    "bigbuckbunny, bikes")
@@ -61,10 +66,11 @@ def _fmt_table(result: Dict) -> str:
     if has_top1:
         head.append("top-1 agree")
     blank = [""] if dp is not None else []
-    rows = [["dense timm", str(result["tokens"]), f"{d['ms_median']:.1f}", f"{d['gflops_mean']:.2f}",
+    dense_label = "dense " + result.get("framework", "timm")
+    rows = [[dense_label, str(result["tokens"]), f"{d['ms_median']:.1f}", f"{d['gflops_mean']:.2f}",
              "1.00x"] + blank + ["1.00x", "", ""] + ([""] if has_top1 else [])]
     if dp is not None:
-        rows.append(["dense timm, packed linears", str(result["tokens"]), f"{dp['ms_median']:.1f}",
+        rows.append([f"{dense_label}, packed linears", str(result["tokens"]), f"{dp['ms_median']:.1f}",
                      f"{dp['gflops_mean']:.2f}", f"{d['ms_median'] / dp['ms_median']:.2f}x", "1.00x", "1.00x", "",
                      ""] + ([""] if has_top1 else []))
     for b in result["budgets"]:
@@ -134,6 +140,7 @@ def run(args: argparse.Namespace) -> Dict:
     out = {
         "model": args.model,
         "model_kwargs": json.loads(args.model_kwargs),
+        "framework": "HF" if runner.is_hf(model) else "timm",
         "checkpoint": args.checkpoint,
         "input_size": size,
         "tokens": n_tokens,

@@ -152,7 +152,7 @@ def _assert_matches(name: str, args: dict, got, want) -> None:
 
 def test_every_op_has_its_autograd_and_inplace_kernels():
     names = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("eventful::"))
-    assert names == sorted(OPS)
+    assert names == sorted(OPS + tuple("_check_" + n.rstrip("_") for n in OPS))
     for name in OPS:
         schema = getattr(E, name).default._schema
         mutated = tuple(a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write)
@@ -422,4 +422,7 @@ def test_compile_fullgraph_matches_eager(backend, grad_mode):
 @pytest.mark.parametrize("name,variant", SAMPLES, ids=SAMPLE_IDS)
 def test_opcheck(backend, name, variant):
     args = _sample(name, variant=variant)
-    torch.library.opcheck(getattr(E, name).default, tuple(args.values()))
+    op = getattr(E, name).default
+    torch.library.opcheck(op, tuple(args.values()))
+    if any(a.name == "check_index" for a in op._schema.arguments):  # the keyword through the dispatcher
+        torch.library.opcheck(op, tuple(_sample(name, variant=variant).values()), {"check_index": False})

@@ -51,6 +51,35 @@ def test_steady_frames_never_synchronise(kind, policy, strategy, backend):
     assert ev.attention_modes() == [strategy] * len(ev.attention_modes())
 
 
+PUBLISHED_OPTIONS = dict(kv_pool=2, av_dtype=torch.float16)  # pooled K/V, 16-bit A·V (docs/nn-api.md)
+
+
+@pytest.mark.parametrize("gate_placement", ["after_norm", "before_norm"])
+@pytest.mark.parametrize("backend", ["ops", "reference"])
+@pytest.mark.parametrize("strategy", ["eventful", "dense"])
+@pytest.mark.parametrize("policy", ["fraction", "threshold"])
+@pytest.mark.parametrize("kind", ["vit", "sam"])
+def test_steady_frames_with_published_options_never_synchronise(kind, policy, strategy, backend, gate_placement):
+    """The pooled changed-token index is built on the device, the 16-bit A·V runs in place: no sync either, and the
+    frames equal the reference backend's."""
+    make, size = MODELS[kind]
+    opts = dict(PUBLISHED_OPTIONS, strategy=strategy, gate_placement=gate_placement)
+    ev = convert(make(), _policies()[policy], backend=backend, **opts)
+    ref = convert(make(), _policies()[policy], backend="reference", **opts)
+    frames = video(5, size, batch=2)
+    for x in frames[:2]:
+        ev(x)
+        ref(x)
+    with no_sync() as mode:
+        outs = [ev(x).clone() for x in frames[2:]]
+    for t, (x, y) in enumerate(zip(frames[2:], outs)):
+        torch.testing.assert_close(y, ref(x), **TOL, msg=f"frame {t + 2}")
+    ran = " ".join(mode.calls)
+    if backend == "ops" and strategy == "eventful":
+        assert "eventful.qk_update_." in ran and "eventful.av_delta_update_." in ran
+    assert ev.attention_modes() == [strategy] * len(ev.attention_modes())
+
+
 def test_no_sync_mode_catches_a_synchronising_frame():
     """The check can fail: a threshold policy that trims reads the counts back, and a checked op reads its flag."""
     ev = convert(tiny_vit(), Threshold(0.3, trim=True))
@@ -84,6 +113,20 @@ def test_steady_frame_compiles_as_one_graph(kind, compiler):
         torch.testing.assert_close(compiled(x), eager(x), **TOL, msg=f"frame {t}")
         expected = 0 if t == 0 else (1 if t < 5 else 2)
         assert counter.frame_count == expected, f"frame {t}: {counter.frame_count} compilations"
+
+
+@pytest.mark.parametrize("kind", ["vit", "sam"])
+def test_steady_frame_with_published_options_compiles_as_one_graph(kind):
+    make, size = MODELS[kind]
+    dense = make()
+    compiled = convert(dense, 0.4, strategy="eventful", **PUBLISHED_OPTIONS)
+    eager = convert(dense, 0.4, strategy="eventful", **PUBLISHED_OPTIONS)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled.compile(fullgraph=True, backend=counter, dynamic=False)
+    for t, x in enumerate(video(5, size, batch=2)):
+        torch.testing.assert_close(compiled(x), eager(x), **TOL, msg=f"frame {t}")
+        assert counter.frame_count == (0 if t == 0 else 1), f"frame {t}"
 
 
 def test_steady_frame_lowers_with_inductor():

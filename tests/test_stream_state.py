@@ -191,7 +191,7 @@ def test_copy_drops_packed_weights_and_repacks():
     assert copied._packed is None and copied.linear is cp.eventful_blocks()[0].block.attn.qkv
     assert packed._group is ev._packed_group and copied._group is cp._packed_group is not ev._packed_group
     cp(frames[1])
-    assert copied._packed is not None and copied._src.data_ptr() == copied.linear.weight.data_ptr()
+    assert copied._packed is not None and copied._srcs[0].data_ptr() == copied.linear.weight.data_ptr()
     seen = []
     ev.eventful_blocks()[0].register_forward_hook(lambda *_: seen.append(ev._packed_group.active))
     ev(frames[2])

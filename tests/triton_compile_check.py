@@ -7,6 +7,7 @@ Usage: python tests/triton_compile_check.py [--all-configs]   (prints one line p
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
@@ -20,7 +21,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import eventful_kernels  # noqa: E402,F401
-from eventful_kernels.triton import _runtime, attention, gates, gather_scatter  # noqa: E402
+from eventful_kernels.triton import av_delta_update, gather_scatter, qk_update  # noqa: E402
+
+token_gate = importlib.import_module("eventful_kernels.triton.token_gate")  # the package's `token_gate` is the op
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOATS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -85,18 +88,14 @@ def jobs(all_configs: bool):
             yield (f"copy_cols {fl} src_idx={src_i} dst_idx={dst_i}", gather_scatter._copy_cols_kernel,
                    {"src_ptr": fl, "dst_ptr": fl, "idx_ptr": "i32"},
                    {"SRC_INDEXED": src_i, "DST_INDEXED": dst_i, "BLOCK_M": 128, "BLOCK_K": 32}, 4, 3)
-    for unique in (False, True):
-        for idx in ("i32", "i64"):
-            yield (f"validate_index {idx} unique={unique}", _runtime._validate_index_kernel,
-                   {"idx_ptr": idx, "seen_ptr": "i32", "flag_ptr": "i32"}, {"UNIQUE": unique, "BLOCK": 1024}, 4, 3)
     for fl in FLOATS:
         for thr in (False, True):
-            yield (f"gate scores {fl} threshold={thr}", gates._scores_kernel,
+            yield (f"gate scores {fl} threshold={thr}", token_gate._scores_kernel,
                    {"c_ptr": fl, "r_ptr": fl, "out_ptr": "fp32"},
                    {"HAS_THRESHOLD": thr, "BLOCK_N": 16, "BLOCK_D": 128}, 4, 3)
         for with_e, copy_index in ((False, False), (True, False), (True, True)):
             bd = gather_scatter.feature_block(768)
-            yield (f"gate copy {fl} with_e={with_e} copy_index={copy_index} unit-stride", gates._gate_copy_kernel,
+            yield (f"gate copy {fl} with_e={with_e} copy_index={copy_index} unit-stride", token_gate._gate_copy_kernel,
                    {"c_ptr": fl, "r_ptr": fl, "idx_ptr": "i64" if fl == "fp32" else "i32", "sel_ptr": fl,
                     "e_ptr": fl, "out_idx_ptr": "i64"},
                    {"WITH_E": with_e, "COPY_INDEX": copy_index, "SOFT_BF16": False, "BLOCK_K": 8, "BLOCK_D": bd,
@@ -104,7 +103,7 @@ def jobs(all_configs: bool):
                    _VEC if fl != "bf16" or not with_e else ())
     for thr in (False, True):
         for one_block, block, warps in ((True, 4096, 16), (True, 2048, 8), (True, 256, 4), (False, 4096, 16)):
-            yield (f"gate select threshold={thr} one_block={one_block} block={block}", gates._select_kernel,
+            yield (f"gate select threshold={thr} one_block={one_block} block={block}", token_gate._select_kernel,
                    {"s_ptr": "fp32", "idx_ptr": "i64", "count_ptr": "i64"},
                    {"HAS_THRESHOLD": thr, "ONE_BLOCK": one_block, "BLOCK_N": block}, warps, 3)
     head_dims = (16, 64, 128) if all_configs else (64,)  # BLOCK_D = head dim rounded up to a power of 2
@@ -112,17 +111,17 @@ def jobs(all_configs: bool):
         precisions = ("ieee", "tf32") if fl == "fp32" else ("ieee",)
         for prec, bd in ((p, bd) for p in precisions for bd in head_dims):
             common = {"IS_F32": fl == "fp32", "PREC": prec, "UPCAST": False, "SOFT_BF16": False, "BLOCK_D": bd}
-            for cfg in _autotune_configs(attention._qk_update_kernel, all_configs):
+            for cfg in _autotune_configs(qk_update._qk_update_kernel, all_configs):
                 for bias in (False, True):  # rel-pos bias: rel_h/rel_w have q's dtype; absent: dummies = logits
                     yield (f"qk_update {fl} {prec} d={bd} bias={bias} {cfg.kwargs} w={cfg.num_warps}",
-                           attention._qk_update_kernel,
+                           qk_update._qk_update_kernel,
                            {"l_ptr": fl, "q_ptr": fl, "k_ptr": fl, "iq_ptr": "i64", "ik_ptr": "i32",
                             "rh_ptr": fl, "rw_ptr": fl},
                            {**cfg.kwargs, **common, "HAS_BIAS": bias}, cfg.num_warps, cfg.num_stages)
-            for cfg in _autotune_configs(attention._av_delta_kernel, all_configs):
+            for cfg in _autotune_configs(av_delta_update._av_delta_kernel, all_configs):
                 for refresh in (True, False):
                     yield (f"av_delta {fl} {prec} d={bd} refresh_a={refresh} {cfg.kwargs} w={cfg.num_warps}",
-                           attention._av_delta_kernel,
+                           av_delta_update._av_delta_kernel,
                            {"o_ptr": fl, "an_ptr": fl, "ar_ptr": fl, "vn_ptr": fl, "vr_ptr": fl, "idx_ptr": "i64"},
                            {**cfg.kwargs, **common, "REFRESH_A": refresh}, cfg.num_warps, cfg.num_stages)
 

@@ -3,7 +3,7 @@
 # what finished; at most 7 files):
 #   1. build the extension with its CUDA kernels                         -> env.txt (+ build.log on failure)
 #   2. the end-to-end table: dense timm vs eventful, interleaved frames  -> gpu_e2e.json, gpu_e2e.md
-#   3. the Triton op table against the standard-PyTorch composition      -> bench_triton.json
+#   3. the op table (N = 4096, K = N/16 and N/4) against the standard-PyTorch composition -> ops_cuda.json
 #   4. the GPU tests, each file under its own time limit                 -> tests.log
 #   5. one line per step with its status and duration                    -> summary.txt (appended as it goes)
 # Needs a CUDA GPU with a CUDA build of torch, triton, timm and nvcc. The step limits add up to 8 min.
@@ -58,16 +58,19 @@ step e2e "${E2E_TIMEOUT:-150}" $PY benchmarks/bench_gpu.py --video "$VIDEO" --ou
 [ -f "$OUT/gpu_e2e.json" ] && $PY benchmarks/bench_gpu.py --report "$OUT/gpu_e2e.json" >"$OUT/gpu_e2e.md" \
   && cat "$OUT/gpu_e2e.md"
 
-echo "== Triton op table"
-step ops "${OPS_TIMEOUT:-90}" $PY -m pytest -q -p no:cacheprovider benchmarks/bench_triton.py \
-  --benchmark-json "$OUT/bench_triton.json" --benchmark-columns=median,rounds 2>&1 | tail -3
+echo "== op table"
+step ops "${OPS_TIMEOUT:-90}" $PY benchmarks/bench_ops.py --device cuda --dtype fp16 --sizes 4096:256,4096:1024 \
+  --rounds 30 --budget 2 --out "$OUT/ops_cuda.json"
 
 echo "== GPU tests"
 : >"$OUT/tests.log"
 xdist=()
 $PY -c "import xdist" 2>/dev/null && xdist=(-n "${XDIST:-4}")  # parallel Triton JIT compilation
-# file:seconds:selection (every test of test_triton.py / test_cuda_ops.py runs on the GPU when one is present)
-for spec in "test_graphs.py:40:cuda" "test_cuda_ops.py:50:" "test_triton.py:70:" "test_blocks.py:20:cuda"; do
+# file:seconds:selection (the op tests: the backends that need a GPU, "cuda" (torch.ops.eventful on CUDA tensors)
+# and "triton" (the Triton functions); the CPU backend of the same files runs anywhere)
+for spec in "test_graphs.py:40:cuda" "test_gather_scatter.py:35:cuda or triton" "test_token_gate.py:30:cuda or triton" \
+    "test_qk_update.py:20:cuda or triton" "test_av_delta_update.py:20:cuda or triton" "test_backends.py:15:" \
+    "test_blocks.py:20:cuda"; do
   IFS=: read -r file limit select <<<"$spec"
   # -v: each result is logged as it happens, so a file cut at its limit still shows what ran
   step "tests/$file" "$limit" $PY -m pytest -v -p no:cacheprovider "${xdist[@]}" --maxfail=20 "tests/$file" \

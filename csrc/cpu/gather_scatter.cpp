@@ -113,34 +113,30 @@ void copy_cols(const at::Tensor& src4, const at::Tensor& dst4, const at::Tensor&
   } while (0)
 
 at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& index, bool check_index) {
-  check_gather_args(x, "x", index);
+  check_gather(x, index, /*cols=*/false, check_index);
   const at::Tensor x4 = as_4d(x);
-  if (check_index) check_index_values_cpu(index, "index", x4.size(2), /*unique=*/false);
   at::Tensor y4 = at::empty({x4.size(0), x4.size(1), index.size(1), x4.size(3)}, x.options());
   if (y4.numel() > 0) EVENTFUL_DISPATCH_COPY(copy_rows, x, index, x4, y4, index, true);
   return x.dim() == 3 ? y4.squeeze(1) : y4;
 }
 
 void scatter_rows_cpu(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src, bool check_index) {
-  check_scatter_args(dst, index, src, /*cols=*/false);
+  check_scatter(dst, index, src, /*cols=*/false, check_index);
   const at::Tensor d4 = as_4d(dst), s4 = as_4d(src);
-  if (check_index) check_index_values_cpu(index, "index", d4.size(2), /*unique=*/true);
   if (s4.numel() > 0) EVENTFUL_DISPATCH_COPY(copy_rows, dst, index, s4, d4, index, false);
 }
 
 at::Tensor gather_cols_cpu(const at::Tensor& x, const at::Tensor& index, bool check_index) {
-  check_gather_args(x, "x", index);
+  check_gather(x, index, /*cols=*/true, check_index);
   const at::Tensor x4 = as_4d(x);
-  if (check_index) check_index_values_cpu(index, "index", x4.size(3), /*unique=*/false);
   at::Tensor y4 = at::empty({x4.size(0), x4.size(1), x4.size(2), index.size(1)}, x.options());
   if (y4.numel() > 0) EVENTFUL_DISPATCH_COPY(copy_cols, x, index, x4, y4, index, true);
   return x.dim() == 3 ? y4.squeeze(1) : y4;
 }
 
 void scatter_cols_cpu(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src, bool check_index) {
-  check_scatter_args(dst, index, src, /*cols=*/true);
+  check_scatter(dst, index, src, /*cols=*/true, check_index);
   const at::Tensor d4 = as_4d(dst), s4 = as_4d(src);
-  if (check_index) check_index_values_cpu(index, "index", d4.size(3), /*unique=*/true);
   if (s4.numel() > 0) EVENTFUL_DISPATCH_COPY(copy_cols, dst, index, s4, d4, index, false);
 }
 

@@ -295,8 +295,7 @@ std::vector<uint64_t> scores_of(const at::Tensor& c, const at::Tensor& ref) {
 
 // c, ref [B, N, D]; k in [0, N]. Returns (index [B, k] int64 ascending, c_sel [B, k, D]); ref[index] = c_sel.
 std::tuple<at::Tensor, at::Tensor> token_gate_cpu(const at::Tensor& c, const at::Tensor& ref, int64_t k) {
-  check_gate_inputs(c, ref);
-  check_k(k, c.size(1));
+  check_token_gate(c, ref, k);
   std::vector<uint64_t> keys = scores_of(c, ref);
   at::Tensor index = select_topk(keys, c.size(0), c.size(1), k, c.options());
   auto moved = move_selected(c, ref, index, /*want_e=*/false);
@@ -307,9 +306,7 @@ std::tuple<at::Tensor, at::Tensor> token_gate_cpu(const at::Tensor& c, const at:
 // Returns (index [B, capacity] int64, -1 padded; count [B] int64; c_sel [B, capacity, D], zero padded).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_gate_threshold_cpu(const at::Tensor& c, const at::Tensor& ref,
                                                                         double threshold, int64_t capacity) {
-  check_gate_inputs(c, ref);
-  check_capacity(capacity, c.size(1));
-  check_threshold(threshold);
+  check_token_gate_threshold(c, ref, threshold, capacity);
   // The reference compares float32 scores with the threshold in float32 (torch type promotion); beyond the float
   // range it becomes +-inf (spelled out: an out-of-range double -> float conversion is undefined in C++).
   constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -329,18 +326,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_delta_gate_cpu(const at::Te
                                                                     int64_t k,
                                                                     const std::optional<at::Tensor>& index_opt,
                                                                     bool check_index) {
-  check_gate_inputs(c, ref);
+  check_token_delta_gate(c, ref, k, index_opt, check_index);
   at::Tensor index;
   if (index_opt.has_value() && index_opt->defined()) {
     const at::Tensor& given = *index_opt;
-    check_index_meta(given, "index", c.size(0), c, "c");
-    TORCH_CHECK_VALUE(k == -1 || k == given.size(1), "eventful: argument 'k' must be -1 or equal to the size of "
-                      "'index' at dim 1 (", given.size(1), ") when 'index' is given, got ", k);
-    if (check_index) check_index_values_cpu(given, "index", c.size(1), /*unique=*/true);
     index = at::empty(given.sizes(), given.options().dtype(at::kLong));
     index.copy_(given);
   } else {
-    check_k(k, c.size(1));
     std::vector<uint64_t> keys = scores_of(c, ref);
     index = select_topk(keys, c.size(0), c.size(1), k, c.options());
   }
@@ -354,6 +346,23 @@ TORCH_LIBRARY_IMPL(eventful, CPU, m) {
   m.impl("token_gate", &token_gate_cpu);
   m.impl("token_gate_threshold", &token_gate_threshold_cpu);
   m.impl("token_delta_gate", &token_delta_gate_cpu);
+}
+
+// For eventful_kernels.info() (csrc/build_info.cpp): which row-distance paths this build has, and which one dense
+// rows take on this machine.
+bool cpu_gate_avx2_compiled() {
+#ifdef EVENTFUL_GATE_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
+
+const char* cpu_gate_path() {
+#ifdef EVENTFUL_GATE_AVX2
+  if (cpu_has_avx2()) return "avx2";
+#endif
+  return "generic";
 }
 
 }  // namespace eventful

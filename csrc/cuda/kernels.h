@@ -37,8 +37,9 @@ void index_check_cuda(const at::TensorBase& index, int64_t n, bool unique, const
 // keys[b, n] (int64, contiguous [B, N]) = gate key of ||c[b, n] - ref[b, n]||_2 (float32), see gate_key().
 void gate_keys_cuda(const at::TensorBase& c, const at::TensorBase& ref, const at::TensorBase& keys);
 
-// Range (and uniqueness) check of a CUDA index with one device-to-host read of a 16-byte flag; throws the same
-// errors as check_index_values_cpu. Defined in gather_scatter_ops.cpp; ops call it only when check_index is true.
+// Range (and uniqueness) check of a CUDA index with one device-to-host read of a 16-byte flag; on an error the
+// index is copied to the host and check_index_values_cpu raises. Defined in gather_scatter_ops.cpp; ops call it only
+// when check_index is true.
 void check_index_values_cuda(const at::TensorBase& index, const char* name, int64_t n, bool unique);
 
 }  // namespace cuda

@@ -29,8 +29,7 @@ at::Tensor select_topk(const at::Tensor& c, const at::Tensor& ref, int64_t k) {
 }
 
 std::tuple<at::Tensor, at::Tensor> token_gate_cuda(const at::Tensor& c, const at::Tensor& ref, int64_t k) {
-  check_gate_inputs(c, ref);
-  check_k(k, c.size(1));
+  check_token_gate(c, ref, k);
   const at::Tensor index = select_topk(c, ref, k);
   at::Tensor c_sel = at::empty({c.size(0), k, c.size(2)}, c.options());
   const at::Tensor c4 = c.unsqueeze(1), r4 = ref.unsqueeze(1), s4 = c_sel.unsqueeze(1);

@@ -1,7 +1,8 @@
-"""Conversion of timm ViTs into eventful models (see docs/nn-api.md, "Models").
+"""Conversion of timm ViTs and Hugging Face vision encoders into eventful models (see docs/nn-api.md, "Models" and
+"Hugging Face vision encoders").
 
 ``convert(model, policy, backend)`` -> :class:`EventfulModel`; ``load_checkpoint(model, path)`` for timm-format
-weights; ``import_timm()`` imports timm beside a CPU-only torch.
+weights; ``import_timm()`` imports timm beside a CPU-only torch; :mod:`.hf` holds the Hugging Face adapters.
 """
 from ._timm import import_timm
 from .checkpoint import load_checkpoint, read_state_dict

@@ -1,4 +1,4 @@
-"""Import timm beside a CPU-only torch.
+"""Import timm (and torchvision, which timm and transformers import) beside a CPU-only torch.
 
 timm imports torchvision, whose compiled ops (``torchvision::nms`` ...) fail to load when its wheel was built for
 another torch flavour (the PyPI torchvision wheel is a CUDA build; we run CPU torch). torchvision's Python side then
@@ -35,10 +35,13 @@ def _has_op(name: str) -> bool:
         return False
 
 
-def import_timm():
-    """Return the ``timm`` module, making torchvision importable first if its native ops are unusable."""
+def import_torchvision() -> None:
+    """Import torchvision (when installed), first defining its missing native-op schemas if its ``_C`` is unusable.
+    timm and transformers both import it."""
     try:
         import torchvision  # noqa: F401  (loads its _C when that works; then the schemas exist)
+    except ImportError:
+        return
     except RuntimeError:
         _define_missing_torchvision_schemas()
         import sys
@@ -46,6 +49,11 @@ def import_timm():
         for mod in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[mod]  # drop the half-imported package so the retry runs its init again
         import torchvision  # noqa: F401
+
+
+def import_timm():
+    """Return the ``timm`` module, making torchvision importable first if its native ops are unusable."""
+    import_torchvision()
     import timm
 
     return timm

@@ -1,4 +1,5 @@
-"""Load timm-format checkpoints (``.safetensors`` or a ``torch.save``'d state dict) into a timm ViT.
+"""Load timm-format checkpoints (``.safetensors`` or a ``torch.save``'d state dict) into a timm ViT (or a Hugging
+Face encoder's own state dict into it).
 
 Handles the usual wrappers (``{"state_dict": ...}``, ``{"model": ...}``, ``module.`` prefixes) and passes the
 state dict through timm's own ``checkpoint_filter_fn`` for the model family, so original SAM image-encoder
@@ -35,19 +36,21 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
 
 
 def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
-    """Copy the weights in ``path`` into ``model`` (a timm ViT / SAM ViT) in place; returns ``model``.
+    """Copy the weights in ``path`` into ``model`` (a timm ViT / SAM ViT, or a Hugging Face encoder with its own key
+    names) in place; returns ``model``.
 
     Weights are copied into the existing parameters, so an eventful model sharing them sees the new values.
     With ``strict`` a missing or unexpected key raises ``RuntimeError`` listing them; shapes must match.
     """
-    timm = import_timm()
-    from timm.models import vision_transformer, vision_transformer_sam
-
     state = read_state_dict(path)
-    if isinstance(model, vision_transformer_sam.VisionTransformerSAM):
-        state = vision_transformer_sam.checkpoint_filter_fn(state, model)
-    elif isinstance(model, timm.models.vision_transformer.VisionTransformer):
-        state = vision_transformer.checkpoint_filter_fn(state, model)
+    if not type(model).__module__.startswith("transformers."):  # Hugging Face models take their own key names
+        timm = import_timm()
+        from timm.models import vision_transformer, vision_transformer_sam
+
+        if isinstance(model, vision_transformer_sam.VisionTransformerSAM):
+            state = vision_transformer_sam.checkpoint_filter_fn(state, model)
+        elif isinstance(model, timm.models.vision_transformer.VisionTransformer):
+            state = vision_transformer.checkpoint_filter_fn(state, model)
     _check_compatible(model, state, strict, path)
     model.load_state_dict(state, strict=strict)
     return model

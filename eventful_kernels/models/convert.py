@@ -1,23 +1,32 @@
-"""Convert a timm ViT into an :class:`EventfulModel` that shares its weights.
+"""Convert a timm ViT or a Hugging Face vision encoder into an :class:`EventfulModel` that shares its weights.
 
 Supported: timm ``VisionTransformer`` (every block global -> ``EventfulBlock``) and ``VisionTransformerSAM``
-(``samvit_*``: windowed blocks -> ``EventfulTokenwiseBlock``, global blocks -> ``EventfulBlock``).
+(``samvit_*``: windowed blocks -> ``EventfulTokenwiseBlock``, global blocks -> ``EventfulBlock``); transformers
+``ViTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel``, ``CLIPVisionModel``, ``SiglipVisionModel``
+(:mod:`.hf`: every layer -> ``EventfulBlock``).
 """
 from __future__ import annotations
 
 import copy
 from typing import Optional
 
+import torch
 from torch import nn
 
 from ..nn import EventfulBlock, EventfulTokenwiseBlock
 from ._timm import import_timm
 from .eventful_model import EventfulModel
+from .hf import convert_hf, hf_family, hf_pool_geometry
 from .policy import Budget, make_policy
 
 
 def model_family(model: nn.Module) -> str:
-    """``"vit"`` for timm ``VisionTransformer``, ``"sam"`` for ``VisionTransformerSAM``; TypeError otherwise."""
+    """``"vit"`` for timm ``VisionTransformer``, ``"sam"`` for ``VisionTransformerSAM``, ``"hf-vit"`` /
+    ``"hf-dinov2"`` / ``"hf-dinov2-registers"`` / ``"hf-clip"`` / ``"hf-siglip"`` for the supported Hugging Face
+    encoders; TypeError otherwise."""
+    family = hf_family(model)
+    if family is not None:
+        return family
     timm = import_timm()
     from timm.models.vision_transformer_sam import VisionTransformerSAM
 
@@ -26,7 +35,8 @@ def model_family(model: nn.Module) -> str:
     if isinstance(model, timm.models.vision_transformer.VisionTransformer):
         return "vit"
     raise TypeError(
-        f"convert: model must be a timm VisionTransformer or VisionTransformerSAM, got {type(model).__name__}"
+        "convert: model must be a timm VisionTransformer or VisionTransformerSAM or a supported Hugging Face vision "
+        f"encoder, got {type(model).__name__}"
     )
 
 
@@ -48,6 +58,8 @@ def convert(
     cuda_graphs: bool = True,
     refresh_every: Optional[int] = None,
     gate_placement: str = "after_norm",
+    kv_pool: Optional[int] = None,
+    av_dtype: Optional[torch.dtype] = None,
 ) -> EventfulModel:
     """Wrap ``model``'s blocks in eventful blocks; returns an :class:`EventfulModel` sharing every weight.
 
@@ -60,9 +72,29 @@ def convert(
     steady-state frames, which bounds the drift of the accumulated A·V deltas (see :meth:`EventfulModel.refresh`).
     ``gate_placement``: ``"after_norm"`` (default, as published: the gates score LayerNorm-ed tokens) or
     ``"before_norm"`` (the gates score the residual stream; LayerNorm only on the selected rows).
+
+    Options of the published method, for the global blocks (``EventfulBlock``; windowed blocks are left as they are,
+    as in the published configurations): ``kv_pool`` (None or the pooling size, e.g. 2): keys and values
+    average-pooled over ``kv_pool x kv_pool`` cells of the patch grid; ViT prefix tokens (class / register tokens,
+    ``model.num_prefix_tokens``) stay unpooled; the grid is ``model.patch_embed.grid_size`` (with
+    ``dynamic_img_size``: the square grid of the tokens). ``av_dtype`` (None, ``torch.float16`` or
+    ``torch.bfloat16``): the attention weights and values of the A·V product, and its stored references, in that
+    dtype, the output accumulated in float32. See docs/nn-api.md, "Published options".
+    A Hugging Face encoder's eventful model returns a ``BaseModelOutputWithPooling`` as the dense model does.
     """
     family = model_family(model)
     pol = make_policy(1.0 if policy is None else policy)
+    options = {"kv_pool": kv_pool, "av_dtype": av_dtype}
+    if family.startswith("hf-"):
+        if kv_pool:
+            options.update(hf_pool_geometry(model, family))
+        return convert_hf(model, family, pol, backend, strategy, cuda_graphs, refresh_every, gate_placement,
+                          **options)
+    if family == "vit" and kv_pool:
+        options["prefix_tokens"] = int(getattr(model, "num_prefix_tokens", 0))
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        if grid is not None and not getattr(model, "dynamic_img_size", False):
+            options["kv_grid"] = (int(grid[0]), int(grid[1]))
     blocks = []
     for i, block in enumerate(model.blocks):
         _check_block(block, i)
@@ -70,7 +102,8 @@ def convert(
         if windowed:
             blocks.append(EventfulTokenwiseBlock(block, pol, backend=backend, gate_placement=gate_placement))
         else:
-            blocks.append(EventfulBlock(block, pol, backend=backend, strategy=strategy, gate_placement=gate_placement))
+            blocks.append(EventfulBlock(block, pol, backend=backend, strategy=strategy, gate_placement=gate_placement,
+                                        **options))
     # Shallow copy with its own child table: the copy gets eventful blocks, the original keeps its dense ones;
     # every other submodule (patch embedding, norms, head, neck) is the same object in both.
     twin = copy.copy(model)

@@ -1,4 +1,5 @@
-"""EventfulModel: a converted timm ViT run one video frame at a time, with a budget changeable at any frame."""
+"""EventfulModel: a converted timm ViT or Hugging Face vision encoder run one video frame at a time, with a budget
+changeable at any frame."""
 from __future__ import annotations
 
 import warnings
@@ -42,10 +43,12 @@ class _ObserveTokens:
 
 
 class EventfulModel(nn.Module):
-    """Eventful version of a timm ViT; built by :func:`eventful_kernels.models.convert`.
+    """Eventful version of a timm ViT or a Hugging Face vision encoder; built by
+    :func:`eventful_kernels.models.convert`.
 
     ``forward(frames [B, 3, H, W])`` processes one frame of ``B`` independent streams and returns what the wrapped
-    timm model returns (logits ``[B, classes]`` for ViT, neck features ``[B, C, H/16, W/16]`` for SAM). The first
+    model returns (logits ``[B, classes]`` for ViT, neck features ``[B, C, H/16, W/16]`` for SAM, a
+    ``BaseModelOutputWithPooling`` for a Hugging Face encoder). The first
     frame after construction or :meth:`reset` is the flush (dense); later frames (*steady state*) re-process only
     the tokens selected by the policy. Inference only (runs under ``torch.no_grad``).
 
@@ -117,7 +120,7 @@ class EventfulModel(nn.Module):
 
     @property
     def dense(self) -> nn.Module:
-        """The original timm model; shares every weight with this one."""
+        """The original (dense) model; shares every weight with this one."""
         return self._dense[0]
 
     def eventful_blocks(self):
@@ -173,7 +176,7 @@ class EventfulModel(nn.Module):
                 f"{list(self._spec[0])} {self._spec[1]} on {self._spec[2]}; call reset() before starting new streams"
             )
         if self._blocks:
-            ref, weight = self._blocks[0].qkv_gate.ref, self._blocks[0].block.attn.qkv.weight
+            ref, weight = self._blocks[0].qkv_gate.ref, self._blocks[0].block.attn.proj.weight
             if ref is not None and (ref.dtype != weight.dtype or ref.device != weight.device):
                 raise ValueError(
                     f"the model's weights are {weight.dtype} on {weight.device} but the streams' state is {ref.dtype} "
@@ -350,7 +353,8 @@ class EventfulModel(nn.Module):
         return counting.count_macs(self.model) + self._outside.macs
 
     def load_checkpoint(self, path: str, strict: bool = True) -> None:
-        """Load a timm-format checkpoint (state-dict file or safetensors) into the shared weights, then reset."""
+        """Load a checkpoint (state-dict file or safetensors; timm format, or a Hugging Face encoder's own key names)
+        into the shared weights, then reset."""
         from .checkpoint import load_checkpoint
 
         try:

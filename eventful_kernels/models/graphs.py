@@ -14,6 +14,7 @@ The caller owns the key (for an eventful model: the budget, the attention modes 
 :class:`TensorAddresses`) and must :meth:`clear` the graphs whenever a state tensor may have been reallocated
 (reset, flush, a switch of attention mode, another backend). A step that fails to capture (e.g. something in it synchronises) runs eagerly for that key from then on;
 the reason is kept in :attr:`failures`. At most ``max_graphs`` graphs are kept (least recently used dropped).
+The step's output is a tensor or a pytree of tensors (a tuple, a dict, a Hugging Face ``ModelOutput``).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 Step = Callable[[Tensor], Tensor]
 
@@ -72,7 +74,9 @@ class CudaCapture:
         with torch.cuda.stream(side):
             out = step(frames)
         main.wait_stream(side)
-        out.record_stream(main)
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, Tensor):
+                t.record_stream(main)
         return out
 
     @staticmethod
@@ -128,7 +132,7 @@ class FrameGraphs:
             self._graphs.move_to_end(full_key)
             graph.static_in.copy_(frames)
             graph.replay()
-            return graph.static_out.clone()
+            return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, graph.static_out)
         if full_key in self.failures:
             return self._step(frames)
         out = self._capture.warm(self._step, frames)

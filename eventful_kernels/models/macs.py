@@ -67,20 +67,48 @@ def _block_macs(block: nn.Module, x: torch.Tensor) -> int:
     return batch * counting.dense_block_macs(n_tokens, dim, block.attn.num_heads, mlp_ratio, window=window)
 
 
+def _hf_layer_macs(layers: List[nn.Module]):
+    """``macs(layer, x)``: dense MACs of one of the Hugging Face encoder ``layers`` for ``x [B, N, D]``: its linears
+    on every token plus attention (``2 * N * N * heads * head_dim``), the terms the eventful blocks count."""
+    from .. import counting
+    from .hf import HFBlock
+
+    sizes = {}
+    for layer in layers:
+        attn = HFBlock(layer).attn
+        sizes[id(layer)] = (counting.linear_macs_per_token(layer), attn.num_heads * attn.head_dim)
+
+    def macs(layer: nn.Module, x: torch.Tensor) -> int:
+        per_token, width = sizes[id(layer)]
+        n = x.shape[1]
+        return x.shape[0] * (n * per_token + 2 * n * n * width)
+
+    return macs
+
+
 class DenseMacCounter:
-    """MACs of a dense timm ViT forward: blocks by ``counting.dense_block_macs``, other layers by hooks."""
+    """MACs of a dense timm ViT forward (blocks by ``counting.dense_block_macs``) or of a Hugging Face encoder
+    (layers by their linears and attention); other layers by hooks."""
 
     def __init__(self, model: nn.Module):
-        self._outside = OutsideMacCounter(model, model.blocks)
+        if type(model).__module__.startswith("transformers."):
+            from .hf import dense_layers
+
+            blocks = dense_layers(model)
+            self._macs_of = _hf_layer_macs(blocks)
+        else:
+            blocks, self._macs_of = list(model.blocks), _block_macs
+        self._outside = OutsideMacCounter(model, blocks)
         self._block_macs = 0
         self.n_tokens = None  # tokens per stream entering the first block, seen in the last counted forward
-        self._handles = [b.register_forward_pre_hook(self._pre_hook) for b in model.blocks]
+        self._handles = [b.register_forward_pre_hook(self._pre_hook, with_kwargs=True) for b in blocks]
 
-    def _pre_hook(self, block, args):
+    def _pre_hook(self, block, args, kwargs):
         if self._outside._active:
+            x = args[0] if args else kwargs["hidden_states"]
             if self.n_tokens is None:
-                self.n_tokens = args[0][0, ..., 0].numel()
-            self._block_macs += _block_macs(block, args[0])
+                self.n_tokens = x[0, ..., 0].numel()
+            self._block_macs += self._macs_of(block, x)
 
     @contextmanager
     def counting(self):

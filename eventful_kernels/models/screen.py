@@ -15,6 +15,8 @@ An eventful model carries state from frame to frame: one frame with a NaN patch 
   The owner then re-flushes the streams.
 
 All device work is a few elementwise passes over the input frame and the output, and is CUDA-graph capturable.
+An output may be a tensor or a pytree of them (a tuple, a dict, a Hugging Face ``ModelOutput``): every floating
+tensor in it with one row per stream is checked and masked.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 
 def _per_stream(mask: Tensor, like: Tensor) -> Tensor:
@@ -94,14 +97,16 @@ class FrameScreen:
     @classmethod
     def mask(cls, out, clean: Tensor):
         """``out`` with every value of an unclean stream replaced by NaN (that frame of that stream is lost)."""
-        if cls._per_stream_output(out, clean):
-            out = out.masked_fill(_per_stream(~clean, out), float("nan"))
-        return out
+        def masked(t):
+            return t.masked_fill(_per_stream(~clean, t), float("nan")) if cls._per_stream_output(t, clean) else t
+
+        return masked(out) if isinstance(out, Tensor) else pytree.tree_map(masked, out)
 
     def finish(self, out, clean: Tensor):
         """NaN outputs for unclean streams; records a non-finite output of a clean stream (read by ``poisoned``)."""
-        if self._per_stream_output(out, clean):
-            self.observe(out)  # every stream's input was finite after screening
+        for t in pytree.tree_leaves(out):
+            if self._per_stream_output(t, clean):
+                self.observe(t)  # every stream's input was finite after screening
         if self._host is not self._flag:
             self._host.copy_(self._flag, non_blocking=True)
         return self.mask(out, clean)

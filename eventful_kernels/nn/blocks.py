@@ -16,11 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from ..counting import linear_macs_per_token
-from .attention import DenseAttention, EventfulAttention
+from .attention import DenseAttention, EventfulAttention, KVPool, check_kv_options, kv_geometry
 from .backend import EventfulModule, trust_indices
 from .buffers import TokenBuffer
 from .gates import TokenGate
-from .linear import PackedGroup, PackedLinear, PackedMlp
+from .linear import ConcatLinear, PackedGroup, PackedLinear, PackedMlp
 from .matmul import MatmulBuffer, MatmulDeltaAccumulator
 from .policies import Policy, Threshold, as_policy
 from .relpos import DecomposedRelPos
@@ -33,11 +33,13 @@ GATE_PLACEMENTS = ("after_norm", "before_norm")
 
 
 def _residual(x: Tensor, ls: nn.Module, y: Tensor) -> Tensor:
-    """``x + ls(y)`` without mutating ``y`` (a buffer state); LayerScale is fused as ``addcmul(x, y, gamma)``."""
+    """``x + ls(y)`` without mutating ``y`` (a buffer state); a layer scale (timm ``LayerScale``, or a module whose
+    class sets ``scales_by_gamma``: ``ls(y) = y * ls.gamma``) is fused as ``addcmul(x, y, gamma)``."""
     if isinstance(ls, nn.Identity):
         return x + y
     gamma = getattr(ls, "gamma", None)
-    if type(ls).__name__ == "LayerScale" and isinstance(gamma, Tensor):
+    if (type(ls).__name__ == "LayerScale" or getattr(type(ls), "scales_by_gamma", False)) and \
+            isinstance(gamma, Tensor):
         return torch.addcmul(x, y, gamma)
     return x + ls(y.clone())
 
@@ -153,6 +155,10 @@ class _EventfulBlockBase(EventfulModule):
                 shapes.update({f"{name}.rel_h": (bw, h, t, attn_grid[0]), f"{name}.rel_w": (bw, h, t, attn_grid[1])})
         return shapes
 
+    def state_dtypes(self, weight_dtype: torch.dtype) -> dict:
+        """The dtype of each state tensor (``"child.attr"``) that is not kept in the weights' dtype."""
+        return {}
+
     # ---- token-wise pieces -------------------------------------------------------------------------------
     def _linear(self, role: str, module: nn.Module, x: Tensor) -> Tensor:
         """``module(x)``; the ops backend runs it on prepacked weights (:mod:`.linear`), the reference as is. The
@@ -163,7 +169,7 @@ class _EventfulBlockBase(EventfulModule):
         if packed is None or packed.module is not module:
             if role == "mlp":
                 packed = PackedMlp(module)
-            elif isinstance(module, nn.Linear):
+            elif isinstance(module, (nn.Linear, ConcatLinear)):
                 packed = PackedLinear(module)
             else:
                 return module(x)
@@ -311,18 +317,36 @@ class EventfulBlock(_EventfulBlockBase):
     ``attention_mode`` is the mode of the last frame and :attr:`attention` its module (``last_macs`` follow it).
     Switching to dense drops the attention state; switching back re-flushes it from the buffered q/k/v. With
     ``r = N`` the block equals the dense block to float tolerance either way.
+
+    Options of the published method (docs/nn-api.md, "Published options"):
+
+    - ``kv_pool=p`` (global blocks only): keys and values average-pooled over ``p x p`` cells of the token grid
+      before attention, queries at full resolution (:class:`~eventful_kernels.nn.attention.KVPool`): ``Nk = P +
+      (Gh//p)*(Gw//p)`` keys. The grid is the input's (``[B, H, W, D]``), else ``kv_grid`` after ``prefix_tokens``
+      (class / register tokens, kept unpooled), else the square grid of the ``N - prefix_tokens`` tokens. With r = N
+      the block equals the dense block run on pooled keys and values.
+    - ``av_dtype`` (``torch.float16`` / ``torch.bfloat16``): the A·V product's attention weights and values (and
+      their stored references) in that dtype, the output accumulated in float32 (eventful mode; the dense mode's
+      fused attention keeps no A·V state and runs in the model's dtype).
     """
 
     state_attrs = _EventfulBlockBase.state_attrs + ("attention_mode",)
     state_defaults = {"attention_mode": "eventful"}
-    cache_attrs = _EventfulBlockBase.cache_attrs + ("_shape",)  # the attention problem, rebuilt from the qkv state
+    # the attention problem and the K/V pooling geometry, rebuilt from the qkv state
+    cache_attrs = _EventfulBlockBase.cache_attrs + ("_shape", "_kv")
 
     def __init__(self, block: nn.Module, policy: Optional[Policy] = None, backend: str = "ops",
-                 strategy: Optional[str] = None, *, gate_placement: str = "after_norm"):
+                 strategy: Optional[str] = None, *, gate_placement: str = "after_norm",
+                 kv_pool: Optional[int] = None, av_dtype: Optional[torch.dtype] = None, prefix_tokens: int = 0,
+                 kv_grid: Optional[Tuple[int, int]] = None):
         super().__init__(block, policy, backend, gate_placement=gate_placement)
+        self.kv_pool = check_kv_options(kv_pool, self.window, self.use_rel_pos, prefix_tokens, kv_grid)
+        self.prefix_tokens = int(prefix_tokens)
+        self.kv_grid = None if kv_grid is None else (int(kv_grid[0]), int(kv_grid[1]))
+        self._kv: Optional[KVPool] = None
         bias_attn = block.attn if self.use_rel_pos else None
-        self.eventful_attention = EventfulAttention(bias_attn, backend)
-        self.dense_attention = DenseAttention(bias_attn, backend)
+        self.eventful_attention = EventfulAttention(bias_attn, backend, self.kv_pool, av_dtype)
+        self.dense_attention = DenseAttention(bias_attn, backend, self.kv_pool)
         self.strategy = default_strategy() if strategy is None else strategy
         self.attention_mode = "eventful"
         self.planned_mode: Optional[str] = None  # set by plan(); what compiled code runs
@@ -342,12 +366,43 @@ class EventfulBlock(_EventfulBlockBase):
         """The attention module of the last frame's mode."""
         return self.dense_attention if self.attention_mode == "dense" else self.eventful_attention
 
+    @property
+    def av_dtype(self) -> Optional[torch.dtype]:
+        return self.eventful_attention.av_dtype
+
+    def signature(self) -> tuple:
+        sig = super().signature()
+        if self.kv_pool or self.av_dtype is not None:
+            sig += (self.kv_pool or 0, self.prefix_tokens, str(self.kv_grid), str(self.av_dtype))
+        return sig
+
+    def state_shapes(self, streams: int, tokens: int, grid: Optional[Tuple[int, int]]) -> dict:
+        shapes = super().state_shapes(streams, tokens, grid)
+        if self.kv_pool:  # the attention state has Nk key columns
+            nk = kv_geometry(self.kv_pool, tokens, grid, self.prefix_tokens, self.kv_grid, "cpu").n_pooled
+            b, h, d = streams, self.heads, self.head_dim
+            for name, m in self.named_modules():
+                if isinstance(m, MatmulBuffer):
+                    shapes[f"{name}.logits"] = (b, h, tokens, nk)
+                elif isinstance(m, MatmulDeltaAccumulator):
+                    shapes.update({f"{name}.a_ref": (b, h, tokens, nk), f"{name}.v_ref": (b, h, nk, d)})
+        return shapes
+
+    def state_dtypes(self, weight_dtype: torch.dtype) -> dict:
+        av = self.av_dtype
+        if av is None or av == weight_dtype:
+            return {}
+        return {"eventful_attention.av_buffer.a_ref": av, "eventful_attention.av_buffer.v_ref": av}
+
     def _derive_state(self) -> None:
         super()._derive_state()
         qkv = self.qkv_buffer.state
         if qkv is None:
-            self._shape = None
+            self._shape = self._kv = None
             return
+        if self.kv_pool:
+            self._kv = kv_geometry(self.kv_pool, qkv.shape[1], self._grid, self.prefix_tokens, self.kv_grid,
+                                   qkv.device)
         windows = self._windows.n_windows if self._windows is not None else 1
         self._shape = AttentionShape(qkv.shape[0] * windows, self.heads, qkv.shape[1] // windows, self.head_dim,
                                      qkv.dtype, qkv.device, self.use_rel_pos)
@@ -378,6 +433,12 @@ class EventfulBlock(_EventfulBlockBase):
         if flush:
             self._shape = AttentionShape(q.shape[0], q.shape[1], q.shape[2], q.shape[3], q.dtype, q.device,
                                          self.use_rel_pos)
+            if self.kv_pool:  # kept when unchanged: a captured graph reads its map
+                kv = kv_geometry(self.kv_pool, q.shape[2], self._grid, self.prefix_tokens, self.kv_grid, q.device)
+                if self._kv is None or not self._kv.same(kv):
+                    self._kv = kv
+        if self._kv is not None:  # pooled keys / values from the buffered ones, every frame (cheap: O(N*d))
+            k, v = self._kv.pool_tokens(k), self._kv.pool_tokens(v)
         compiling = torch.compiler.is_compiling() and self.planned_mode is not None and not flush
         mode = self.planned_mode if compiling else self.resolve_mode()
         previous, self.attention_mode = self.attention_mode, mode
@@ -390,5 +451,6 @@ class EventfulBlock(_EventfulBlockBase):
         if flush or self.eventful_attention.flushing:
             return self.eventful_attention(q, k, v, self.scale, grid)
         if self._windows is None:
-            return self.eventful_attention(q, k, v, self.scale, grid, idx1)
+            idx_kv = self._kv.changed(idx1) if self._kv is not None else None  # changed pooled tokens
+            return self.eventful_attention(q, k, v, self.scale, grid, idx1, idx_kv)
         return self.eventful_attention(q, k, v, self.scale, grid, self._windows.window_index(wid))

@@ -26,10 +26,15 @@ A packed copy is a cache of the weight, so it must never outlive the values it w
 - A change confined to unsampled bytes that also avoids ``_version`` is not seen: after such an edit call
   :func:`repack` (or ``EventfulModel.reset()``, which calls it). Non-contiguous weights are not packed.
 
+:class:`ConcatLinear` presents separate linears of one input (Hugging Face's ``q_proj``/``k_proj``/``v_proj``) as
+one layer with concatenated outputs; its packed copy is one reordered stack of their weights, keyed and
+fingerprinted per source weight as above, so any of them changing repacks the stack.
+
 Copies (``copy.deepcopy``, pickling) drop the packed weights; they are made again on the first call.
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 import weakref
@@ -83,13 +88,61 @@ def _packing_on() -> bool:
     return packing_enabled()
 
 
+def _hf_gelu(act: nn.Module) -> Optional[str]:
+    """The approximation of a Hugging Face GELU module (``GELUActivation``: ``"none"``, ``GELUTanh``: ``"tanh"``)
+    when it runs ``F.gelu`` (not its Python formula), else None."""
+    cls = type(act)
+    if not cls.__module__.startswith("transformers."):
+        return None
+    fn = getattr(act, "act", None)
+    if cls.__name__ == "GELUActivation" and fn is F.gelu:
+        return "none"
+    if cls.__name__ == "GELUTanh" and isinstance(fn, functools.partial) and fn.func is F.gelu and \
+            fn.keywords == {"approximate": "tanh"} and not fn.args:
+        return "tanh"
+    return None
+
+
 def _fusable_activation(act: nn.Module) -> Optional[Tuple[str, str]]:
     """oneDNN post-op ``(attr, algorithm)`` equal to ``act``, or None when it cannot be fused."""
     if type(act) is nn.GELU:
         return ("gelu", "tanh" if act.approximate == "tanh" else "none")
     if type(act) is nn.ReLU:
         return ("relu", "")
+    approximate = _hf_gelu(act)
+    if approximate is not None:
+        return ("gelu", approximate)
     return None
+
+
+class ConcatLinear(nn.Module):
+    """``x [..., in] -> cat([linear(x) for linear in parts], -1)``: linears of one input presented as one layer
+    (e.g. separate q/k/v projections as a fused qkv). The parts are registered under the given names and shared,
+    never copied: their weights are the model's. ``in_features`` / ``out_features`` as for ``nn.Linear``."""
+
+    def __init__(self, **parts: nn.Linear):
+        super().__init__()
+        if not parts or not all(isinstance(p, nn.Linear) for p in parts.values()):
+            raise TypeError("eventful: ConcatLinear needs one or more nn.Linear parts")
+        if len({p.in_features for p in parts.values()}) != 1:
+            raise ValueError("eventful: ConcatLinear parts must have the same in_features")
+        for name, part in parts.items():
+            self.add_module(name, part)
+
+    def parts(self) -> Tuple[nn.Linear, ...]:
+        """The linears as they are now, in order."""
+        return tuple(self._modules.values())
+
+    @property
+    def in_features(self) -> int:
+        return self.parts()[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return sum(p.out_features for p in self.parts())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([p(x) for p in self.parts()], -1)
 
 
 class PackedGroup:
@@ -117,13 +170,13 @@ class PackedGroup:
         if not PackedLinear.check_fingerprint:
             return
         if self._epoch != _PACKS[0]:
-            self._runners = [r for r in list(_LIVE) if r._group is self and r._fp_view is not None]
-            self._views = [r._fp_view for r in self._runners]
+            self._runners = [r for r in list(_LIVE) if r._group is self and r._fp_views is not None]
+            self._views = [v for r in self._runners for v in r._fp_views]
             self._expected = b"".join(r._fp for r in self._runners)
             self._epoch = _PACKS[0]
         if self._views and np.concatenate(self._views).tobytes() != self._expected:
             for r in self._runners:
-                if r._fp_view.tobytes() != r._fp:
+                if r.sampled_bytes() != r._fp:
                     r.invalidate()
 
     def __getstate__(self) -> dict:
@@ -134,40 +187,43 @@ _RUNNERS: "weakref.WeakValueDictionary[int, PackedLinear]" = weakref.WeakValueDi
 
 
 @torch.library.custom_op("eventful_nn::packed_linear", mutates_args=())
-def packed_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], handle: int) -> Tensor:
+def packed_linear_op(x: Tensor, weights: List[Tensor], handle: int) -> Tensor:
     """``PackedLinear`` number ``handle`` applied to ``x`` (its packed product and fused activation), as one op of a
-    compiled graph. ``weight`` / ``bias`` are that linear's, passed so the graph depends on them."""
+    compiled graph. ``weights``: those of its linears (output features in order), passed so the graph depends on
+    them."""
     return _RUNNERS[handle].eager(x)
 
 
 @packed_linear_op.register_fake
-def _packed_linear_fake(x, weight, bias, handle):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+def _packed_linear_fake(x, weights, handle):
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
 
 
 class PackedLinear:
     """``linear(x)`` (optionally followed by ``activation``) for ``x [..., in]`` -> ``[..., out]``.
 
     Holds a reference to ``linear`` (``.module``; weights shared, not copied into the module tree, so state dicts
-    are unchanged). On CPU float32/bfloat16 with packing enabled the product runs on a cached oneDNN-reordered copy of
-    the weight, the activation fused as a post-op where oneDNN has it (GELU, ReLU); otherwise
-    ``activation(linear(x))`` as the modules define it.
+    are unchanged), an ``nn.Linear`` or a :class:`ConcatLinear` (whose parts are read at every call). On CPU
+    float32/bfloat16 with packing enabled the product runs on a cached oneDNN-reordered copy of the weight (of the
+    stacked weights of a ``ConcatLinear``), the activation fused as a post-op where oneDNN has it (GELU, ReLU);
+    otherwise ``activation(linear(x))`` as the modules define it.
     """
 
-    def __init__(self, linear: nn.Linear, activation: Optional[nn.Module] = None):
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"eventful: PackedLinear needs an nn.Linear, got {type(linear).__name__}")
-        self._exact = type(linear) is nn.Linear  # subclasses may override forward: always called as they are
+    def __init__(self, linear: nn.Module, activation: Optional[nn.Module] = None):
+        if not isinstance(linear, (nn.Linear, ConcatLinear)):
+            raise TypeError(f"eventful: PackedLinear needs an nn.Linear or ConcatLinear, got {type(linear).__name__}")
+        # subclasses may override forward: always called as they are
+        self._exact = type(linear) in (nn.Linear, ConcatLinear)
         self.linear = self.module = linear
         self.activation = activation
         fused = None if activation is None else _fusable_activation(activation)
         self._post_op = fused or ("none", "")
         self._after = activation if activation is not None and fused is None else None
         self._key: Optional[tuple] = None
-        self._src: Optional[Tensor] = None
+        self._srcs: Optional[Tuple[Tensor, ...]] = None
         self._packed: Optional[Tensor] = None
         self._fp: Optional[bytes] = None  # the sampled bytes when packed
-        self._fp_view: Optional[np.ndarray] = None  # the same bytes of the weight now (a view of its memory)
+        self._fp_views: Optional[List[np.ndarray]] = None  # the same bytes of the weights now (views of their memory)
         self._group: Optional[PackedGroup] = None
         _LIVE.add(self)
         self._handle = id(self)
@@ -181,14 +237,22 @@ class PackedLinear:
     def runners(self) -> List["PackedLinear"]:
         return [self]
 
+    def linears(self) -> Tuple[nn.Linear, ...]:
+        """The ``nn.Linear`` layers whose weights are packed (those of a ``ConcatLinear`` as they are now)."""
+        return self.linear.parts() if isinstance(self.linear, ConcatLinear) else (self.linear,)
+
+    def sampled_bytes(self) -> bytes:
+        """The fingerprinted bytes of the packed weights as they are now."""
+        return b"".join(v.tobytes() for v in self._fp_views)
+
     def invalidate(self) -> None:
         """Drop the packed copy: the next call packs the weight as it is then."""
-        self._key = self._src = self._packed = self._fp = self._fp_view = None
+        self._key = self._srcs = self._packed = self._fp = self._fp_views = None
         _PACKS[0] += 1
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_key=None, _src=None, _packed=None, _fp=None, _fp_view=None)
+        state.update(_key=None, _srcs=None, _packed=None, _fp=None, _fp_views=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -201,83 +265,104 @@ class PackedLinear:
         # The packed source is kept alive in the key, so its address cannot be reused by a new weight while cached.
         return (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape), tuple(w.stride()))
 
-    def _packable(self, x: Tensor) -> bool:
-        w = self.linear.weight
-        return (
-            self._exact
-            and x.device.type == "cpu"
-            and w.device.type == "cpu"
-            and x.dtype == w.dtype
-            and w.dtype in _PACKED_DTYPES
-            and w.is_contiguous()
-            and not (w.requires_grad and torch.is_grad_enabled())
-            and _packing_on()
-        )
+    def _packable(self, x: Tensor, linears: Tuple[nn.Linear, ...]) -> bool:
+        if (
+            not self._exact
+            or x.device.type != "cpu"
+            or x.dtype not in _PACKED_DTYPES
+            or not _packing_on()
+        ):
+            return False
+        grad = torch.is_grad_enabled()
+        no_bias = linears[0].bias is None
+        for m in linears:
+            w = m.weight
+            if (type(m) is not nn.Linear or w.device.type != "cpu" or w.dtype != x.dtype or not w.is_contiguous()
+                    or grad and w.requires_grad or (m.bias is None) != no_bias):
+                return False
+        return True
 
     def packed_weight(self, x: Tensor) -> Optional[Tensor]:
         """The reordered weight usable for ``x``, (re)packed when the weight changed; None when not applicable."""
-        if not self._packable(x) or torch.compiler.is_compiling():  # in a graph: packed_linear_op instead
+        linears = self.linears()
+        if torch.compiler.is_compiling() or not self._packable(x, linears):  # in a graph: packed_linear_op instead
             return None
-        w = self.linear.weight
-        key = self._weight_key(w)
+        weights = [m.weight for m in linears]
+        key = tuple(self._weight_key(w) for w in weights)
         if self._key == key and (
-            self._fp_view is None  # not packed
+            self._fp_views is None  # not packed
             or not self.check_fingerprint
             or self._group is not None and self._group.active  # the group checked it before this frame
-            or self._fp_view.tobytes() == self._fp
+            or self.sampled_bytes() == self._fp
         ):
             return self._packed
         self.invalidate()
-        self._key, self._src = key, w.detach()
+        self._key, self._srcs = key, tuple(w.detach() for w in weights)
+        stacked = self._srcs[0] if len(self._srcs) == 1 else torch.cat(self._srcs)
         try:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(self._src)
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(stacked)
         except RuntimeError:  # dtype without CPU support (e.g. bf16 on a CPU lacking it): stay unpacked
             self._packed = None
         if self._packed is not None:
-            # A view of the weight's own memory (the key pins it): later writes through .data show in it.
-            self._fp_view = sample_runs(self._src).numpy()
-            self._fp = self._fp_view.tobytes()
+            # Views of the weights' own memory (the key pins them): later writes through .data show in them.
+            self._fp_views = [sample_runs(src).numpy() for src in self._srcs]
+            self._fp = self.sampled_bytes()
         return self._packed
 
+    def _bias(self) -> Optional[Tensor]:
+        biases = [m.bias for m in self.linears()]
+        if biases[0] is None:
+            return None
+        return biases[0].detach() if len(biases) == 1 else torch.cat([b.detach() for b in biases])
+
     def __call__(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling() and PackedLinear.in_graph and self._packable(x):
-            bias = self.linear.bias
-            return packed_linear_op(x, self.linear.weight, None if bias is None else bias, self._handle)
+        if torch.compiler.is_compiling() and PackedLinear.in_graph:
+            linears = self.linears()
+            if self._packable(x, linears):
+                return packed_linear_op(x, [m.weight for m in linears], self._handle)
         return self.eager(x)
 
     def eager(self, x: Tensor) -> Tensor:
         """``activation(linear(x))`` on the packed weight when it applies, else as the modules define it."""
         packed = self.packed_weight(x)
         if packed is None:
-            y = F.linear(x, self.linear.weight, self.linear.bias) if self._exact else self.linear(x)
+            lin = self.linear
+            y = F.linear(x, lin.weight, lin.bias) if type(lin) is nn.Linear else lin(x)
             return y if self.activation is None else self.activation(y)
-        bias = self.linear.bias
         attr, algorithm = self._post_op
-        y = torch.ops.mkldnn._linear_pointwise(x, packed, None if bias is None else bias.detach(), attr, [], algorithm)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, self._bias(), attr, [], algorithm)
         return y if self._after is None else self._after(y)
 
 
-def _is_timm_mlp(mlp: nn.Module) -> bool:
-    """Exactly timm's ``Mlp`` with linear layers (not GluMlp/SwiGLU/conv variants, whose forward differs)."""
+# Hugging Face MLPs whose forward is exactly ``fc2(activation_fn(fc1(x)))``.
+_HF_MLPS = ("ViTMLP", "Dinov2MLP", "Dinov2WithRegistersMLP", "CLIPMLP", "SiglipMLP")
+
+
+def _mlp_activation(mlp: nn.Module) -> Optional[nn.Module]:
+    """The activation of a plain two-linear MLP: timm's ``Mlp`` (not GluMlp/SwiGLU/conv variants, whose forward
+    differs) or one of the Hugging Face MLPs in :data:`_HF_MLPS`; None for any other module."""
     cls = type(mlp)
-    return (
-        cls.__name__ == "Mlp"
-        and cls.__module__.startswith("timm.")
-        and isinstance(getattr(mlp, "fc1", None), nn.Linear)
-        and isinstance(getattr(mlp, "fc2", None), nn.Linear)
-        and isinstance(getattr(mlp, "act", None), nn.Module)
-    )
+    if cls.__name__ == "Mlp" and cls.__module__.startswith("timm."):
+        act = getattr(mlp, "act", None)
+    elif cls.__name__ in _HF_MLPS and cls.__module__.startswith("transformers."):
+        act = getattr(mlp, "activation_fn", None)
+    else:
+        return None
+    linear = isinstance(getattr(mlp, "fc1", None), nn.Linear) and isinstance(getattr(mlp, "fc2", None), nn.Linear)
+    return act if linear and isinstance(act, nn.Module) else None
 
 
 class PackedMlp:
-    """timm ``Mlp`` (``fc1 -> act -> drop1 -> norm -> fc2 -> drop2``) with both linears packed and ``act`` fused
-    into ``fc1``. Dropout is skipped (inference only). Any other MLP type is called as it is. ``.module`` is ``mlp``."""
+    """timm ``Mlp`` (``fc1 -> act -> drop1 -> norm -> fc2 -> drop2``) or a plain Hugging Face MLP
+    (``fc2(activation_fn(fc1(x)))``) with both linears packed and the activation fused into ``fc1``. Dropout is
+    skipped (inference only). Any other MLP type is called as it is. ``.module`` is ``mlp``."""
 
     def __init__(self, mlp: nn.Module):
         self.mlp = self.module = mlp
-        self._plain = _is_timm_mlp(mlp)
+        act = _mlp_activation(mlp)
+        self._plain = act is not None
         if self._plain:
-            self.fc1 = PackedLinear(mlp.fc1, mlp.act)
+            self.fc1 = PackedLinear(mlp.fc1, act)
             self.fc2 = PackedLinear(mlp.fc2)
             norm = getattr(mlp, "norm", None)
             self.norm = None if norm is None or isinstance(norm, nn.Identity) else norm
@@ -299,9 +384,9 @@ def repack(model: nn.Module) -> nn.Module:
     :func:`packed_linears`): each is packed again from the weight as it is at its next call. Needed only after a
     weight edit that neither bumps ``_version`` nor touches a sampled entry (see the module docstring). Returns
     ``model``."""
-    linears = {id(m) for m in model.modules() if isinstance(m, nn.Linear)}
+    linears = {id(m) for m in model.modules() if isinstance(m, (nn.Linear, ConcatLinear))}
     for packed in list(_LIVE):
-        if id(packed.linear) in linears:
+        if id(packed.linear) in linears or any(id(m) in linears for m in packed.linears()):
             packed.invalidate()
     return model
 

@@ -71,7 +71,8 @@ class MatmulBuffer(EventfulModule):
         b, h, nq, d = q.shape
         nk = k.shape[2]
         if k.shape[:2] != q.shape[:2] or k.shape[3] != d or k.dtype != q.dtype:
-            raise ValueError(f"eventful: argument 'k' {tuple(k.shape)} {k.dtype} does not match 'q' {tuple(q.shape)} {q.dtype}")
+            raise ValueError(
+                f"eventful: argument 'k' {tuple(k.shape)} {k.dtype} does not match 'q' {tuple(q.shape)} {q.dtype}")
         if self.logits is None or self._refresh:
             logits = self.logits
             if logits is None or logits.shape != (b, h, nq, nk) or logits.dtype != q.dtype or logits.device != q.device:
@@ -120,6 +121,11 @@ class MatmulDeltaAccumulator(EventfulModule):
     references are refreshed at ``S`` (invariant ``out == a_ref @ v_ref``). The state is stored token-major
     (``[B, M, H, d]``), so :attr:`tokens` is a free ``[B, M, H*d]`` view (heads merged, as before a projection).
     ``last_macs``: flush ``B*H*M*N*d``, update ``2*B*H*M*K*d``.
+
+    ``out_dtype`` (a forward argument, default ``a``'s dtype): the dtype of the output state, float32 with
+    float16/bfloat16 ``a``/``v`` (the references keep ``a``'s dtype; the products are accumulated in float32: the
+    flush multiplies the 16-bit values upcast, as ``av_delta_update_`` does, so ``out == a_ref @ v_ref`` holds to
+    float32 rounding).
     """
 
     state_attrs = ("out", "a_ref", "v_ref")
@@ -143,18 +149,27 @@ class MatmulDeltaAccumulator(EventfulModule):
         return self.out.view(b, m, h * d)
 
     @torch.no_grad()
-    def forward(self, a: Tensor, v: Tensor, index: Optional[Tensor] = None) -> Tensor:
+    def forward(self, a: Tensor, v: Tensor, index: Optional[Tensor] = None,
+                out_dtype: Optional[torch.dtype] = None) -> Tensor:
         _check_heads(a, "a")
         _check_heads(v, "v")
         b, h, m, n = a.shape
         d = v.shape[3]
+        out_dtype = a.dtype if out_dtype is None else out_dtype
         if v.shape[:3] != (b, h, n) or v.dtype != a.dtype or v.device != a.device:
-            raise ValueError(f"eventful: argument 'v' {tuple(v.shape)} {v.dtype} does not match 'a' {tuple(a.shape)} {a.dtype}")
+            raise ValueError(
+                f"eventful: argument 'v' {tuple(v.shape)} {v.dtype} does not match 'a' {tuple(a.shape)} {a.dtype}")
+        if out_dtype not in (a.dtype, torch.float32):
+            raise ValueError(
+                f"eventful: argument 'out_dtype' must be float32 or the dtype of 'a' ({a.dtype}), got {out_dtype}")
         if self.flushing:
             out = self.out
-            if out is None or out.shape != (b, m, h, d) or out.dtype != a.dtype or out.device != a.device:
-                out = torch.empty(b, m, h, d, dtype=a.dtype, device=a.device)
-            out.permute(0, 2, 1, 3).copy_(torch.matmul(a, v))
+            if out is None or out.shape != (b, m, h, d) or out.dtype != out_dtype or out.device != a.device:
+                out = torch.empty(b, m, h, d, dtype=out_dtype, device=a.device)
+            if out_dtype == a.dtype:
+                out.permute(0, 2, 1, 3).copy_(torch.matmul(a, v))
+            else:
+                out.permute(0, 2, 1, 3).copy_(torch.matmul(a.to(out_dtype), v.to(out_dtype)))
             if self.a_ref is not None and self.a_ref.shape == a.shape and self.a_ref.dtype == a.dtype and \
                     self.a_ref.device == a.device:
                 self.a_ref.copy_(a)
@@ -165,10 +180,12 @@ class MatmulDeltaAccumulator(EventfulModule):
             self._refresh = False
             self.last_macs = b * h * m * n * d
             return out.permute(0, 2, 1, 3)
-        if self.a_ref.shape != a.shape or self.v_ref.shape != v.shape or self.a_ref.dtype != a.dtype:
+        if self.a_ref.shape != a.shape or self.v_ref.shape != v.shape or self.a_ref.dtype != a.dtype or \
+                self.out.dtype != out_dtype:
             raise ValueError(
-                f"eventful: a {tuple(a.shape)} / v {tuple(v.shape)} do not match the stored references "
-                f"{tuple(self.a_ref.shape)} / {tuple(self.v_ref.shape)}; call reset() before starting a new stream"
+                f"eventful: a {tuple(a.shape)} {a.dtype} / v {tuple(v.shape)} (output {out_dtype}) do not match the "
+                f"stored references {tuple(self.a_ref.shape)} {self.a_ref.dtype} / {tuple(self.v_ref.shape)} (output "
+                f"{self.out.dtype}); call reset() before starting a new stream"
             )
         _check_index(index, "index", b)
         out4 = self.out.permute(0, 2, 1, 3)

@@ -8,7 +8,8 @@ tensors, ints, floats, strs, bools, None, lists, tuples and dicts, so ``torch.sa
 keep it. :func:`load_stream_state` checks all of it against a root of the same architecture before changing
 anything (a ``ValueError`` naming what differs, the modules untouched), then sets every module's state to copies:
 the streams continue exactly as they would have in the modules that were saved. The tensors are loaded on the
-device and dtype they were saved with, which must be those of the weights (no conversion).
+device and dtype they were saved with, which must be those the block keeps them in: the weights' device, and the
+weights' dtype except where the block says otherwise (``state_dtypes``: the 16-bit A·V references); no conversion.
 """
 from __future__ import annotations
 
@@ -190,12 +191,15 @@ def _check_block(name: str, block: EventfulModule, states: dict, streams: Option
         shapes = block.state_shapes(b, ref.shape[1], None if grid is None else tuple(grid))
     except ValueError as exc:
         _fail(f"block '{name}': {exc}")
-    weight = block.block.attn.qkv.weight
+    weight = block.block.attn.proj.weight
+    dtypes = block.state_dtypes(weight.dtype)
     for rel, t in tensors.items():
         where = _join(name, rel)
-        if t.dtype != weight.dtype or t.device != weight.device:
+        dtype = dtypes.get(rel, weight.dtype)
+        if t.dtype != dtype or t.device != weight.device:
+            kept = "" if dtype == weight.dtype else f" (the block keeps it in {dtype_name(dtype)})"
             _fail(f"{where} is {dtype_name(t.dtype)} on {t.device} but the block's weights are "
-                  f"{dtype_name(weight.dtype)} on {weight.device} (loading onto another dtype or device is not "
+                  f"{dtype_name(weight.dtype)} on {weight.device}{kept} (loading onto another dtype or device is not "
                   "supported)")
         want = shapes.get(rel)
         if want is not None and tuple(t.shape) != tuple(want):

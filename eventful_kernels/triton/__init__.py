@@ -1,6 +1,8 @@
 """Triton kernels for every op of the eventful contract, registered as the CUDA implementation of
 ``torch.ops.eventful`` (see ``_register`` for the rule shared with the C++ CUDA kernels and the
-``EVENTFUL_BACKEND_CUDA`` switch). Each op is also a plain function on tensors, e.g.
+``EVENTFUL_BACKEND_CUDA`` switch), one module per op family (``gather_scatter``, ``token_gate``, ``qk_update``,
+``av_delta_update``, as in csrc/). Argument checks are the C++ ones (``torch.ops.eventful._check_<op>``). Each op is
+also a plain function on tensors, e.g.
 ``eventful_kernels.triton.gather_rows(x, index)``; CPU tensors run under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported). Semantics: :mod:`eventful_kernels.reference`.
 
@@ -23,9 +25,10 @@ except Exception as exc:  # ImportError, or a broken install failing at import
 if AVAILABLE:
     from ._register import register_cuda_kernels, registered_ops
     from ._runtime import INTERPRET
-    from .attention import av_delta_update_, qk_update_
-    from .gates import token_delta_gate, token_gate, token_gate_threshold
+    from .av_delta_update import av_delta_update_
     from .gather_scatter import gather_cols, gather_rows, scatter_cols_, scatter_rows_
+    from .qk_update import qk_update_
+    from .token_gate import token_delta_gate, token_gate, token_gate_threshold
 
     register_cuda_kernels()
 else:

@@ -13,7 +13,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from . import attention, gates, gather_scatter
+from .av_delta_update import KERNELS as _AV_DELTA_UPDATE
+from .gather_scatter import KERNELS as _GATHER_SCATTER
+from .qk_update import KERNELS as _QK_UPDATE
+from .token_gate import KERNELS as _TOKEN_GATE
 
 BACKENDS = ("auto", "triton", "cuda")
 
@@ -27,16 +30,10 @@ def _none(fn: Callable) -> Callable:
     return kernel
 
 
+# op name -> dispatcher kernel, from each family module's KERNELS (in torch.ops.eventful's order, csrc/ops.cpp)
 KERNELS: Dict[str, Callable] = {
-    "gather_rows": gather_scatter.gather_rows,
-    "scatter_rows_": _none(gather_scatter.scatter_rows_),
-    "gather_cols": gather_scatter.gather_cols,
-    "scatter_cols_": _none(gather_scatter.scatter_cols_),
-    "token_gate": gates.token_gate,
-    "token_gate_threshold": gates.token_gate_threshold,
-    "token_delta_gate": gates.token_delta_gate,
-    "qk_update_": _none(attention.qk_update_),
-    "av_delta_update_": _none(attention.av_delta_update_),
+    name: _none(fn) if name.endswith("_") else fn
+    for family in (_GATHER_SCATTER, _TOKEN_GATE, _QK_UPDATE, _AV_DELTA_UPDATE) for name, fn in family.items()
 }
 
 _LIB: Optional[torch.library.Library] = None

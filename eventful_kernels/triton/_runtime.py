@@ -1,9 +1,10 @@
-"""Runtime helpers shared by the Triton kernels: interpreter mode, launch-device check, index value check.
+"""Runtime helpers shared by the Triton kernels: interpreter mode, launch device, autotune configs, casts.
 
-Every op that takes an index checks its values (one host sync) unless called with ``check_index=False``. The
-kernels mask every id outside ``[0, N)`` either way: ``-1`` (and, unchecked, any other id outside the range) is an
-empty slot, so a bad index can never touch memory out of bounds; unchecked duplicate ids give an unspecified one of
-the written values.
+Argument checks are the C++ ones (``torch.ops.eventful._check_<op>``, csrc/include/eventful/checks.h): every op that
+takes an index checks its values there (one host sync on CUDA) unless called with ``check_index=False``. The kernels
+mask every id outside ``[0, N)`` either way: ``-1`` (and, unchecked, any other id outside the range) is an empty
+slot, so a bad index can never touch memory out of bounds; unchecked duplicate ids give an unspecified one of the
+written values.
 """
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _checks
-
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 
 next_pow2 = triton.next_power_of_2
@@ -23,6 +22,13 @@ next_pow2 = triton.next_power_of_2
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+def autotune_configs(cuda_configs, interp_config):
+    """Several configs autotuned on a GPU; one fixed config under the interpreter (no benchmarking there).
+    Every CUDA config must compile for sm_90 (tests/triton_compile_check.py --all-configs): the autotuner does not
+    skip configs that crash the compiler (e.g. BLOCK_N=128 with 4 warps in Triton 3.7)."""
+    return [interp_config] if INTERPRET else cuda_configs
 
 
 def require_launchable(t: Tensor) -> None:
@@ -83,58 +89,6 @@ def load_ids(row_ptr, slots, stride, K, n):
     ``valid`` marks slots < K whose id lies in ``[0, n)``. Every kernel masks its index-driven accesses with it."""
     ids = tl.load(row_ptr + slots * stride, mask=slots < K, other=-1).to(tl.int64)
     return ids, (slots < K) & (ids >= 0) & (ids < n)
-
-
-@triton.jit
-def _validate_index_kernel(idx_ptr, seen_ptr, flag_ptr, K, n, stride_b, stride_k,
-                           UNIQUE: tl.constexpr, BLOCK: tl.constexpr):
-    # One program per index row: flag[b] = 1 if an id of row b is outside [0, n) and not -1, or (UNIQUE) an id in
-    # [0, n) repeats; seen[b*n : (b+1)*n] is this row's scratch, zeroed here (so no memset launch is needed).
-    b = tl.program_id(0).to(tl.int64)
-    if UNIQUE:
-        for n0 in range(0, n, BLOCK):
-            ns = n0 + tl.arange(0, BLOCK)
-            tl.store(seen_ptr + b * n + ns, tl.zeros([BLOCK], dtype=tl.int32), mask=ns < n)
-        tl.debug_barrier()
-    bad = tl.zeros([BLOCK], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK):
-        ks = k0 + tl.arange(0, BLOCK)
-        km = ks < K
-        ids = tl.load(idx_ptr + b * stride_b + ks * stride_k, mask=km, other=-1).to(tl.int64)
-        ok = km & (ids >= 0) & (ids < n)
-        bad = bad | (km & ~ok & (ids != -1)).to(tl.int32)
-        if UNIQUE:
-            old = tl.atomic_add(seen_ptr + b * n + ids, 1, mask=ok)
-            bad = bad | (ok & (old > 0)).to(tl.int32)
-    tl.store(flag_ptr + b, tl.max(bad, 0))
-
-
-def check_index_values(*checks) -> None:
-    """Value check of one or more indices, each given as ``(index [B, K], name, n, unique)``: every id in
-    ``[0, n)`` or ``-1`` (an empty slot), and if ``unique`` no id in ``[0, n)`` twice in a row. One small launch per
-    index and ONE host sync for all of them, before any write; on failure the first bad index (in argument order)
-    raises the C++ message."""
-    checks = [c for c in checks if c[0].numel() > 0]
-    if not checks:
-        return
-    rows = [c[0].size(0) for c in checks]
-    seen_sizes = [b * c[2] if c[3] else 0 for b, c in zip(rows, checks)]
-    scratch = torch.empty(sum(rows) + sum(seen_sizes), dtype=torch.int32, device=checks[0][0].device)
-    flag_at, seen_at = 0, sum(rows)
-    for (index, _, n, unique), b, size in zip(checks, rows, seen_sizes):
-        k = index.size(1)
-        block = min(max(next_pow2(k), 256), 1024)  # also the step of the zeroing loop over n
-        seen = scratch[seen_at:seen_at + size] if unique else scratch
-        _validate_index_kernel[(b,)](index, seen, scratch[flag_at:flag_at + b], k, n, index.stride(0),
-                                     index.stride(1), UNIQUE=unique, BLOCK=block, num_warps=4)
-        flag_at += b
-        seen_at += size
-    flags = scratch[:sum(rows)].tolist()  # the host sync
-    flag_at = 0
-    for (index, name, n, unique), b in zip(checks, rows):
-        if any(flags[flag_at:flag_at + b]):
-            _checks.raise_index_error(index, name, n, unique)
-        flag_at += b
 
 
 def as_4d(t: Tensor) -> Tensor:

@@ -9,12 +9,14 @@ One kernel per layout serves gather, scatter and indexed copy (``dst[idx] = src[
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _checks as C
-from ._runtime import INTERPRET, as_4d, cdiv, check_index_values, load_ids, next_pow2, on_device, require_launchable
+from ._runtime import INTERPRET, as_4d, cdiv, load_ids, next_pow2, on_device, require_launchable
+
+_checks = torch.ops.eventful  # the C++ argument checks: _check_<op> (csrc/checks.cpp)
 
 
 @triton.jit
@@ -116,43 +118,12 @@ def copy_cols(src: Tensor, dst: Tensor, index: Tensor, n_ids: int, src_indexed: 
         SRC_INDEXED=src_indexed, DST_INDEXED=dst_indexed, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
 
 
-def _check_x(x: Tensor, name: str, index: Tensor) -> None:
-    C.check_defined(x, name)
-    C.check_defined(index, "index")
-    C.check_rank(x, name, 3, 4)
-    C.check_float(x, name)
-    C.check_index_meta(index, "index", x.size(0), x, name)
-
-
-def _check_scatter(dst: Tensor, index: Tensor, src: Tensor, cols: bool, check_index: bool) -> None:
-    for name, t in (("dst", dst), ("index", index), ("src", src)):
-        C.check_defined(t, name)
-    _check_x(dst, "dst", index)
-    C.check_same_dtype(src, "src", dst, "dst")
-    C.check_same_device(src, "src", dst, "dst")
-    C.check_same_rank(src, "src", dst, "dst")
-    d4, s4 = as_4d(dst), as_4d(src)
-    C.check_size(s4, "src", 0, d4.size(0), "the batch size of 'dst'")
-    C.check_size(s4, "src", 1, d4.size(1), "the head count of 'dst'")
-    if cols:
-        C.check_size(s4, "src", 2, d4.size(2), "the row count of 'dst'")
-        C.check_size(s4, "src", 3, index.size(1), "K, the number of ids in 'index'")
-    else:
-        C.check_size(s4, "src", 2, index.size(1), "K, the number of ids in 'index'")
-        C.check_size(s4, "src", 3, d4.size(3), "the feature size of 'dst'")
-    C.check_writable(dst, "dst")
-    if check_index:
-        check_index_values((index, "index", d4.size(3) if cols else d4.size(2), True))
-
-
 @on_device
 def gather_rows(x: Tensor, index: Tensor, *, check_index: bool = True) -> Tensor:
     """``y[b, (h,) k] = x[b, (h,) index[b, k]]``: ``x [B,(H,)N,D]`` -> ``y [B,(H,)K,D]`` contiguous (zero rows at
     empty slots). ``check_index=False``: no value check, no host sync."""
-    _check_x(x, "x", index)
+    _checks._check_gather_rows(x, index, check_index=check_index)
     require_launchable(x)
-    if check_index:
-        check_index_values((index, "index", x.size(-2), False))
     y = x.new_empty((*x.shape[:-2], index.size(1), x.size(-1)))
     copy_rows(x, y, index, x.size(-2), src_indexed=True, dst_indexed=False)
     return y
@@ -162,7 +133,7 @@ def gather_rows(x: Tensor, index: Tensor, *, check_index: bool = True) -> Tensor
 def scatter_rows_(dst: Tensor, index: Tensor, src: Tensor, *, check_index: bool = True) -> Tensor:
     """``dst[b, (h,) index[b, k]] = src[b, (h,) k]`` in place (ids in a row distinct; empty slots write nothing);
     returns ``dst``."""
-    _check_scatter(dst, index, src, cols=False, check_index=check_index)
+    _checks._check_scatter_rows(dst, index, src, check_index=check_index)
     require_launchable(dst)
     copy_rows(src, dst, index, dst.size(-2), src_indexed=False, dst_indexed=True)
     return dst
@@ -172,10 +143,8 @@ def scatter_rows_(dst: Tensor, index: Tensor, src: Tensor, *, check_index: bool 
 def gather_cols(x: Tensor, index: Tensor, *, check_index: bool = True) -> Tensor:
     """``y[b, (h,) m, k] = x[b, (h,) m, index[b, k]]``: ``x [B,(H,)M,N]`` -> ``y [B,(H,)M,K]`` contiguous (zero
     columns at empty slots)."""
-    _check_x(x, "x", index)
+    _checks._check_gather_cols(x, index, check_index=check_index)
     require_launchable(x)
-    if check_index:
-        check_index_values((index, "index", x.size(-1), False))
     y = x.new_empty((*x.shape[:-1], index.size(1)))
     copy_cols(x, y, index, x.size(-1), src_indexed=True, dst_indexed=False)
     return y
@@ -185,7 +154,11 @@ def gather_cols(x: Tensor, index: Tensor, *, check_index: bool = True) -> Tensor
 def scatter_cols_(dst: Tensor, index: Tensor, src: Tensor, *, check_index: bool = True) -> Tensor:
     """``dst[b, (h,) m, index[b, k]] = src[b, (h,) m, k]`` in place (ids in a row distinct; empty slots write
     nothing); returns ``dst``."""
-    _check_scatter(dst, index, src, cols=True, check_index=check_index)
+    _checks._check_scatter_cols(dst, index, src, check_index=check_index)
     require_launchable(dst)
     copy_cols(src, dst, index, dst.size(-1), src_indexed=False, dst_indexed=True)
     return dst
+
+
+KERNELS = {"gather_rows": gather_rows, "scatter_rows_": scatter_rows_, "gather_cols": gather_cols,
+           "scatter_cols_": scatter_cols_}

@@ -61,8 +61,19 @@ class Run:
         return d
 
 
+def is_hf(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face (transformers) model."""
+    return type(model).__module__.startswith("transformers.")
+
+
 def create_model(name: str, seed: int = 0, checkpoint: Optional[str] = None, **kwargs) -> torch.nn.Module:
-    """A timm model by name, randomly initialized with ``seed`` (no downloads), or loaded from ``checkpoint``."""
+    """A timm model by name, randomly initialized with ``seed`` (no downloads), or loaded from ``checkpoint``;
+    ``hf:<spec>`` names a Hugging Face encoder (:func:`eventful_kernels.models.hf_create.create_model`, ``kwargs``
+    override its config)."""
+    if name.startswith("hf:"):
+        from ..models.hf_create import create_model as create_hf
+
+        return create_hf(name[3:], seed, checkpoint, **kwargs)
     timm = import_timm()
     if name.startswith("samvit") and "global_pool" not in kwargs:
         kwargs["global_pool"] = ""  # SAM image encoder output: the neck feature map [B, C, H/16, W/16], not pooled
@@ -74,7 +85,11 @@ def create_model(name: str, seed: int = 0, checkpoint: Optional[str] = None, **k
 
 
 def input_spec(model: torch.nn.Module):
-    """(image size, mean, std) the model expects, from its timm pretrained config."""
+    """(image size, mean, std) the model expects, from its timm pretrained config (or its Hugging Face config)."""
+    if is_hf(model):
+        from ..models.hf_create import input_spec as hf_input_spec
+
+        return hf_input_spec(model)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = cfg.get("input_size", (3, 224, 224))[-1]
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
@@ -88,7 +103,7 @@ def input_spec(model: torch.nn.Module):
 def _timed(fn, x):
     t0 = time.perf_counter()
     y = fn(x)
-    if y.is_cuda:
+    if primary_output(y).is_cuda:
         torch.cuda.synchronize()
     return y, (time.perf_counter() - t0) * 1e3
 
@@ -156,7 +171,13 @@ def run_lockstep(model, ev: EventfulModel, frames: torch.Tensor, mean, std, budg
     return dense, run, counter.n_tokens
 
 
-def _deviation(run: Run, y: torch.Tensor, ref: torch.Tensor) -> None:
+def primary_output(out):
+    """The tensor a run compares: the output itself, or ``last_hidden_state`` of a Hugging Face model output."""
+    return out if isinstance(out, torch.Tensor) else out["last_hidden_state"]
+
+
+def _deviation(run: Run, y, ref) -> None:
+    y, ref = primary_output(y), primary_output(ref)
     run.rel_error.append(float((y - ref).norm() / ref.norm().clamp_min(1e-30)))
     if y.dim() == 2:  # classifier logits: does the top-1 class agree with the dense model?
         run.top1_agree.append(float((y.argmax(-1) == ref.argmax(-1)).float().mean()))

@@ -1,9 +1,13 @@
-// Argument checks shared by every backend, so each rejects bad input with the same message and before
-// touching any state. Every op first checks that each required tensor argument is defined (a Python None arrives
-// as an undefined tensor), in argument order. Metadata checks (rank, shape, dtype, device) are device-agnostic and
-// always run; index *value*
-// checks (range, uniqueness) run only when the op's check_index is true, on the host for CPU tensors
-// (check_index_values_cpu) and in a kernel on CUDA.
+// Argument checks shared by every backend, so each rejects bad input with the same message and before touching any
+// state. This header is the one source of them: the C++ kernels call the per-op checks at the bottom (check_<op>),
+// and every other backend calls the same functions through the check ops torch.ops.eventful._check_<op>
+// (csrc/checks.cpp), which take the op's own arguments and return nothing.
+//
+// Every op first checks that each required tensor argument is defined (a Python None arrives as an undefined
+// tensor), in argument order. Metadata checks (rank, shape, dtype, device, overlap) are device-agnostic, read no
+// tensor data and always run; index *value* checks (range, uniqueness) run last, only when the op's check_index is
+// true: on the host for CPU tensors, and with one device-to-host read of an error flag for device tensors (see
+// check_index_values).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,7 +16,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -52,6 +58,11 @@ inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Te
 inline void check_size(const at::Tensor& t, const char* name, int64_t dim, int64_t expected, const std::string& what) {
   TORCH_CHECK(t.size(dim) == expected, "eventful: argument '", name, "' has size ", t.size(dim), " at dim ", dim,
               " but ", what, " is ", expected, " (shape ", t.sizes(), ")");
+}
+
+inline void check_same_rank(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.dim() == ref.dim(), "eventful: argument '", name, "' must have the rank of '", ref_name, "' (",
+              ref.dim(), "), got shape ", t.sizes());
 }
 
 // A mutated state tensor must not overlap itself, or writes through different indices would alias.
@@ -175,8 +186,7 @@ inline void check_scatter_args(const at::Tensor& dst, const at::Tensor& index, c
   check_gather_args(dst, "dst", index);
   check_same_dtype(src, "src", dst, "dst");
   check_same_device(src, "src", dst, "dst");
-  TORCH_CHECK(src.dim() == dst.dim(), "eventful: argument 'src' must have the rank of 'dst' (", dst.dim(),
-              "), got shape ", src.sizes());
+  check_same_rank(src, "src", dst, "dst");
   const at::Tensor d4 = as_4d(dst), s4 = as_4d(src);
   const int64_t token_dim = cols ? 3 : 2;
   static const char* what[4] = {"the batch size of 'dst'", "the head count of 'dst'", "the row count of 'dst'",
@@ -190,6 +200,189 @@ inline void check_scatter_args(const at::Tensor& dst, const at::Tensor& index, c
   }
   check_writable(dst, "dst");
   check_no_overlap(dst, "dst", src, "src");
+}
+
+// ---- index values ----
+
+// One index whose values an op checks: ids in [0, n) or -1, and distinct per row (-1 excepted) if `unique`.
+struct IndexValues {
+  const at::Tensor& index;
+  const char* name;
+  int64_t n;
+  bool unique;
+};
+
+// How an op checks index values; the default is check_index_values below, a backend may pass its own (e.g. a
+// dedicated kernel) provided it raises check_index_values_cpu's errors.
+using IndexValueCheck = void (*)(std::initializer_list<IndexValues>);
+
+// Device-agnostic value check of one or more indices, in argument order. CPU indices are scanned on the host.
+// Other devices compute one error flag for all of them with tensor ops and read it back once (the one host sync of
+// a checked call); only when it is set are the indices copied to the host and scanned for the exact message.
+inline void check_index_values(std::initializer_list<IndexValues> checks) {
+  std::vector<at::Tensor> flags;
+  for (const IndexValues& c : checks) {
+    if (c.index.numel() == 0) continue;
+    if (c.index.device().is_cpu()) {
+      check_index_values_cpu(c.index, c.name, c.n, c.unique);
+      continue;
+    }
+    const at::Tensor idx = c.index.to(at::kLong);
+    const at::Tensor valid = idx.ge(0).logical_and_(idx.lt(c.n));
+    flags.push_back(valid.logical_not().logical_and_(idx.ne(-1)).any());
+    if (c.unique && idx.size(1) > 1) {
+      const at::Tensor ids = std::get<0>(at::where(valid, idx, -1).sort(1));
+      const int64_t k = ids.size(1);
+      const at::Tensor next = ids.narrow(1, 1, k - 1);
+      flags.push_back(next.eq(ids.narrow(1, 0, k - 1)).logical_and_(next.ge(0)).any());
+    }
+  }
+  if (flags.empty() || !at::stack(flags).any().item<bool>()) return;
+  for (const IndexValues& c : checks) {
+    if (c.index.numel() > 0) check_index_values_cpu(c.index.cpu(), c.name, c.n, c.unique);
+  }
+  TORCH_INTERNAL_ASSERT(false, "eventful: the device index check flagged an index the host check accepts");
+}
+
+// ---- per-op checks: the ops' own arguments, in schema order ----
+
+// gather_rows (cols=false) / gather_cols (cols=true): x [B, (H,) N, D] / [B, (H,) M, N], index [B, K].
+inline void check_gather(const at::Tensor& x, const at::Tensor& index, bool cols, bool check_index,
+                         IndexValueCheck values = check_index_values) {
+  check_gather_args(x, "x", index);
+  if (check_index) values({{index, "index", x.size(cols ? -1 : -2), /*unique=*/false}});
+}
+
+// scatter_rows_ (cols=false) / scatter_cols_ (cols=true).
+inline void check_scatter(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src, bool cols,
+                          bool check_index, IndexValueCheck values = check_index_values) {
+  check_scatter_args(dst, index, src, cols);
+  if (check_index) values({{index, "index", dst.size(cols ? -1 : -2), /*unique=*/true}});
+}
+
+inline void check_token_gate(const at::Tensor& c, const at::Tensor& ref, int64_t k) {
+  check_gate_inputs(c, ref);
+  check_k(k, c.size(1));
+}
+
+inline void check_token_gate_threshold(const at::Tensor& c, const at::Tensor& ref, double threshold,
+                                       int64_t capacity) {
+  check_gate_inputs(c, ref);
+  check_capacity(capacity, c.size(1));
+  check_threshold(threshold);
+}
+
+// A given index [B, K] (int32/int64, distinct ids in [0, N) or -1) forces the selection; k must then be -1 or K.
+inline void check_token_delta_gate(const at::Tensor& c, const at::Tensor& ref, int64_t k,
+                                   const std::optional<at::Tensor>& index, bool check_index,
+                                   IndexValueCheck values = check_index_values) {
+  check_gate_inputs(c, ref);
+  if (!index.has_value() || !index->defined()) {
+    check_k(k, c.size(1));
+    return;
+  }
+  check_index_meta(*index, "index", c.size(0), c, "c");
+  TORCH_CHECK_VALUE(k == -1 || k == index->size(1), "eventful: argument 'k' must be -1 or equal to the size of "
+                    "'index' at dim 1 (", index->size(1), ") when 'index' is given, got ", k);
+  if (check_index) values({{*index, "index", c.size(1), /*unique=*/true}});
+}
+
+// Sizes of a [B, (H,) rows, cols] operand against another of the same rank: batch, heads (rank 4 only).
+inline void check_batch_heads(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
+  check_size(t, name, 0, like.size(0), "the batch size of '" + std::string(like_name) + "'");
+  if (t.dim() == 4) check_size(t, name, 1, like.size(1), "the head count of '" + std::string(like_name) + "'");
+}
+
+// qk_update_: logits [B, (H,) Nq, Nk] (float32 or q's dtype), q [B, (H,) Nq, d], k [B, (H,) Nk, d], index_q [B, Kq],
+// index_k [B, Kk] (distinct ids or -1); optional rel_h [B, (H,) Nq, Gh] and rel_w [B, (H,) Nq, Gw] (q's dtype,
+// both or neither, Gh*Gw = Nk). logits must not share memory with any input.
+inline void check_qk_update(const at::Tensor& logits, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& index_q, const at::Tensor& index_k,
+                            const std::optional<at::Tensor>& rel_h, const std::optional<at::Tensor>& rel_w,
+                            bool check_index, IndexValueCheck values = check_index_values) {
+  check_defined(logits, "logits");
+  check_defined(q, "q");
+  check_defined(k, "k");
+  check_defined(index_q, "index_q");
+  check_defined(index_k, "index_k");
+  check_rank(logits, "logits", 3, 4);
+  check_same_rank(q, "q", logits, "logits");
+  check_same_rank(k, "k", logits, "logits");
+  check_float(logits, "logits");
+  check_float(q, "q");
+  check_float(k, "k");
+  check_same_dtype(k, "k", q, "q");
+  check_acc_dtype(logits, "logits", q, "q");
+  check_same_device(q, "q", logits, "logits");
+  check_same_device(k, "k", logits, "logits");
+  const int64_t rows = logits.dim() - 2, cols = logits.dim() - 1;
+  check_batch_heads(q, "q", logits, "logits");
+  check_size(q, "q", rows, logits.size(rows), "the row count Nq of 'logits'");
+  check_batch_heads(k, "k", logits, "logits");
+  check_size(k, "k", rows, logits.size(cols), "the column count Nk of 'logits'");
+  check_size(k, "k", cols, q.size(cols), "the head dim of 'q'");
+  const bool has_h = rel_h.has_value() && rel_h->defined(), has_w = rel_w.has_value() && rel_w->defined();
+  TORCH_CHECK_VALUE(has_h == has_w, "eventful: arguments 'rel_h' and 'rel_w' must be given together (got only '",
+                    has_h ? "rel_h" : "rel_w", "')");
+  if (has_h) {
+    const std::pair<const at::Tensor*, const char*> both[] = {{&*rel_h, "rel_h"}, {&*rel_w, "rel_w"}};
+    for (const auto& [t, name] : both) {
+      check_same_rank(*t, name, logits, "logits");
+      check_same_dtype(*t, name, q, "q");
+      check_same_device(*t, name, logits, "logits");
+      check_batch_heads(*t, name, logits, "logits");
+      check_size(*t, name, rows, logits.size(rows), "the row count Nq of 'logits'");
+    }
+    TORCH_CHECK(rel_h->size(cols) * rel_w->size(cols) == logits.size(cols), "eventful: arguments 'rel_h' [..., Gh] "
+                "and 'rel_w' [..., Gw] must satisfy Gh*Gw = Nk = ", logits.size(cols),
+                " (the column count of 'logits'), got Gh = ", rel_h->size(cols), ", Gw = ", rel_w->size(cols));
+  }
+  check_index_meta(index_q, "index_q", logits.size(0), logits, "logits");
+  check_index_meta(index_k, "index_k", logits.size(0), logits, "logits");
+  check_writable(logits, "logits");
+  check_no_overlap(logits, "logits", q, "q");
+  check_no_overlap(logits, "logits", k, "k");
+  if (has_h) {
+    check_no_overlap(logits, "logits", *rel_h, "rel_h");
+    check_no_overlap(logits, "logits", *rel_w, "rel_w");
+  }
+  if (check_index) {
+    values({{index_q, "index_q", logits.size(rows), /*unique=*/true},
+            {index_k, "index_k", logits.size(cols), /*unique=*/true}});
+  }
+}
+
+// av_delta_update_: out [B, (H,) M, d] (float32 or a_new's dtype), a_new / a_ref [B, (H,) M, N], v_new / v_ref
+// [B, (H,) N, d] (one dtype), index [B, K] (distinct ids or -1). out, a_ref and v_ref are written in place and must
+// not share memory with any other argument.
+inline void check_av_delta_update(const at::Tensor& out, const at::Tensor& a_new, const at::Tensor& a_ref,
+                                  const at::Tensor& v_new, const at::Tensor& v_ref, const at::Tensor& index,
+                                  bool check_index, IndexValueCheck values = check_index_values) {
+  const at::Tensor* all[] = {&out, &a_new, &a_ref, &v_new, &v_ref};
+  const char* names[] = {"out", "a_new", "a_ref", "v_new", "v_ref"};
+  for (int i = 0; i < 5; ++i) check_defined(*all[i], names[i]);
+  check_defined(index, "index");
+  check_rank(out, "out", 3, 4);
+  for (int i = 1; i < 5; ++i) check_same_rank(*all[i], names[i], out, "out");
+  for (int i = 0; i < 5; ++i) check_float(*all[i], names[i]);
+  for (int i = 2; i < 5; ++i) check_same_dtype(*all[i], names[i], a_new, "a_new");
+  check_acc_dtype(out, "out", a_new, "a_new");
+  for (int i = 1; i < 5; ++i) check_same_device(*all[i], names[i], out, "out");
+  const int64_t rows = out.dim() - 2, cols = out.dim() - 1, N = a_new.size(cols);
+  check_batch_heads(a_new, "a_new", out, "out");
+  check_size(a_new, "a_new", rows, out.size(rows), "the row count M of 'out'");
+  for (int64_t i = 0; i < a_new.dim(); ++i) check_size(a_ref, "a_ref", i, a_new.size(i), "the same dim of 'a_new'");
+  check_batch_heads(v_new, "v_new", out, "out");
+  check_size(v_new, "v_new", rows, N, "the column count N of 'a_new'");
+  check_size(v_new, "v_new", cols, out.size(cols), "the head dim of 'out'");
+  for (int64_t i = 0; i < v_new.dim(); ++i) check_size(v_ref, "v_ref", i, v_new.size(i), "the same dim of 'v_new'");
+  check_index_meta(index, "index", out.size(0), out, "out");
+  for (int i : {0, 2, 4}) {  // the tensors written in place
+    check_writable(*all[i], names[i]);
+    for (int j = 0; j < 5; ++j)
+      if (j != i) check_no_overlap(*all[i], names[i], *all[j], names[j]);
+  }
+  if (check_index) values({{index, "index", N, /*unique=*/true}});
 }
 
 }  // namespace eventful

@@ -1,4 +1,4 @@
-"""Triton token gates: ``token_gate``, ``token_gate_threshold``, ``token_delta_gate`` (``c, ref [B, N, D]``).
+"""Triton token gates (family ``token_gate``): ``token_gate``, ``token_gate_threshold``, ``token_delta_gate`` (``c, ref [B, N, D]``).
 
 Three launches, all on device (no host sync except the value check of an explicit index):
 1. ``_scores_kernel``: float32 ``||c - ref||_2`` per token in one pass over c and ref (no N x D temporary);
@@ -22,10 +22,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _checks as C
-from ._runtime import (INTERPRET, cast_out, cdiv, check_index_values, load_ids, next_pow2, on_device,
-                       require_launchable, soft_bf16)
+from ._runtime import INTERPRET, cast_out, cdiv, load_ids, next_pow2, on_device, require_launchable, soft_bf16
 from .gather_scatter import feature_block
+
+_checks = torch.ops.eventful  # the C++ argument checks: _check_<op> (csrc/checks.cpp)
 
 
 @triton.jit
@@ -150,23 +150,6 @@ def _gate_copy_kernel(c_ptr, r_ptr, idx_ptr, sel_ptr, e_ptr, out_idx_ptr, K, D, 
     tl.store(r_off, x, mask=m)
 
 
-def _check_gate(c: Tensor, ref: Tensor) -> None:
-    """Twin of check_gate_inputs in checks.h (same order)."""
-    C.check_defined(c, "c")
-    C.check_defined(ref, "ref")
-    C.check_rank(c, "c", 3, 3)
-    C.check_float(c, "c")
-    C.check_rank(ref, "ref", 3, 3)
-    C.check_same_dtype(ref, "ref", c, "c")
-    C.check_same_device(ref, "ref", c, "c")
-    C.check_size(ref, "ref", 0, c.size(0), "the batch size of 'c'")
-    C.check_size(ref, "ref", 1, c.size(1), "the token count of 'c'")
-    C.check_size(ref, "ref", 2, c.size(2), "the feature size of 'c'")
-    C.check_writable(ref, "ref")
-    if c.size(1) >= 2 ** 31 - 1:
-        C.fail(f"argument 'c' has {c.size(1)} tokens; at most 2^31 - 2 are supported")
-
-
 def _scores(c: Tensor, ref: Tensor, threshold: Optional[float]) -> Tensor:
     B, N, D = c.shape
     out = torch.empty((B, N), dtype=torch.float32, device=c.device)
@@ -221,8 +204,7 @@ def _gate_copy(c: Tensor, ref: Tensor, index: Tensor, with_e: bool, copy_index: 
 @on_device
 def token_gate(c: Tensor, ref: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """Top-k gate: ``(index [B,k] int64 ascending, c_sel [B,k,D])`` on ``||c - ref||_2``; ``ref[index] = c_sel``."""
-    _check_gate(c, ref)
-    C.check_k(k, c.size(1))
+    _checks._check_token_gate(c, ref, k)
     require_launchable(c)
     if k == 0:
         return torch.empty((c.size(0), 0), dtype=torch.int64, device=c.device), c.new_empty((c.size(0), 0, c.size(2)))
@@ -239,9 +221,7 @@ def token_gate_threshold(c: Tensor, ref: Tensor, threshold: float, capacity: int
     Returns ``(index [B,capacity] int64, count [B] int64, c_sel [B,capacity,D])``: the first ``count[b]`` ids of a
     row ascending, then -1 (zero rows in ``c_sel``). ``ref`` is updated at the selected tokens only.
     """
-    _check_gate(c, ref)
-    C.check_capacity(capacity, c.size(1))
-    C.check_threshold(threshold)
+    _checks._check_token_gate_threshold(c, ref, threshold, capacity)
     require_launchable(c)
     B, N, _ = c.shape
     if capacity == 0:
@@ -258,22 +238,20 @@ def token_delta_gate(c: Tensor, ref: Tensor, k: int = -1, index: Optional[Tensor
     """Delta gate: ``(index [B,K] int64, c_sel, e_sel = c_sel - ref_old[index])`` (``[B,K,D]``); ``ref[index] = c_sel``.
 
     An explicit ``index [B, K]`` (distinct ids per row; -1: an empty slot, a zero row and no write) forces the
-    selection, ``k`` is ignored, and the index is returned as an int64 copy. ``check_index=False``: no value check of
-    it, no host sync.
+    selection (``k`` must then be -1 or K), and the index is returned as an int64 copy. ``check_index=False``: no
+    value check of it, no host sync.
     """
-    _check_gate(c, ref)
-    B, N, D = c.shape
-    if index is None:
-        C.check_k(k, N)
-    else:
-        C.check_index_meta(index, "index", B, c, "c")
+    _checks._check_token_delta_gate(c, ref, k, index, check_index=check_index)
     require_launchable(c)
+    B = c.size(0)
     if index is not None:
-        if check_index:
-            check_index_values((index, "index", N, True))
         return _gate_copy(c, ref, index, with_e=True, copy_index=True)
     if k == 0:
         index = torch.empty((B, 0), dtype=torch.int64, device=c.device)
     else:
         index, _ = _select(_scores(c, ref, None), k, k, thresholded=False)
     return _gate_copy(c, ref, index, with_e=True)
+
+
+KERNELS = {"token_gate": token_gate, "token_gate_threshold": token_gate_threshold,
+           "token_delta_gate": token_delta_gate}

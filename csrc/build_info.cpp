@@ -1,0 +1,32 @@
+// Facts about this build of the library, read by eventful_kernels.info() through ctypes (extern "C": plain symbol
+// names, no op schema). Text lines "key=value".
+#include <torch/version.h>
+
+#include <string>
+
+namespace eventful {
+bool cpu_gate_avx2_compiled();
+const char* cpu_gate_path();
+}  // namespace eventful
+
+extern "C" {
+
+// Fixed at build time: the torch the library was compiled against, the compiler, the CPU ISA paths compiled in.
+const char* eventful_build_info() {
+  static const std::string text = std::string("torch=") + TORCH_VERSION + "\n" +
+#if defined(__clang__)
+                                  "compiler=clang " + __clang_version__ + "\n" +
+#elif defined(__GNUC__)
+                                  "compiler=gcc " + __VERSION__ + "\n" +
+#else
+                                  "compiler=unknown\n" +
+#endif
+                                  "cpu_gate_paths=" + (eventful::cpu_gate_avx2_compiled() ? "avx2,generic" : "generic") +
+                                  "\n";
+  return text.c_str();
+}
+
+// Decided on this machine: the row-distance path the CPU gates take for dense rows ("avx2" or "generic").
+const char* eventful_cpu_gate_path() { return eventful::cpu_gate_path(); }
+
+}  // extern "C"

@@ -1,0 +1,57 @@
+"""The op benchmark harness and the table renderer, on tiny shapes (timing values are not asserted)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
+
+import bench_ops  # noqa: E402
+import render  # noqa: E402
+
+
+def test_harness_writes_every_case_with_like_for_like_yardsticks(tmp_path):
+    out = tmp_path / "ops.json"
+    assert bench_ops.main(["--ops", "gather_rows,scatter_rows_,token_gate,qk_update_relpos_", "--sizes", "16:4,15:15",
+                           "--rounds", "3", "--threads", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    cases = {(r["op"], r["n"], r["k"]) for r in data["results"]}
+    # qk_update_relpos_ needs a square grid: N = 16 runs, N = 15 is skipped
+    assert cases == {("gather_rows", 16, 4), ("gather_rows", 15, 15), ("scatter_rows_", 16, 4),
+                     ("scatter_rows_", 15, 15), ("token_gate", 16, 4), ("token_gate", 15, 15),
+                     ("qk_update_relpos_", 16, 4)}
+    for r in data["results"]:
+        expect = {"fused", "composition"} | ({"copy"} if "rows" in r["op"] else set())
+        assert set(r["times"]) == expect
+        for t in r["times"].values():
+            assert t["rounds"] == 3 and 0 < t["min_ms"] <= t["median_ms"] <= t["p90_ms"]
+        assert r["bytes"] > 0
+    assert data["threads"] == 1 and data["kind"] == "ops" and data["dtype"] == "fp32"
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(SystemExit):
+        bench_ops.main(["--ops", "gather_rowz"])
+    with pytest.raises(SystemExit):
+        bench_ops.main(["--threads", "0"])
+
+
+def test_render_fills_marked_blocks_only(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    bench_ops.main(["--ops", "gather_rows", "--sizes", "8:2", "--rounds", "3", "--threads", "1",
+                    "--out", str(res / "ops_cpu.json")])
+    text = "intro\n<!-- results:ops_cpu -->\nold table\n<!-- /results:ops_cpu -->\n<!-- results:gone -->\nkeep\n" \
+           "<!-- /results:gone -->\n"
+    new = render.render_readme(text, str(res))
+    assert "old table" not in new and "| gather_rows | 8 | 2 |" in new and "keep" in new
+    assert render.render_readme(new, str(res)) == new  # idempotent
+
+
+def test_published_tables_are_rendered_from_the_committed_results():
+    """benchmarks/README.md shows exactly what benchmarks/results/*.json render to."""
+    assert render.main(["--check"]) == 0
