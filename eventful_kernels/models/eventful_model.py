@@ -22,6 +22,7 @@ from ..nn.policies import Budget, as_policy
 _EVENTFUL_BLOCKS = (EventfulBlock, EventfulTokenwiseBlock)
 
 STREAM_STATE_FORMAT = 1
+_STEADY = object()  # _begin: the frame is a steady-state step for the caller to run
 
 
 def _reset_after_load(model: "EventfulModel", incompatible_keys) -> None:
@@ -183,13 +184,29 @@ class EventfulModel(nn.Module):
                     "before the next frame"
                 )
 
+    # ``torch.compile(model)``: this frame is skipped (the bookkeeping below runs in Python, never guarded), while
+    # the frames it calls are still compiled: :meth:`_steady_step`, the steady-state frame, becomes one graph.
+    @torch.compiler.disable(recursive=False)
     def forward(self, frames: torch.Tensor):
         # Never inference mode: state made under it would be inference tensors, which a later frame outside it could
         # not update. Inference-mode inputs are fine as inputs; the outputs are normal tensors.
         with torch.inference_mode(False), torch.no_grad():
-            return self._forward(frames)
+            out = self._begin(frames)
+            if out is not _STEADY:
+                return self._passed(out)
+            try:
+                out = self._steady_step(frames)
+            except BaseException as exc:
+                self._end(frames, exc)
+                raise
+            self._end(frames)
+            return out
 
-    def _forward(self, frames: torch.Tensor):
+    @torch.compiler.disable
+    def _begin(self, frames: torch.Tensor):
+        """Everything of a frame but a plain steady-state step, eagerly: checks, refreshes, the flush and captured
+        CUDA graphs (returning the frame's output), or the preparation of a steady-state frame (returning
+        ``_STEADY``: the caller runs :meth:`_steady_step`, then :meth:`_end`)."""
         self._check_frames(frames)
         if self._screen.poisoned() or (self.refresh_every and self._since_flush >= self.refresh_every):
             self.refresh()
@@ -199,12 +216,35 @@ class EventfulModel(nn.Module):
         try:
             out = self._frame(frames)
         except BaseException as exc:
+            group.active = False
             self._failed(exc)
             raise
-        finally:
-            group.active = False
+        if out is _STEADY:
+            return out
+        group.active = False
         self._streams = frames.shape[0]
         return out
+
+    @torch.compiler.disable
+    def _end(self, frames: torch.Tensor, exc: Optional[BaseException] = None) -> None:
+        """Close a steady-state frame run by :meth:`_steady_step` (``exc``: it raised)."""
+        self._packed_group.active = False
+        if exc is not None:
+            self._failed(exc)
+            return
+        self._screen.frame_done()
+        self._since_flush += 1
+        self._streams = frames.shape[0]
+
+    def _passed(self, out):
+        """A frame run eagerly by :meth:`_begin`, handed back through a frame that ``torch.compile`` traces (an
+        empty graph), so ``torch.compile(model, fullgraph=True)`` finds a compiled frame on those frames too."""
+        return out
+
+    def _steady_step(self, frames: torch.Tensor):
+        """One steady-state frame: screen, model, output check. Traced as one graph by ``torch.compile(model)``."""
+        x, clean = self._screen.screen(frames)
+        return self._screen.finish(self._step(x), clean)
 
     def _frame(self, frames: torch.Tensor):
         if not self._screen.ready or any(b.qkv_gate.ref is None for b in self.eventful_blocks()):  # new streams
@@ -230,10 +270,9 @@ class EventfulModel(nn.Module):
         if self.cuda_graphs and frames.device.type == self.graphs.device_type:
             out = self.graphs(frames, (self._budget_key(), modes, self.backend, self._weights.addresses()))
             self._screen.frame_done()
-        else:
-            out = self._screened(frames, self._step)
-        self._since_flush += 1
-        return out
+            self._since_flush += 1
+            return out
+        return _STEADY
 
     def _screened(self, frames: torch.Tensor, step=None):
         """One frame through ``step`` (default: the steady-state step) behind the :class:`FrameScreen`."""

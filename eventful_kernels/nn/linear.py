@@ -5,7 +5,9 @@ stock ``F.linear`` (MKL sgemm on an unpacked ``[out, in]`` weight) re-packs the 
 at ~70% of its large-M rate; a weight reordered once into oneDNN's blocked layout runs small-M products near the
 large-M rate (measured 2 threads, M=49, D=768: 105 -> ~190 GFLOP/s). The packed copy is made lazily and costs one
 extra copy of the weights. Anything the packed path does not cover (CUDA, float16 without CPU support, no oneDNN,
-``EVENTFUL_PACKED_LINEAR=0``, tracing by ``torch.compile``) runs the module as it is.
+``EVENTFUL_PACKED_LINEAR=0``) runs the module as it is. Inside a ``torch.compile`` graph the packed product is
+the custom op ``torch.ops.eventful_nn.packed_linear`` (opaque to the compiler, which sees its output shape only), so
+compiled frames keep the packed weights; ``PackedLinear.in_graph = False`` makes them plain ``F.linear`` there.
 
 A packed copy is a cache of the weight, so it must never outlive the values it was made from:
 
@@ -78,6 +80,12 @@ def sampled_entries(t: Tensor) -> Tensor:
 def packing_enabled() -> bool:
     """Whether prepacked CPU linears are allowed: oneDNN present and ``EVENTFUL_PACKED_LINEAR`` not ``0``."""
     return os.environ.get("EVENTFUL_PACKED_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
+
+
+@torch.compiler.assume_constant_result
+def _packing_on() -> bool:
+    """:func:`packing_enabled`, read once per compilation inside a ``torch.compile`` graph (a constant there)."""
+    return packing_enabled()
 
 
 def _hf_gelu(act: nn.Module) -> Optional[str]:
@@ -175,6 +183,22 @@ class PackedGroup:
         return {"active": False, "_epoch": -1, "_runners": [], "_views": [], "_expected": b""}
 
 
+_RUNNERS: "weakref.WeakValueDictionary[int, PackedLinear]" = weakref.WeakValueDictionary()  # handle -> runner
+
+
+@torch.library.custom_op("eventful_nn::packed_linear", mutates_args=())
+def packed_linear_op(x: Tensor, weights: List[Tensor], handle: int) -> Tensor:
+    """``PackedLinear`` number ``handle`` applied to ``x`` (its packed product and fused activation), as one op of a
+    compiled graph. ``weights``: those of its linears (output features in order), passed so the graph depends on
+    them."""
+    return _RUNNERS[handle].eager(x)
+
+
+@packed_linear_op.register_fake
+def _packed_linear_fake(x, weights, handle):
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+
+
 class PackedLinear:
     """``linear(x)`` (optionally followed by ``activation``) for ``x [..., in]`` -> ``[..., out]``.
 
@@ -202,9 +226,13 @@ class PackedLinear:
         self._fp_views: Optional[List[np.ndarray]] = None  # the same bytes of the weights now (views of their memory)
         self._group: Optional[PackedGroup] = None
         _LIVE.add(self)
+        self._handle = id(self)
+        _RUNNERS[self._handle] = self
 
     # Compare the sampled bytes; False only to measure what the comparison costs.
     check_fingerprint: bool = True
+    # Inside a torch.compile graph: the packed product as a custom op (True) or plain F.linear (False).
+    in_graph: bool = True
 
     def runners(self) -> List["PackedLinear"]:
         return [self]
@@ -230,6 +258,8 @@ class PackedLinear:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         _LIVE.add(self)
+        self._handle = id(self)
+        _RUNNERS[self._handle] = self
 
     def _weight_key(self, w: Tensor) -> tuple:
         # The packed source is kept alive in the key, so its address cannot be reused by a new weight while cached.
@@ -240,8 +270,7 @@ class PackedLinear:
             not self._exact
             or x.device.type != "cpu"
             or x.dtype not in _PACKED_DTYPES
-            or torch.compiler.is_compiling()  # the packed call reads storage pointers: run F.linear in a graph
-            or not packing_enabled()
+            or not _packing_on()
         ):
             return False
         grad = torch.is_grad_enabled()
@@ -256,7 +285,7 @@ class PackedLinear:
     def packed_weight(self, x: Tensor) -> Optional[Tensor]:
         """The reordered weight usable for ``x``, (re)packed when the weight changed; None when not applicable."""
         linears = self.linears()
-        if not self._packable(x, linears):
+        if torch.compiler.is_compiling() or not self._packable(x, linears):  # in a graph: packed_linear_op instead
             return None
         weights = [m.weight for m in linears]
         key = tuple(self._weight_key(w) for w in weights)
@@ -287,6 +316,14 @@ class PackedLinear:
         return biases[0].detach() if len(biases) == 1 else torch.cat([b.detach() for b in biases])
 
     def __call__(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() and PackedLinear.in_graph:
+            linears = self.linears()
+            if self._packable(x, linears):
+                return packed_linear_op(x, [m.weight for m in linears], self._handle)
+        return self.eager(x)
+
+    def eager(self, x: Tensor) -> Tensor:
+        """``activation(linear(x))`` on the packed weight when it applies, else as the modules define it."""
         packed = self.packed_weight(x)
         if packed is None:
             lin = self.linear
