@@ -80,7 +80,8 @@ def bench_model(name: str, frames_n: int, budget_text: str, backend: str, video:
     label = budgets.budget_label(budget_text, budget)
     labels = [label if len(placements) == 1 else f"{label} {p}" for p in placements]
     t0 = time.perf_counter()
-    cmp = runner.compare(model, frames, mean, std, [(lb, budgets.fresh(budget), p) for lb, p in zip(labels, placements)],
+    entries = [(lb, budgets.fresh(budget), p) for lb, p in zip(labels, placements)]
+    cmp = runner.compare(model, frames, mean, std, entries,
                          backend=backend, strategy=strategy, packed_baseline=backend == "ops" and packing_enabled(),
                          sequential=sequential, warmup=DENSE_WARMUP)
     dense, run, dense_packed = cmp.dense, cmp.runs[0], cmp.dense_packed
@@ -185,7 +186,8 @@ def main(argv=None) -> int:
     placements = tuple(x.strip() for x in args.gate_placement.split(",") if x.strip())
     bad = [x for x in placements if x not in GATE_PLACEMENTS]
     if bad or not placements or len(set(placements)) != len(placements):
-        p.error(f"--gate-placement: expected distinct values of {', '.join(GATE_PLACEMENTS)}, got {args.gate_placement}")
+        p.error(f"--gate-placement: expected distinct values of {', '.join(GATE_PLACEMENTS)}, "
+                f"got {args.gate_placement}")
 
     torch.set_num_threads(args.threads)
     result = {

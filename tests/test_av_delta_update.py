@@ -1,12 +1,15 @@
-"""av_delta_update_ (family ``av_delta_update``) on every backend (tests/op_support.py) against eventful_kernels.reference.
+"""av_delta_update_ (family ``av_delta_update``) on every backend (tests/op_support.py) against
+eventful_kernels.reference.
 
 Tolerances. The op accumulates in float32; the kernels and the reference differ only in summation order (BLAS or
 tl.dot tiling). For a float32 sum of n terms each result is within gamma_n * sum|terms| of the exact value
 (gamma_n ~ n * eps32), so two float32 results differ by at most delta = 2 * n * eps32 * sum|terms|, computed
 elementwise from |a| @ |v|. A float16/bfloat16 output then rounds each float32 result once, so the outputs may
-differ by delta plus one ulp of the output dtype. Everything the op must not touch is compared exactly, and the state copies (a_ref, v_ref) are exact.
+differ by delta plus one ulp of the output dtype. Everything the op must not touch is compared exactly, and the
+state copies (a_ref, v_ref) are exact.
 
-Index entries -1 are empty slots (nothing added or refreshed there); with check_index=False every id outside [0, N) is one.
+Index entries -1 are empty slots (nothing added or refreshed there); with check_index=False every id outside [0, N)
+is one.
 """
 import re
 import zlib
@@ -346,8 +349,6 @@ def test_random_empty_slots(impl, b, h, m, n, d, fq, fk, empty, check_index, dty
     gen = torch.Generator().manual_seed(seed)
     pad = (lambda t, size: with_empty_slots(t, gen, empty)) if check_index else (
         lambda t, size: out_of_range(t, size, gen, empty))
-    q, k = randn((b, h, m, d), dtype, gen), randn((b, h, n, d), dtype, gen)
-    iq = pad(make_index(b, m, round(fq * m), index_dtype, gen), m)
     ik = pad(make_index(b, n, round(fk * n), index_dtype, gen), n)
     state = av_state(b, h, m, n, d, dtype, dtype, gen)
     check_av(impl, *state, ik, check_index=check_index)

@@ -235,7 +235,8 @@ def test_bad_input(cls):
 def test_set_backend_switches_mid_stream():
     """Both backends hold the same state layout, so switching backend between frames keeps the stream."""
     blk, shape = make("vit")
-    a, b = EventfulBlock(blk, TopFraction(0.3), backend="reference"), EventfulBlock(blk, TopFraction(0.3), backend="reference")
+    a = EventfulBlock(blk, TopFraction(0.3), backend="reference")
+    b = EventfulBlock(blk, TopFraction(0.3), backend="reference")
     for t, x in enumerate(random_video(shape, frames=6)):
         if t == 3:
             set_backend(a, "ops")

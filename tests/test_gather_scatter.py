@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 from eventful_kernels import reference
 from eventful_kernels import reference as R
 
-from op_support import (CUDA, FLOATS, INDEX_DTYPES, ROOT, assert_same, assert_same_guards, clone_layout, gen,
+from op_support import (FLOATS, INDEX_DTYPES, assert_same, assert_same_guards, clone_layout, gen,
                         guarded, index_with_empty, make_index, out_of_range, out_of_range_ids, over, randn,
                         run_bad_case, skip_meta_on_dispatcher, strided, strided_index, with_empty_slots)
 
@@ -140,7 +140,8 @@ def test_strided_inputs_and_outputs(impl, rank, dtype):
         for src in strided_variants(src_rows, gen):
             check_scatter(impl.scatter_rows_, reference.scatter_rows_, dst, index, src)
     check_scatter(impl.scatter_rows_, reference.scatter_rows_, x, index, src_rows[:1].expand(src_rows.shape))
-    check_scatter(impl.scatter_cols_, reference.scatter_cols_, dst_cols_base, index, src_cols[:1].expand(src_cols.shape))
+    check_scatter(impl.scatter_cols_, reference.scatter_cols_, dst_cols_base, index,
+                  src_cols[:1].expand(src_cols.shape))
     for dst in strided_variants(dst_cols_base, gen):
         for src in strided_variants(src_cols, gen):
             check_scatter(impl.scatter_cols_, reference.scatter_cols_, dst, index, src)

@@ -18,7 +18,7 @@ from hypothesis import given, settings, strategies as st
 from eventful_kernels import reference
 from eventful_kernels import reference as R
 
-from op_support import (EPS32, FLOATS, INDEX_DTYPES, MATMUL_TOL, assert_same, assert_same_guards, assert_within,
+from op_support import (EPS32, FLOATS, INDEX_DTYPES, MATMUL_TOL, assert_same_guards, assert_within,
                         clone_layout, gen, guarded, index_with_empty, make_index, opcheck, out_of_range, over, randn,
                         run_bad_case, skip_meta_on_dispatcher, strided, strided_index, valid_ids, with_empty_slots)
 
@@ -368,7 +368,8 @@ def test_qk_update_relpos_empty_slots(impl, dtype, check_index):
         ik = with_empty_slots(make_index(b, nk, kk, torch.int32, gen), gen, 0.4, empty_rows)
         if not check_index:
             iq, ik = out_of_range(iq, nq, gen, 0.2), out_of_range(ik, nk, gen, 0.2)
-        check_qk_relpos(impl, randn((b, h, nq, nk), dtype, gen), q, k, iq, ik, d**-0.5, rel_h, rel_w, check_index=check_index)
+        check_qk_relpos(impl, randn((b, h, nq, nk), dtype, gen), q, k, iq, ik, d**-0.5, rel_h, rel_w,
+                        check_index=check_index)
 
 
 @over()

@@ -599,8 +599,8 @@ def test_opcheck(impl, dtype):
     padded = torch.tensor([[3, -1, -1], [-1, -1, -1]], device=impl.device)
     torch.library.opcheck(gate.token_delta_gate.default, (c, ref.clone(), -1, padded))
     torch.library.opcheck(gate.token_delta_gate.default, (c, ref.clone(), -1, padded), {"check_index": False})
-    torch.library.opcheck(gate.token_delta_gate.default, (c, ref.clone(), -1, torch.tensor([[3, 12, -5], [40, 1, 0]], device=impl.device)),
-                          {"check_index": False})
+    stray = torch.tensor([[3, 12, -5], [40, 1, 0]], device=impl.device)
+    torch.library.opcheck(gate.token_delta_gate.default, (c, ref.clone(), -1, stray), {"check_index": False})
     torch.library.opcheck(gate.token_delta_gate.default, (c, ref.clone(), 5, None), {"check_index": False})
 
 

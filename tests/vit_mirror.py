@@ -89,7 +89,8 @@ def get_rel_pos(q_size, k_size, rel_pos):
 
 
 def decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, size):
-    """q [B', N, C] on an (h, w) grid -> bias [B', N, N] with bias[(i_h,i_w),(j_h,j_w)] = q.R_h[i_h,j_h] + q.R_w[i_w,j_w]."""
+    """q [B', N, C] on an (h, w) grid -> bias [B', N, N] with
+    bias[(i_h,i_w),(j_h,j_w)] = q.R_h[i_h,j_h] + q.R_w[i_w,j_w]."""
     h, w = size
     rh, rw = get_rel_pos(h, h, rel_pos_h), get_rel_pos(w, w, rel_pos_w)
     bq = q.reshape(q.shape[0], h, w, -1)
@@ -120,7 +121,8 @@ class SamAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         attn = (q * self.scale) @ k.transpose(-2, -1)
         if self.use_rel_pos:
-            bias = decomposed_rel_pos_bias(q.reshape(b * self.num_heads, h * w, -1), self.rel_pos_h, self.rel_pos_w, (h, w))
+            q_rows = q.reshape(b * self.num_heads, h * w, -1)
+            bias = decomposed_rel_pos_bias(q_rows, self.rel_pos_h, self.rel_pos_w, (h, w))
             attn = attn + bias.view(b, self.num_heads, h * w, h * w)
         x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, h, w, -1)
         return self.proj(x)

@@ -12,7 +12,7 @@ published modules count (``gate_flops``, ``matmul_flops``, ``accumulator_flops``
 from __future__ import annotations
 
 from math import prod
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor

@@ -11,9 +11,10 @@ whose inputs and state live at fixed addresses:
    copy of the static output (the next replay overwrites it).
 
 The caller owns the key (for an eventful model: the budget, the attention modes and the weights' addresses, see
-:class:`TensorAddresses`) and must :meth:`clear` the graphs whenever a state tensor may have been reallocated
-(reset, flush, a switch of attention mode, another backend). A step that fails to capture (e.g. something in it synchronises) runs eagerly for that key from then on;
-the reason is kept in :attr:`failures`. At most ``max_graphs`` graphs are kept (least recently used dropped).
+:class:`TensorAddresses`) and must :meth:`clear` the graphs whenever a state tensor may have been reallocated (reset,
+flush, a switch of attention mode, another backend). A step that fails to capture (e.g. something in it synchronises)
+runs eagerly for that key from then on; the reason is kept in :attr:`failures`. At most ``max_graphs`` graphs are kept
+(least recently used dropped).
 The step's output is a tensor or a pytree of tensors (a tuple, a dict, a Hugging Face ``ModelOutput``).
 """
 from __future__ import annotations

@@ -60,7 +60,8 @@ class _EventfulBlockBase(EventfulModule):
         self._gate_placement = gate_placement
         for name in ("norm1", "attn", "norm2", "mlp"):
             if not hasattr(block, name):
-                raise TypeError(f"eventful: block {type(block).__name__} has no '{name}'; expected a timm ViT/SAM Block")
+                raise TypeError(f"eventful: block {type(block).__name__} has no '{name}'; "
+                                "expected a timm ViT/SAM Block")
         attn = block.attn
         for name in ("qkv", "proj", "num_heads", "scale"):
             if not hasattr(attn, name):

@@ -14,8 +14,9 @@ class TokenBuffer(EventfulModule):
     """``forward(x_sel [B,K,D'], index [B,K] or None) -> full [B,N,D']``.
 
     Scatters ``x_sel`` into the stored state at ``index`` (in place; ``-1`` slots are skipped) and returns the state
-    tensor itself (callers must not mutate it). The flush call (state empty) stores ``x_sel`` as the state (with ``index`` given, the state
-    is filled through it, so any permutation of ``arange(N)`` works); ``n_tokens = K`` of that call.
+    tensor itself (callers must not mutate it). The flush call (state empty) stores ``x_sel`` as the state (with
+    ``index`` given, the state is filled through it, so any permutation of ``arange(N)`` works); ``n_tokens = K`` of
+    that call.
     """
 
     state_attrs = ("state",)
@@ -54,7 +55,8 @@ class TokenBuffer(EventfulModule):
         s = self.state
         if index is None:
             raise ValueError("eventful: argument 'index' is required after the flush call")
-        if x_sel.shape[0] != s.shape[0] or x_sel.shape[2] != s.shape[2] or x_sel.dtype != s.dtype or x_sel.device != s.device:
+        if (x_sel.shape[0] != s.shape[0] or x_sel.shape[2] != s.shape[2] or x_sel.dtype != s.dtype
+                or x_sel.device != s.device):
             raise ValueError(
                 f"eventful: argument 'x_sel' is {tuple(x_sel.shape)} {x_sel.dtype} on {x_sel.device} but the buffer "
                 f"holds {tuple(s.shape)} {s.dtype} on {s.device}; call reset() before starting a new stream"

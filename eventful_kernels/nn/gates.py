@@ -146,6 +146,6 @@ def _check_index(index: Tensor, c: Tensor) -> None:
         raise ValueError("eventful: argument 'index' must be an int32/int64 tensor of shape [B, K]")
     if index.shape[0] != c.shape[0] or index.device != c.device:
         raise ValueError(
-            f"eventful: argument 'index' has shape {tuple(index.shape)} on {index.device}, expected [B={c.shape[0]}, K] "
-            f"on {c.device}"
+            f"eventful: argument 'index' has shape {tuple(index.shape)} on {index.device}, "
+            f"expected [B={c.shape[0]}, K] on {c.device}"
         )

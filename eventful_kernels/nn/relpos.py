@@ -35,7 +35,8 @@ def rel_pos_table(q_size: int, k_size: int, rel_pos: Tensor, index: Optional[Ten
     """
     max_rel_dist = int(2 * max(q_size, k_size) - 1)
     if rel_pos.shape[0] != max_rel_dist:
-        resized = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=max_rel_dist, mode="linear")
+        table = rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1)
+        resized = F.interpolate(table, size=max_rel_dist, mode="linear")
         resized = resized.reshape(-1, max_rel_dist).permute(1, 0)
     else:
         resized = rel_pos
@@ -110,7 +111,8 @@ class DecomposedRelPos(EventfulModule):
     def rows(self, index_q: Tensor) -> Tensor:
         """Bias rows ``[B,H,K,N]`` of the query rows passed to the last :meth:`update`."""
         if self._sel is None or self._sel[0] is not index_q:
-            raise RuntimeError("eventful: DecomposedRelPos.rows() needs update(q, grid, index_q) with the same index first")
+            raise RuntimeError("eventful: DecomposedRelPos.rows() needs update(q, grid, index_q) with the same index "
+                               "first")
         _, sel_h, sel_w = self._sel
         b, h, k, gh = sel_h.shape
         return (sel_h[..., :, None] + sel_w[..., None, :]).reshape(b, h, k, gh * sel_w.shape[-1])

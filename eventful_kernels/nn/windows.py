@@ -6,7 +6,6 @@ tensor in that order is a free ``[B*nW, T, C]`` view. Image order is ``h*W + w``
 """
 from __future__ import annotations
 
-from typing import Tuple
 
 import torch
 from torch import Tensor

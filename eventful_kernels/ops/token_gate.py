@@ -11,7 +11,8 @@ _ops = torch.ops.eventful
 
 
 def token_gate(c: Tensor, ref: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-    """Top-k gate on ``||c - ref||_2``: returns ``(index [B,k] int64 ascending, c_sel [B,k,D])``; ``ref[index] = c_sel``."""
+    """Top-k gate on ``||c - ref||_2``: returns ``(index [B,k] int64 ascending, c_sel [B,k,D])``;
+    ``ref[index] = c_sel``."""
     return _ops.token_gate(c, ref, k)
 
 

@@ -30,6 +30,9 @@ if AVAILABLE:
     from .qk_update import qk_update_
     from .token_gate import token_delta_gate, token_gate, token_gate_threshold
 
+    __all__ = ["AVAILABLE", "IMPORT_ERROR", "INTERPRET", "av_delta_update_", "gather_cols", "gather_rows",
+               "qk_update_", "registered_ops", "scatter_cols_", "scatter_rows_", "token_delta_gate", "token_gate",
+               "token_gate_threshold"]
     register_cuda_kernels()
 else:
     INTERPRET = False

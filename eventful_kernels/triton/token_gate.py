@@ -1,4 +1,5 @@
-"""Triton token gates (family ``token_gate``): ``token_gate``, ``token_gate_threshold``, ``token_delta_gate`` (``c, ref [B, N, D]``).
+"""Triton token gates (family ``token_gate``): ``token_gate``, ``token_gate_threshold``, ``token_delta_gate``
+(``c, ref [B, N, D]``).
 
 Three launches, all on device (no host sync except the value check of an explicit index):
 1. ``_scores_kernel``: float32 ``||c - ref||_2`` per token in one pass over c and ref (no N x D temporary);

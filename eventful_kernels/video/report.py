@@ -37,7 +37,8 @@ def table(result: Dict) -> str:
                    "GFLOPs/frame": gflops_text(d["gflops_mean"]), "speedup": "1.00x", "ideal": "1.00x"})]
     if dp is not None:
         rows.append(row(**{"run": f"{dense}, packed linears", "tokens": str(result["tokens"]),
-                           "ms/frame": ms(dp, f"{dense}, packed linears"), "GFLOPs/frame": gflops_text(dp["gflops_mean"]),
+                           "ms/frame": ms(dp, f"{dense}, packed linears"),
+                           "GFLOPs/frame": gflops_text(dp["gflops_mean"]),
                            "speedup": f"{d['ms_median'] / dp['ms_median']:.2f}x", "vs packed": "1.00x",
                            "ideal": "1.00x"}))
     for s in eventful:

@@ -303,13 +303,13 @@ def compare(
     tick: Callable[[], None] = lambda: None,
     phase: Callable[[str], None] = lambda label: None,
 ) -> Comparison:
-    """Dense timm ``model`` (and, with ``packed_baseline``, the same model on prepacked linears) against its
-    eventful twin at each ``(label, budget)`` or ``(label, budget, gate_placement)`` of ``budget_list`` (the
-    placement defaults to ``gate_placement``, see :func:`eventful_kernels.models.convert`; and with the budget ``schedule``, frame ->
-    budget, as one more run labelled ``schedule``) over ``frames [T,3,H,W]`` uint8, one frame (B = 1) at a time, on
-    the model's device and dtype. Every run records per-frame wall time, GFLOPs and (eventful) tokens, attention
-    modes and deviation from the dense output of the same frame. ``warmup`` untimed dense frames run first (the
-    first frames of a process also grow the heap; an eventful run's flush frame 0 is its warm-up).
+    """Dense timm ``model`` (and, with ``packed_baseline``, the same model on prepacked linears) against its eventful
+    twin at each ``(label, budget)`` or ``(label, budget, gate_placement)`` of ``budget_list`` (the placement defaults
+    to ``gate_placement``, see :func:`eventful_kernels.models.convert`; and with the budget ``schedule``, frame ->
+    budget, as one more run labelled ``schedule``) over ``frames [T,3,H,W]`` uint8, one frame (B = 1) at a time, on the
+    model's device and dtype. Every run records per-frame wall time, GFLOPs and (eventful) tokens, attention modes and
+    deviation from the dense output of the same frame. ``warmup`` untimed dense frames run first (the first frames of a
+    process also grow the heap; an eventful run's flush frame 0 is its warm-up).
 
     Interleaved (default): one converted model per budget (weights shared), every frame through every model in
     turn, the order rotated by one from frame to frame. ``sequential``: dense runs first, then one eventful model
