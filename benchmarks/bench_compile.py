@@ -87,6 +87,7 @@ def main() -> None:
         worst = max(worst, float((outs["eager"] - outs["compiled"]).abs().max()))
     med = {k: statistics.median(v) for k, v in ms.items()}
     result = {
+        "kind": "compile",
         "date": datetime.date.today().isoformat(),
         "command": "python " + " ".join(sys.argv),
         "machine": platform.processor() or platform.machine(),

@@ -154,6 +154,7 @@ def main(argv=None) -> int:
     ray.init(num_cpus=2 * args.replicas, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}})
     result = {
+        "kind": "serve",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),

@@ -29,6 +29,7 @@ Weights are random (seeded): timing and operation counts do not depend on the va
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -40,6 +41,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from eventful_kernels.models import convert  # noqa: E402
 from eventful_kernels.nn.blocks import GATE_PLACEMENTS  # noqa: E402
@@ -47,6 +49,7 @@ from eventful_kernels.nn.linear import packing_enabled  # noqa: E402
 from eventful_kernels.video import budgets, runner, timing  # noqa: E402
 from eventful_kernels.video.decode import normalize, read_frames, sample_video  # noqa: E402
 from eventful_kernels.video.malloc import keep_freed_memory  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 TARGET_SPEEDUP = 2.5
 TARGET_EFFICIENCY = 0.7
@@ -191,6 +194,10 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     result = {
+        "kind": "video",
+        "date": datetime.date.today().isoformat(),
+        "command": "python benchmarks/bench_video.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "processor": cpu_name(),
         "malloc_keep_freed": False if args.system_malloc else keep_freed_memory(),
         "threads": args.threads,
         "backend": args.backend,

@@ -49,12 +49,65 @@ def ops_table(data: dict) -> str:
     return "\n".join(out)
 
 
+def video_table(data: dict) -> str:
+    """bench_video.py: per model, dense timm, dense on packed linears and eventful, interleaved frame by frame."""
+    head = (f"{data['date']}, CPU ({data.get('processor', '?')}), {data['threads']} threads, torch "
+            f"{data['torch_version']}, {data['dtype']}, backend {data['backend']}, {data['mode']}; "
+            f"`{data['command']}`. ms: median over the steady-state frames; *ideal*: dense / eventful operation "
+            "count; *eff.*: speedup over the packed dense model / ideal.")
+    out = [head, "", "| model | tokens | budget | gates | dense timm ms | dense packed ms | eventful ms | speedup "
+                     "| vs packed | ideal | eff. | rel. deviation | timing check |",
+           "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for m in data["models"]:
+        placements = m.get("placements") or {m["gate_placement"]: dict(m, run=m["eventful"])}
+        dense = m["dense"]["ms_median"]
+        packed = m["dense_packed"]["ms_median"] if "dense_packed" in m else None
+        check = "noisy: " + "; ".join(m["noisy_reasons"]) if m["noisy"] else "passed"
+        for name, p in placements.items():
+            ev = p["run"]["ms_median"]
+            out.append(f"| {m['model']} | {m['tokens']} | {m['tokens_selected']} | {name} | {dense:.1f} | "
+                       f"{'–' if packed is None else f'{packed:.1f}'} | {ev:.1f} | {dense / ev:.2f}x | "
+                       f"{'–' if packed is None else f'{packed / ev:.2f}x'} | {p['ideal_speedup']:.2f}x | "
+                       f"{p.get('efficiency_vs_dense_packed', p['efficiency']):.2f} | "
+                       f"{p['run']['rel_error_mean']:.1e} | {check} |")
+    return "\n".join(out)
+
+
+def compile_table(data: dict) -> str:
+    """bench_compile.py: torch.compile(model) against eager, frames interleaved."""
+    med = data["median_ms"]
+    return (f"{data['date']}, {data['threads']} threads, torch {data['torch']}, {data['model']} at budget "
+            f"{data['budget']} ({data['tokens_selected']} tokens), linears in the graph: {data['graph_linears']}; "
+            f"`{data['command']}`.\n\n| eager ms | compiled ms | compiled vs eager | compile s | max abs diff |\n"
+            "| ---: | ---: | ---: | ---: | ---: |\n"
+            f"| {med['eager']:.1f} | {med['compiled']:.1f} | {data['speedup_compiled_vs_eager']:.2f}x | "
+            f"{data['compile_s']:.0f} | {data['max_abs_diff']:.1e} |")
+
+
+def serve_table(data: dict) -> str:
+    """bench_serve.py: streams through Ray replicas, eventful and dense."""
+    cfg = data["config"]
+    out = [f"{data['date'][:10]}, {data['machine']['cpus']} CPUs, Ray {data['machine']['ray']}, {cfg['model']}, "
+           f"{cfg['streams']} streams x {cfg['frames']} frames, {cfg['replicas']} replicas; `{data['command']}`. "
+           "Latency per frame (steady frames), every answer checked against a single-process run.", "",
+           "| mode | frames/s | p50 ms | p99 ms | frames by batch size | max abs diff vs single process |",
+           "| --- | ---: | ---: | ---: | --- | ---: |"]
+    for mode, s in data["modes"].items():
+        batches = ", ".join(f"{k}: {v}" for k, v in s["frames_by_batch_size"].items())
+        out.append(f"| {mode} | {s['frames_per_s']:.2f} | {s['steady_latency_ms_p50']:.0f} | "
+                   f"{s['steady_latency_ms_p99']:.0f} | {batches} | {s['max_abs_diff_vs_single_process']:.1e} |")
+    return "\n".join(out)
+
+
+RENDERERS = {"ops": ops_table, "video": video_table, "compile": compile_table, "serve": serve_table}
+
+
 def render_file(path: str) -> str:
     with open(path) as f:
         data = json.load(f)
     kind = data.get("kind")
-    if kind == "ops":
-        return ops_table(data)
+    if kind in RENDERERS:
+        return RENDERERS[kind](data)
     if kind == "gpu_e2e":
         sys.path.insert(0, HERE)
         from bench_gpu import render
