@@ -16,7 +16,9 @@ _ENV = ("EVENTFUL_BACKEND_CUDA", "EVENTFUL_ATTENTION", "EVENTFUL_PACKED_LINEAR",
 
 
 def _op_names() -> List[str]:
-    return sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("eventful::"))
+    """The public ops of ``torch.ops.eventful`` (the ``_check_<op>`` argument-check ops are internal)."""
+    names = (n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("eventful::"))
+    return sorted(n for n in names if not n.startswith("_"))
 
 
 def _triton() -> Dict[str, Any]:
