@@ -28,7 +28,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from eventful_kernels.models import convert, import_timm, parse_budget  # noqa: E402
+from eventful_kernels.models import convert, import_timm  # noqa: E402
+from eventful_kernels.video.budgets import parse_budget  # noqa: E402
 from eventful_kernels.nn.linear import PackedLinear  # noqa: E402
 
 

@@ -55,3 +55,17 @@ def test_render_fills_marked_blocks_only(tmp_path):
 def test_published_tables_are_rendered_from_the_committed_results():
     """benchmarks/README.md shows exactly what benchmarks/results/*.json render to."""
     assert render.main(["--check"]) == 0
+
+
+@pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(HERE, "..", "benchmarks"))
+                                          if f.startswith("bench_") and f.endswith(".py")))
+def test_every_benchmark_script_starts(script):
+    """Each benchmark script imports and parses its arguments (``--help``), so none is left broken by a change."""
+    import subprocess
+
+    root = os.path.dirname(HERE)
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", script), "--help"], capture_output=True,
+                          text=True, timeout=300, cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "usage" in proc.stdout.lower()
