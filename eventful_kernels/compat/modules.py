@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..nn.backend import resolve
+from ..nn.backend import BackendChoice
 from ..nn.policies import Threshold
 from . import _layout
 from .base import ExtendedModule
@@ -45,26 +45,13 @@ def _own(x: Tensor) -> Tensor:
     return x.detach().clone(memory_format=torch.contiguous_format)
 
 
-class _OpsModule(ExtendedModule):
+class _OpsModule(BackendChoice, ExtendedModule):
     """A compatibility module running on a backend of :mod:`eventful_kernels.nn.backend` (settable)."""
 
     def __init__(self, backend: str = "ops"):
         super().__init__()
         self.backend = backend
         self.first = True
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str) -> None:
-        resolve(name)
-        self._backend = name
-
-    @property
-    def k_ops(self):
-        return resolve(self._backend)
 
     def _count(self, name: str, value: int) -> None:
         if self.count_mode:

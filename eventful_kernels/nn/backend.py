@@ -26,7 +26,26 @@ def resolve(name: str) -> ModuleType:
         raise ValueError(f"eventful: argument 'backend' must be one of {sorted(BACKENDS)}, got {name!r}") from None
 
 
-class EventfulModule(nn.Module):
+class BackendChoice:
+    """A settable ``backend`` name, checked when set (:func:`resolve`), and ``k_ops``, the op implementation it
+    names."""
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        resolve(name)
+        self._backend = name
+
+    @property
+    def k_ops(self) -> ModuleType:
+        """The op implementation of the current backend."""
+        return BACKENDS[self._backend]
+
+
+class EventfulModule(BackendChoice, nn.Module):
     """Base of the stateful eventful modules.
 
     ``backend`` (settable) picks the op implementation, ``reset()`` forgets the per-stream state (the next call is
@@ -59,20 +78,6 @@ class EventfulModule(nn.Module):
         super().__init__()
         self.backend = backend
         self.last_macs = 0
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str) -> None:
-        resolve(name)
-        self._backend = name
-
-    @property
-    def k_ops(self) -> ModuleType:
-        """The op implementation of the current backend."""
-        return BACKENDS[self._backend]
 
     def reset(self) -> None:
         """Forget all per-stream state of this module and its eventful children."""
