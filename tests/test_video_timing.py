@@ -347,7 +347,7 @@ def test_overlay_record_sam_grid():
     model = tiny_sam()
     ev = convert(model, 5)
     frames = (torch.rand(3, 3, 64, 64) * 255).to(torch.uint8)
-    grid = overlay.patch_grid(model)
+    grid = runner.patch_grid(model)
     assert grid == (8, 8)
     maps, gflops = overlay.record(ev, frames, (0.5,) * 3, (0.25,) * 3, 5, grid)
     assert maps.shape == (3, 3, 8, 8)

@@ -340,9 +340,13 @@ class EventfulModel(nn.Module):
     def reset(self) -> None:
         """Forget all state: the next frame is a flush and may start a different number of streams. The packed
         weights are made again too (:func:`eventful_kernels.nn.linear.repack`)."""
+        self.forget_streams()
+        repack(self.model)
+
+    def forget_streams(self) -> None:
+        """Forget every stream (the next frame is a flush of any number of streams); the packed weights stay."""
         for block in self.eventful_blocks():
             block.reset()
-        repack(self.model)
         self.graphs.clear()
         self._screen.clear()
         self._modes = None

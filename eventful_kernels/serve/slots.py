@@ -75,16 +75,10 @@ def take(model: EventfulModel, indices: Optional[Sequence[int]] = None) -> List[
 
 
 def clear(model: EventfulModel) -> None:
-    """Forget every stream (the next frame is a flush of any number of streams); weights stay packed."""
-    for block in model.eventful_blocks():
-        block.reset()
-    model.graphs.clear()
+    """Forget every stream (the next frame is a flush of any number of streams) and free the shared attention
+    scratch; weights stay packed."""
+    model.forget_streams()
     model.workspace.clear()
-    model._screen.clear()
-    model._modes = None
-    model._streams = None
-    model._spec = None
-    model._since_flush = 0
 
 
 def _cat_into(current, parts: List[Tensor], slot: Optional[str]) -> Tuple[Tensor, bool]:

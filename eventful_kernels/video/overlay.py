@@ -13,7 +13,6 @@ with the current frame marked.
 """
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -29,18 +28,6 @@ from .decode import normalize
 TARGET_SIZE = 384  # display size of the picture panel, in pixels (cells of whole pixels: close to it)
 SINGLE_TINT = (1.0, 0.15, 0.1)  # one block: re-processed patches in red
 TINT = 0.65  # share of the tint in a re-processed patch (the rest is the picture)
-
-
-def patch_grid(model: torch.nn.Module, n_tokens: Optional[int] = None) -> Tuple[int, int]:
-    """The patch grid ``(rows, cols)`` of a timm ViT / SAM model (its patch embedding's ``grid_size``; else the
-    square grid of ``n_tokens`` patches)."""
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    if grid is not None:
-        return int(grid[0]), int(grid[1])
-    side = math.isqrt(int(n_tokens or 0))
-    if side * side != n_tokens:
-        raise ValueError(f"overlay: cannot tell the patch grid of {type(model).__name__}")
-    return side, side
 
 
 class SelectionRecorder:
