@@ -7,6 +7,7 @@
 namespace eventful {
 bool cpu_gate_avx2_compiled();
 const char* cpu_gate_path();
+const char* cpu_linear_bf16_path();
 }  // namespace eventful
 
 extern "C" {
@@ -28,5 +29,8 @@ const char* eventful_build_info() {
 
 // Decided on this machine: the row-distance path the CPU gates take for dense rows ("avx2" or "generic").
 const char* eventful_cpu_gate_path() { return eventful::cpu_gate_path(); }
+
+// Decided on this machine: the path linear_bf16 takes ("avx2" or "generic").
+const char* eventful_cpu_linear_bf16_path() { return eventful::cpu_linear_bf16_path(); }
 
 }  // extern "C"

@@ -56,6 +56,8 @@ TORCH_LIBRARY_IMPL(eventful, CompositeImplicitAutograd, m) {
   m.impl("_check_token_delta_gate", &token_delta_gate);
   m.impl("_check_qk_update", &qk_update);
   m.impl("_check_av_delta_update", &av_delta_update);
+  m.impl("_check_linear_bf16_pack", &check_linear_bf16_pack);
+  m.impl("_check_linear_bf16", &check_linear_bf16);
 }
 
 }  // namespace eventful

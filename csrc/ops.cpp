@@ -121,4 +121,6 @@ TORCH_LIBRARY(eventful, m) {
   define(m,
          "av_delta_update_(Tensor(a!) out, Tensor a_new, Tensor(b!) a_ref, Tensor v_new, Tensor(c!) v_ref,"
          " Tensor index, *, bool check_index=True) -> ()");
+  define(m, "linear_bf16_pack(Tensor weight) -> Tensor");
+  define(m, "linear_bf16(Tensor x, Tensor packed, Tensor? bias, int out_features, str activation=\"none\") -> Tensor");
 }

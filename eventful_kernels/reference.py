@@ -242,3 +242,38 @@ def av_delta_update_(
     scatter_cols_(a_ref, index, an.to(a_ref.dtype))
     scatter_rows_(v_ref, index, vn.to(v_ref.dtype))
     return out
+
+
+LINEAR_BF16_PANEL = 16  # output features per panel of a linear_bf16_pack weight
+
+
+def linear_bf16_pack(weight: Tensor) -> Tensor:
+    """``weight [out, in]`` bf16 -> ``[ceil(out/16), in, 16]`` bf16 panels: ``packed[p, k, j] = weight[16p + j, k]``,
+    zero where ``16p + j >= out``."""
+    n, k = weight.shape
+    p = -(-n // LINEAR_BF16_PANEL)
+    padded = weight.new_zeros((p * LINEAR_BF16_PANEL, k))
+    padded[:n] = weight
+    return padded.view(p, LINEAR_BF16_PANEL, k).transpose(1, 2).contiguous()
+
+
+def linear_bf16_unpack(packed: Tensor, out_features: int) -> Tensor:
+    """The ``[out, in]`` weight a :func:`linear_bf16_pack` result holds."""
+    p, k, _ = packed.shape
+    return packed.transpose(1, 2).reshape(p * LINEAR_BF16_PANEL, k)[:out_features]
+
+
+def linear_bf16(x: Tensor, packed: Tensor, bias: Optional[Tensor], out_features: int,
+                activation: str = "none") -> Tensor:
+    """``act(x @ W.T + bias)`` for ``x [..., in]`` bf16 and ``W`` the weight ``packed`` holds: the products and the
+    bias add in float32, the activation (``none``, ``relu``, ``gelu`` (erf), ``gelu_tanh``) in float32, one
+    rounding to bf16 at the end. Returns ``[..., out]`` bf16."""
+    w = linear_bf16_unpack(packed, out_features).float()
+    y = x.float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    if activation == "relu":
+        y = torch.relu(y)
+    elif activation in ("gelu", "gelu_tanh"):
+        y = torch.nn.functional.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return y.to(torch.bfloat16)

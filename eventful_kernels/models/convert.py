@@ -7,13 +7,13 @@ Supported: timm ``VisionTransformer`` (every block global -> ``EventfulBlock``) 
 """
 from __future__ import annotations
 
-import copy
 from typing import Optional
 
 import torch
 from torch import nn
 
 from ..nn import EventfulBlock, EventfulTokenwiseBlock
+from ..nn.linear import copy_module, is_patchify_conv, with_packed_patch_conv
 from ._timm import import_timm
 from .eventful_model import EventfulModel
 from .hf import convert_hf, hf_family, hf_pool_geometry
@@ -105,13 +105,14 @@ def convert(
             blocks.append(EventfulBlock(block, pol, backend=backend, strategy=strategy, gate_placement=gate_placement,
                                         **options))
     # Shallow copy with its own child table: the copy gets eventful blocks, the original keeps its dense ones;
-    # every other submodule (patch embedding, norms, head, neck) is the same object in both.
-    twin = copy.copy(model)
-    twin._modules = dict(model._modules)
-    for name, value in vars(model).items():  # own hook tables too, so hooks added to one do not fire on the other
-        if name.endswith("hooks") and isinstance(value, dict):
-            setattr(twin, name, type(value)(value))
+    # every other submodule (norms, head, neck) is the same object in both. The patch embedding is copied too
+    # (parameters shared), so its conv can run as a packed linear (PackedPatchConv) in the eventful model only.
+    twin = copy_module(model)
     twin.blocks = nn.Sequential(*blocks)
+    patch_embed = twin._modules.get("patch_embed")
+    if isinstance(patch_embed, nn.Module) and is_patchify_conv(patch_embed._modules.get("proj")):
+        twin.patch_embed = copy_module(patch_embed)
+        with_packed_patch_conv(twin.patch_embed, "proj")
     if hasattr(twin, "grad_checkpointing"):
         twin.grad_checkpointing = False
     return EventfulModel(twin, pol, dense=model, family=family, backend=backend, cuda_graphs=cuda_graphs,

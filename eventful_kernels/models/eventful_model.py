@@ -11,7 +11,7 @@ from torch import nn
 from .. import counting
 from ..nn import EventfulAttention, EventfulBlock, EventfulTokenwiseBlock, set_backend, set_policy
 from ..nn import state as nn_state
-from ..nn.linear import PackedGroup, repack
+from ..nn.linear import PackedGroup, PackedPatchConv, repack
 from ..nn.placement import Workspace
 from ..nn.strategy import check_strategy
 from .graphs import FrameGraphs, TensorAddresses
@@ -85,6 +85,10 @@ class EventfulModel(nn.Module):
         self._packed_group = PackedGroup()
         for b in self._blocks:
             b.packed_group = self._packed_group
+        for m in self.model.modules():  # the patch embedding's conv as a packed linear (convert)
+            runner = m.__dict__.get("forward")
+            if isinstance(runner, PackedPatchConv):
+                self._packed_group.add(runner)
         self._compile_kwargs: Optional[dict] = None
         self._compiled: tuple = ()  # (the compiled model,) after compile(); a tuple, so it is not a submodule
         self.graphs = FrameGraphs(self._screened)

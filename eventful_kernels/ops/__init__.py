@@ -1,5 +1,6 @@
 """Typed wrappers over ``torch.ops.eventful`` plus fake (meta) kernels so ``torch.compile`` and opcheck trace them,
-one module per op family (``gather_scatter``, ``token_gate``, ``qk_update``, ``av_delta_update``; as in csrc/), each
+one module per op family (``gather_scatter``, ``token_gate``, ``qk_update``, ``av_delta_update``, ``linear_bf16``; as
+in csrc/), each
 op's fake kernel beside its wrapper.
 
 Semantics of every op: :mod:`eventful_kernels.reference`. Shapes: ``x [B, N, D]`` or ``[B, H, N, D]``,
@@ -21,8 +22,9 @@ Like PyTorch's own in-place ops, each call bumps the version counter (``t._versi
 """
 from .av_delta_update import av_delta_update_
 from .gather_scatter import gather_cols, gather_rows, scatter_cols_, scatter_rows_
+from .linear_bf16 import linear_bf16, linear_bf16_pack
 from .qk_update import qk_update_
 from .token_gate import token_delta_gate, token_gate, token_gate_threshold
 
 __all__ = ["gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "token_gate", "token_gate_threshold",
-           "token_delta_gate", "qk_update_", "av_delta_update_"]
+           "token_delta_gate", "qk_update_", "av_delta_update_", "linear_bf16_pack", "linear_bf16"]

@@ -385,4 +385,41 @@ inline void check_av_delta_update(const at::Tensor& out, const at::Tensor& a_new
   if (check_index) values({{index, "index", N, /*unique=*/true}});
 }
 
+// linear_bf16_pack: weight [out, in] bfloat16 (any strides).
+inline void check_linear_bf16_pack(const at::Tensor& weight) {
+  check_defined(weight, "weight");
+  check_rank(weight, "weight", 2, 2);
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "eventful: argument 'weight' must be bfloat16, got ",
+              weight.scalar_type());
+}
+
+// linear_bf16: x [..., in] bfloat16; packed [ceil(out/16), in, 16] bfloat16, contiguous (from linear_bf16_pack);
+// bias [out] bfloat16 or float32, or None; activation 'none', 'relu', 'gelu' (erf) or 'gelu_tanh'.
+inline void check_linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                              int64_t out_features, c10::string_view activation) {
+  check_defined(x, "x");
+  check_defined(packed, "packed");
+  TORCH_CHECK(x.dim() >= 1, "eventful: argument 'x' must have at least one dim [..., in], got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "eventful: argument 'x' must be bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(packed.scalar_type() == at::kBFloat16, "eventful: argument 'packed' must be bfloat16, got ",
+              packed.scalar_type());
+  check_same_device(packed, "packed", x, "x");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 16 && packed.is_contiguous(), "eventful: argument 'packed' "
+              "must be a contiguous [ceil(out/16), in, 16] tensor made by linear_bf16_pack, got shape ", packed.sizes());
+  TORCH_CHECK_VALUE(out_features >= 0 && (out_features + 15) / 16 == packed.size(0), "eventful: argument "
+                    "'out_features' (", out_features, ") does not fit 'packed' (", packed.size(0),
+                    " panels of 16 output features)");
+  check_size(packed, "packed", 1, x.size(-1), "the input features of 'x' (its last dim)");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 || bias->scalar_type() == at::kFloat, "eventful: argument "
+                "'bias' must be bfloat16 or float32, got ", bias->scalar_type());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "eventful: argument 'bias' must have shape [",
+                out_features, "] (out_features), got ", bias->sizes());
+    check_same_device(*bias, "bias", x, "x");
+  }
+  TORCH_CHECK_VALUE(activation == "none" || activation == "relu" || activation == "gelu" ||
+                    activation == "gelu_tanh", "eventful: argument 'activation' must be 'none', 'relu', 'gelu' "
+                    "or 'gelu_tanh', got '", std::string(activation), "'");
+}
+
 }  // namespace eventful
