@@ -113,6 +113,11 @@ def render_file(path: str) -> str:
         from bench_gpu import render
 
         return render(data)
+    if kind == "bf16":
+        sys.path.insert(0, HERE)
+        from bench_bf16 import render
+
+        return render(data)
     raise ValueError(f"{path}: unknown result kind {kind!r}")
 
 

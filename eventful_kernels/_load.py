@@ -79,12 +79,14 @@ def _minor(version: str) -> str:
 
 def library_facts(path: str) -> Dict[str, Optional[object]]:
     """What the library reports about its build (csrc/build_info.cpp): the torch it was compiled against, the
-    compiler, the CPU gate paths compiled in, and the one dense rows take on this machine. None where unknown."""
+    compiler, the CPU gate paths compiled in, and the one dense rows take on this machine; the path linear_bf16 takes
+    here. None where unknown."""
     lib = ctypes.CDLL(path)
     try:
         build, gate_path = lib.eventful_build_info, lib.eventful_cpu_gate_path
     except AttributeError:  # a library built before it reported its build
-        return {"torch_built_against": None, "compiler": None, "cpu_gate_paths": None, "cpu_gate_path": None}
+        return {"torch_built_against": None, "compiler": None, "cpu_gate_paths": None, "cpu_gate_path": None,
+                "cpu_linear_bf16_path": None}
     build.restype = gate_path.restype = ctypes.c_char_p
     facts = dict(line.split("=", 1) for line in build().decode().splitlines() if "=" in line)
     return {
@@ -92,7 +94,17 @@ def library_facts(path: str) -> Dict[str, Optional[object]]:
         "compiler": facts.get("compiler"),
         "cpu_gate_paths": facts.get("cpu_gate_paths", "").split(","),
         "cpu_gate_path": gate_path().decode(),
+        "cpu_linear_bf16_path": _text(lib, "eventful_cpu_linear_bf16_path"),
     }
+
+
+def _text(lib, symbol: str) -> Optional[str]:
+    """A ``const char*`` the library returns from ``symbol``; None for a library built without it."""
+    fn = getattr(lib, symbol, None)
+    if fn is None:
+        return None
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
 
 
 def get_include() -> str:

@@ -296,3 +296,25 @@ def test_sampled_runs():
     assert entries.numel() == 16 * 64 // 4 and torch.equal(sample_runs(w.clone()), view)  # fixed by the size
     small = torch.ones(3, 5)
     assert sample_runs(small).numel() == small.numel() * 4 and sampled_entries(small).numel() == 15
+
+
+@needs_packing
+def test_group_checks_small_and_large_weights_together():
+    """A weight of at most FINGERPRINT_RUNS * FINGERPRINT_RUN_BYTES bytes is sampled whole ([1, nbytes]), a larger
+    one in runs ([runs, bytes]): one group compares both kinds at once."""
+    small, large = _linear(8, 8, torch.float32), _linear(96, 80, torch.float32, seed=1)
+    group = PackedGroup()
+    runners = [PackedLinear(small), PackedLinear(large)]
+    for r in runners:
+        group.add(r)
+    x_small, x_large = torch.randn(3, 8), torch.randn(3, 96)
+    with torch.no_grad():
+        runners[0](x_small), runners[1](x_large)
+        group.check()
+        small.weight.data.mul_(2)  # no version bump: only the fingerprint sees it
+        group.check()
+        group.active = True
+        try:
+            torch.testing.assert_close(runners[0](x_small), small(x_small), **TOL[torch.float32])
+        finally:
+            group.active = False

@@ -4,10 +4,14 @@ A gated layer pushes few rows (the r selected tokens) through the same weights e
 stock ``F.linear`` (MKL sgemm on an unpacked ``[out, in]`` weight) re-packs the weight panel on every call and runs
 at ~70% of its large-M rate; a weight reordered once into oneDNN's blocked layout runs small-M products near the
 large-M rate (measured 2 threads, M=49, D=768: 105 -> ~190 GFLOP/s). The packed copy is made lazily and costs one
-extra copy of the weights. Anything the packed path does not cover (CUDA, float16 without CPU support, no oneDNN,
-``EVENTFUL_PACKED_LINEAR=0``) runs the module as it is. Inside a ``torch.compile`` graph the packed product is
-the custom op ``torch.ops.eventful_nn.packed_linear`` (opaque to the compiler, which sees its output shape only), so
-compiled frames keep the packed weights; ``PackedLinear.in_graph = False`` makes them plain ``F.linear`` there.
+extra copy of the weights. bfloat16 on a CPU without native bf16 arithmetic (AVX2, no AVX512-BF16/AMX), where
+oneDNN's bf16 products run 3-7x slower than float32, is packed for ``torch.ops.eventful.linear_bf16`` instead (bf16
+weight panels, float32 FMAs, bias and activation fused; :func:`bf16_kernel`), and a patchify convolution (the patch
+embedding) can run as such a linear over its patches (:class:`PackedPatchConv`). Anything the packed path does not
+cover (CUDA, float16 without CPU support, no oneDNN, ``EVENTFUL_PACKED_LINEAR=0``) runs the module as it is.
+Inside a ``torch.compile`` graph the packed product is the custom op ``torch.ops.eventful_nn.packed_linear``
+(opaque to the compiler, which sees its output shape only), so compiled frames keep the packed weights;
+``PackedLinear.in_graph = False`` makes them plain ``F.linear`` there.
 
 A packed copy is a cache of the weight, so it must never outlive the values it was made from:
 
@@ -253,7 +257,8 @@ class PackedGroup:
             self._views = [v for r in self._runners for v in r._fp_views]
             self._expected = b"".join(r._fp for r in self._runners)
             self._epoch = _PACKS[0]
-        if self._views and np.concatenate(self._views).tobytes() != self._expected:
+        # ravel: a small weight's sample is all of it ([1, nbytes]), a large one's [runs, run bytes]
+        if self._views and np.concatenate([v.ravel() for v in self._views]).tobytes() != self._expected:
             for r in self._runners:
                 if r.sampled_bytes() != r._fp:
                     r.invalidate()
