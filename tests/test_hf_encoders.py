@@ -380,3 +380,30 @@ def test_published_options_pool_keys_and_values_and_keep_ops_equal_to_reference(
     prefix = 0 if kind == "siglip" else 1 + (4 if kind == "dinov2_registers" else 0)
     assert all(b.kv_pool == 2 for b in pooled["ops"].eventful_blocks())
     assert n == prefix + 16
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_patch_conv_runs_as_a_packed_linear(kind):
+    """In bf16 on a CPU without native bf16 the eventful model runs the patch conv as linear_bf16 over the patches
+    (a copy of the embeddings, parameters shared, state-dict names unchanged; the dense model keeps its conv): r = N
+    stays within bf16 rounding of the dense bf16 model, and a weight edit reaches it."""
+    from eventful_kernels.nn.linear import PackedPatchConv, bf16_kernel
+
+    build, _ = MODELS[kind]
+    dense = build().to(torch.bfloat16)
+    ev = convert(dense, 1.0)
+    runners = [m.__dict__["forward"] for m in ev.modules() if isinstance(m.__dict__.get("forward"), PackedPatchConv)]
+    assert len(runners) == 1 and not any("forward" in m.__dict__ for m in dense.modules())
+    assert ev.model.embeddings is not dense.embeddings
+    dense_keys = set(dense.state_dict())
+    assert {k for k in ev.model.state_dict() if k.startswith("embeddings.")} <= dense_keys
+    x = next(iter(video(1, SIZE, batch=2))).to(torch.bfloat16)
+    got, want = ev(x).last_hidden_state.float(), dense(x).last_hidden_state.float()
+    assert float((got - want).norm() / want.norm()) < 2e-2  # bf16 rounding, summed in another order
+    if bf16_kernel() == "eventful" and packing_enabled():
+        assert runners[0].linear._bf16
+    conv = runners[0].conv
+    conv.weight.data.mul_(0)  # through .data (the dense conv shares it): only the fingerprint sees the edit
+    ev.reset()
+    got, want = ev(x).last_hidden_state.float(), dense(x).last_hidden_state.float()
+    assert float((got - want).norm() / want.norm()) < 2e-2

@@ -303,3 +303,27 @@ def test_deepcopy_keeps_the_patch_conv_runner():
     x = torch.randn(1, 3, 32, 32).to(BF16)
     with torch.no_grad():
         assert torch.equal(clone.proj(x), owner.proj(x))
+
+
+@pytest.mark.parametrize("family", ["vit", "sam"])
+def test_converted_timm_model_runs_its_patch_conv_packed(family):
+    """convert() gives the eventful model its own patch embedding (parameters shared, state-dict names unchanged)
+    whose conv runs as a packed linear; the dense model keeps its conv. r = N in bf16 stays within bf16 rounding of
+    the dense bf16 model, frame after frame."""
+    from eventful_kernels.models import convert
+    from tiny_timm import tiny_sam, tiny_vit, video
+
+    dense = (tiny_vit() if family == "vit" else tiny_sam()).to(BF16)
+    ev = convert(dense, 1.0)
+    assert ev.model.patch_embed is not dense.patch_embed and ev.model.patch_embed.proj.weight is \
+        dense.patch_embed.proj.weight
+    assert isinstance(ev.model.patch_embed.proj.__dict__.get("forward"), L.PackedPatchConv)
+    assert "forward" not in dense.patch_embed.proj.__dict__
+    outside = [k for k in dense.state_dict() if not k.startswith("blocks.")]  # eventful blocks wrap theirs
+    assert [k for k in ev.model.state_dict() if not k.startswith("blocks.")] == outside
+    size = 32 if family == "vit" else 64
+    with torch.no_grad():
+        for x in video(3, size, batch=2):
+            x = x.to(BF16)
+            got, want = ev(x).float(), dense(x).float()
+            assert float((got - want).norm() / want.norm()) < 2e-2  # bf16 rounding, summed in another order

@@ -17,7 +17,7 @@ from typing import List, Optional
 from torch import Tensor, nn
 
 from ..nn import EventfulBlock
-from ..nn.linear import ConcatLinear
+from ..nn.linear import ConcatLinear, copy_module, is_patchify_conv, with_packed_patch_conv
 from ._timm import import_torchvision
 
 # Supported model classes -> family; the family names the forward of HFVisionEncoder and the stream checkpoints.
@@ -145,13 +145,28 @@ class HFBlock(nn.Module):
         self.ls2 = HFLayerScale(getattr(layer, ls2)) if ls2 else nn.Identity()
 
 
+def _embeddings(embeddings: nn.Module) -> nn.Module:
+    """``embeddings`` as the eventful model holds it: a shallow copy (parameters shared, state-dict names unchanged)
+    whose patch conv (``patch_embeddings.projection``: ViT, DINOv2; ``patch_embedding``: CLIP, SigLIP) runs through
+    :class:`~eventful_kernels.nn.linear.PackedPatchConv`; the dense model's modules are left as they are."""
+    twin = copy_module(embeddings)
+    inner = twin._modules.get("patch_embeddings")
+    if isinstance(inner, nn.Module) and is_patchify_conv(inner._modules.get("projection")):
+        twin.patch_embeddings = copy_module(inner)
+        with_packed_patch_conv(twin.patch_embeddings, "projection")
+    elif is_patchify_conv(twin._modules.get("patch_embedding")):
+        with_packed_patch_conv(twin, "patch_embedding")
+    return twin
+
+
 class HFVisionEncoder(nn.Module):
     """The forward of a Hugging Face vision encoder over eventful blocks: ``frames [B, 3, H, W]`` ->
     ``BaseModelOutputWithPooling(last_hidden_state [B, N, D], pooler_output)`` as the dense model computes them
     (ViT: final LayerNorm, pooler on the CLS token if present; DINOv2: final LayerNorm, pooled = CLS token; CLIP:
     ``pre_layrnorm`` before the blocks, tokens un-normed, pooled = ``post_layernorm`` of the CLS token; SigLIP:
     ``post_layernorm``, pooled = the attention-pooling head, run densely on the tokens, if present). Holds the dense
-    model's own embedding, norm and pooling modules."""
+    model's own embedding (a shallow copy whose patch conv may run as a packed linear, parameters shared), norm and
+    pooling modules."""
 
     def __init__(self, dense: nn.Module, family: str, blocks: List[nn.Module]):
         super().__init__()
@@ -159,7 +174,7 @@ class HFVisionEncoder(nn.Module):
 
         self._output = BaseModelOutputWithPooling
         self.family = family
-        self.embeddings = dense.embeddings
+        self.embeddings = _embeddings(dense.embeddings)
         self.pre_norm = dense.pre_layrnorm if family == "hf-clip" else nn.Identity()
         self.blocks = nn.Sequential(*blocks)
         self.norm = dense.post_layernorm if family in ("hf-clip", "hf-siglip") else dense.layernorm

@@ -199,7 +199,7 @@ class PatchLinear:
 
 def is_patchify_conv(m: nn.Module) -> bool:
     """Whether ``m`` is a plain ``nn.Conv2d`` that cuts its input into disjoint patches (a ViT patch embedding)."""
-    return (type(m) is nn.Conv2d and tuple(m.kernel_size) == tuple(m.stride) and m.padding in (0, (0, 0))
+    return (type(m) is nn.Conv2d and tuple(m.kernel_size) == tuple(m.stride) and m.padding in (0, (0, 0), "valid")
             and tuple(m.dilation) == (1, 1) and m.groups == 1 and "forward" not in m.__dict__)
 
 
