@@ -105,12 +105,13 @@ def convert(
             blocks.append(EventfulBlock(block, pol, backend=backend, strategy=strategy, gate_placement=gate_placement,
                                         **options))
     # Shallow copy with its own child table: the copy gets eventful blocks, the original keeps its dense ones;
-    # every other submodule (norms, head, neck) is the same object in both. The patch embedding is copied too
-    # (parameters shared), so its conv can run as a packed linear (PackedPatchConv) in the eventful model only.
+    # every other submodule (norms, head, neck) is the same object in both. With the "ops" backend the patch
+    # embedding is copied too (parameters shared), so its conv can run as a packed linear (PackedPatchConv) in the
+    # eventful model only.
     twin = copy_module(model)
     twin.blocks = nn.Sequential(*blocks)
     patch_embed = twin._modules.get("patch_embed")
-    if isinstance(patch_embed, nn.Module) and is_patchify_conv(patch_embed._modules.get("proj")):
+    if backend == "ops" and isinstance(patch_embed, nn.Module) and is_patchify_conv(patch_embed._modules.get("proj")):
         twin.patch_embed = copy_module(patch_embed)
         with_packed_patch_conv(twin.patch_embed, "proj")
     if hasattr(twin, "grad_checkpointing"):

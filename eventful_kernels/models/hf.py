@@ -165,16 +165,16 @@ class HFVisionEncoder(nn.Module):
     (ViT: final LayerNorm, pooler on the CLS token if present; DINOv2: final LayerNorm, pooled = CLS token; CLIP:
     ``pre_layrnorm`` before the blocks, tokens un-normed, pooled = ``post_layernorm`` of the CLS token; SigLIP:
     ``post_layernorm``, pooled = the attention-pooling head, run densely on the tokens, if present). Holds the dense
-    model's own embedding (a shallow copy whose patch conv may run as a packed linear, parameters shared), norm and
-    pooling modules."""
+    model's own embedding (with ``packed``, the "ops" backend: a shallow copy whose patch conv may run as a packed
+    linear, parameters shared), norm and pooling modules."""
 
-    def __init__(self, dense: nn.Module, family: str, blocks: List[nn.Module]):
+    def __init__(self, dense: nn.Module, family: str, blocks: List[nn.Module], packed: bool = True):
         super().__init__()
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         self._output = BaseModelOutputWithPooling
         self.family = family
-        self.embeddings = _embeddings(dense.embeddings)
+        self.embeddings = _embeddings(dense.embeddings) if packed else dense.embeddings
         self.pre_norm = dense.pre_layrnorm if family == "hf-clip" else nn.Identity()
         self.blocks = nn.Sequential(*blocks)
         self.norm = dense.post_layernorm if family in ("hf-clip", "hf-siglip") else dense.layernorm
@@ -217,6 +217,6 @@ def convert_hf(model: nn.Module, family: str, policy, backend: str, strategy: Op
     blocks = [EventfulBlock(HFBlock(layer), policy, backend=backend, strategy=strategy, gate_placement=gate_placement,
                             **block_options)
               for layer in dense_layers(model)]
-    encoder = HFVisionEncoder(model, family, blocks)
+    encoder = HFVisionEncoder(model, family, blocks, packed=backend == "ops")
     return EventfulModel(encoder, policy, dense=model, family=family, backend=backend, cuda_graphs=cuda_graphs,
                          refresh_every=refresh_every)
