@@ -61,7 +61,14 @@ def _cases(device):
     q, k = randn(B, H, N, D), randn(B, H, N, D)
     rel_h, rel_w = randn(B, H, N, 2), randn(B, H, N, 3)  # Gh * Gw = N
     a_ref, v_ref = randn(B, H, N, N), randn(B, H, N, D)
-    return [
+    linear = []
+    if device == "cpu":  # linear_bf16 is a CPU kernel
+        w = randn(20, D).bfloat16()
+        packed = torch.ops.eventful.linear_bf16_pack(w)
+        linear = [("linear_bf16_pack", (w,), {}),
+                  ("linear_bf16", (randn(B, N, D).bfloat16(), packed, randn(20), 20), {"activation": "gelu"}),
+                  ("linear_bf16", (randn(B, D).bfloat16(), packed, None, 20), {})]
+    return linear + [
         ("gather_rows", (randn(B, H, N, D), idx), {}),
         ("gather_rows", (randn(B, N, D), idx32), {"check_index": False}),
         ("scatter_rows_", (randn(B, N, D), idx32, randn(B, 3, D)), {}),

@@ -53,6 +53,13 @@ void av_delta_update_(const Tensor& out, const Tensor& a_new, const Tensor& a_re
   eventful::av_delta_update_(out, a_new, a_ref, v_new, v_ref, index, check_index);
 }
 
+Tensor linear_bf16_pack(const Tensor& weight) { return eventful::linear_bf16_pack(weight); }
+
+Tensor linear_bf16(const Tensor& x, const Tensor& packed, const std::optional<Tensor>& bias, int64_t out_features,
+                   c10::string_view activation) {
+  return eventful::linear_bf16(x, packed, bias, out_features, activation);
+}
+
 // Rows x[b, index[b, k]] by index_select, after eventful's checks (so bad input fails with eventful's messages).
 Tensor checked_rows(const Tensor& x, const Tensor& index) {
   eventful::check_gather_args(x, "x", index);
@@ -82,5 +89,8 @@ TORCH_LIBRARY(eventful_client, m) {
   m.def("av_delta_update_(Tensor(a!) out, Tensor a_new, Tensor(b!) a_ref, Tensor v_new, Tensor(c!) v_ref,"
         " Tensor index, *, bool check_index=True) -> ()",
         &av_delta_update_);
+  m.def("linear_bf16_pack(Tensor weight) -> Tensor", &linear_bf16_pack);
+  m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias, int out_features, str activation=\"none\") -> Tensor",
+        &linear_bf16);
   m.def("checked_rows(Tensor x, Tensor index) -> Tensor", &checked_rows);
 }

@@ -131,4 +131,22 @@ inline const at::Tensor& av_delta_update_(const at::Tensor& out, const at::Tenso
   return out;
 }
 
+// CPU: weight [out, in] bf16 -> [ceil(out/16), in, 16] bf16 panels, what linear_bf16 reads.
+inline at::Tensor linear_bf16_pack(const at::Tensor& weight) {
+  using detail::Tensor;
+  static const auto op = detail::op_handle<Tensor(const Tensor&)>("eventful::linear_bf16_pack");
+  return op.call(weight);
+}
+
+// CPU: activation(x @ W.T + bias) for x [..., in] bf16 and W the weight `packed` holds; float32 accumulation, one
+// rounding to bf16. activation: "none", "relu", "gelu" (erf) or "gelu_tanh".
+inline at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                              int64_t out_features, c10::string_view activation = "none") {
+  using detail::Tensor;
+  static const auto op =
+      detail::op_handle<Tensor(const Tensor&, const Tensor&, const detail::OptTensor&, int64_t, c10::string_view)>(
+          "eventful::linear_bf16");
+  return op.call(x, packed, bias, out_features, activation);
+}
+
 }  // namespace eventful
