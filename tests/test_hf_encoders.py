@@ -387,12 +387,12 @@ def test_bf16_patch_conv_runs_as_a_packed_linear(kind):
     """In bf16 on a CPU without native bf16 the eventful model runs the patch conv as linear_bf16 over the patches
     (a copy of the embeddings, parameters shared, state-dict names unchanged; the dense model keeps its conv): r = N
     stays within bf16 rounding of the dense bf16 model, and a weight edit reaches it."""
-    from eventful_kernels.nn.linear import PackedPatchConv, bf16_kernel
+    from eventful_kernels.nn.linear import PackedConv, bf16_kernel
 
     build, _ = MODELS[kind]
     dense = build().to(torch.bfloat16)
     ev = convert(dense, 1.0)
-    runners = [m.__dict__["forward"] for m in ev.modules() if isinstance(m.__dict__.get("forward"), PackedPatchConv)]
+    runners = [m.__dict__["forward"] for m in ev.modules() if isinstance(m.__dict__.get("forward"), PackedConv)]
     assert len(runners) == 1 and not any("forward" in m.__dict__ for m in dense.modules())
     assert ev.model.embeddings is not dense.embeddings
     dense_keys = set(dense.state_dict())

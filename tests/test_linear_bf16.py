@@ -1,6 +1,6 @@
 """linear_bf16_pack / linear_bf16 (CPU) against eventful_kernels.reference, and the layers that use them: packed
 bf16 linears (PackedLinear on a CPU without native bf16) and the patch embedding as a packed linear
-(PackedPatchConv)."""
+(PackedConv)."""
 from __future__ import annotations
 
 import copy
@@ -238,7 +238,7 @@ def _patch_conv(dtype=BF16, bias=True):
 def test_packed_patch_conv_matches_conv(bias):
     conv = _patch_conv(bias=bias)
     x = torch.randn(2, 3, 64, 48).to(BF16)
-    runner = L.PackedPatchConv(conv)
+    runner = L.PackedConv(conv)
     with torch.no_grad():
         got = runner(x)
         want = F.conv2d(x.float(), conv.weight.float(), None if conv.bias is None else conv.bias.float(), stride=16)
@@ -250,7 +250,7 @@ def test_packed_patch_conv_matches_conv(bias):
 def test_packed_patch_conv_follows_the_weights():
     conv = _patch_conv()
     x = torch.randn(1, 3, 32, 32).to(BF16)
-    runner = L.PackedPatchConv(conv)
+    runner = L.PackedConv(conv)
     with torch.no_grad():
         runner(x)
         conv.weight.data.mul_(2)  # through .data: no version bump, seen by the fingerprint
@@ -264,24 +264,60 @@ def test_packed_patch_conv_follows_the_weights():
 def test_packed_patch_conv_calls_the_conv_elsewhere():
     """float32, an input the patches do not tile, and non-patchify convs are the conv's own business."""
     conv = _patch_conv(torch.float32)
-    runner = L.PackedPatchConv(conv)
+    runner = L.PackedConv(conv)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(runner(x), conv(x))
         odd = torch.randn(1, 3, 33, 32).to(BF16)
         conv16 = _patch_conv()
-        assert torch.equal(L.PackedPatchConv(conv16)(odd), conv16(odd))
+        assert torch.equal(L.PackedConv(conv16)(odd), conv16(odd))
     assert not L.is_patchify_conv(nn.Conv2d(3, 8, 3, stride=1, padding=1))
     assert not L.is_patchify_conv(nn.Conv2d(3, 8, 4, stride=4, groups=1, dilation=2))
-    with pytest.raises(TypeError, match="PatchLinear needs an nn.Conv2d with kernel_size == stride"):
-        L.PatchLinear(nn.Conv2d(3, 8, 3))
+    assert L.is_plain_conv(nn.Conv2d(3, 8, 3, stride=1, padding=1)) and L.is_plain_conv(nn.Conv2d(3, 8, 1))
+    for conv in (nn.Conv2d(4, 8, 3, groups=2), nn.Conv2d(3, 8, 3, padding="same"),
+                 nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")):
+        assert not L.is_plain_conv(conv)
+    with pytest.raises(TypeError, match="ConvLinear needs an nn.Conv2d with one group"):
+        L.ConvLinear(nn.Conv2d(4, 8, 3, groups=2))
 
 
-def test_with_packed_patch_conv_leaves_the_original():
+@needs_eventful_bf16
+@pytest.mark.parametrize("kernel,stride,padding,dilation,bias", [
+    (3, 1, 1, 1, False), (1, 1, 0, 1, False), (3, 2, 1, 1, True), (3, 1, 2, 2, True), ((3, 1), (1, 2), (1, 0), 1, True),
+    (2, 1, "valid", 1, True),
+])
+def test_packed_conv_matches_conv(kernel, stride, padding, dilation, bias):
+    """Convs that are not patchify (SAM's neck: 1x1 and 3x3 padded) unfold their input and run linear_bf16 over it,
+    reading the transposed patches in place."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 20, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias).to(BF16).eval()
+    runner = L.PackedConv(conv)
+    assert runner.patchify == (kernel == 1)  # a 1x1 conv of stride 1 unfolds by a reshape too
+    x = torch.randn(2, 12, 11, 9).to(BF16)
+    with torch.no_grad():
+        got = runner(x)
+        want = F.conv2d(x.float(), conv.weight.float(), None if conv.bias is None else conv.bias.float(), stride,
+                        padding, dilation)
+    assert got.shape == want.shape and runner.linear._bf16
+    _assert_bf16_close(got, want.to(BF16))
+
+
+def test_transposed_rows_are_read_in_place():
+    """x [M, K] with strides (1, M) (a transposed view, as unfolded conv patches are) gives what its copy gives."""
+    x, w, b = _data((48,), 40, 24)
+    xt = x.t().contiguous().t()
+    assert xt.stride() == (1, 48)
+    packed = ops.linear_bf16_pack(w)
+    assert torch.equal(ops.linear_bf16(xt, packed, b, 24, "gelu"), ops.linear_bf16(x, packed, b, 24, "gelu"))
+    xe = x[:1].expand(5, 40)  # zero row stride
+    assert torch.equal(ops.linear_bf16(xe, packed, b, 24), ops.linear_bf16(x[:1].repeat(5, 1), packed, b, 24))
+
+
+def test_with_packed_conv_leaves_the_original():
     owner = nn.Module()
     owner.proj = _patch_conv()
     twin = L.copy_module(owner)
-    runner = L.with_packed_patch_conv(twin, "proj")
+    runner = L.with_packed_conv(twin, "proj")
     assert runner is not None and twin.proj is not owner.proj
     assert twin.proj.weight is owner.proj.weight and "forward" not in owner.proj.__dict__
     assert list(twin.state_dict()) == list(owner.state_dict())
@@ -290,25 +326,25 @@ def test_with_packed_patch_conv_leaves_the_original():
     with torch.no_grad():
         owner.proj(torch.randn(1, 3, 16, 16).to(BF16))
     assert seen == []  # own hook tables
-    assert L.with_packed_patch_conv(twin, "missing") is None
+    assert L.with_packed_conv(twin, "missing") is None
 
 
 def test_deepcopy_keeps_the_patch_conv_runner():
     owner = nn.Module()
     owner.proj = _patch_conv()
-    L.with_packed_patch_conv(owner, "proj")
+    L.with_packed_conv(owner, "proj")
     clone = copy.deepcopy(owner)
     runner = clone.proj.__dict__["forward"]
-    assert isinstance(runner, L.PackedPatchConv) and runner.conv is clone.proj
+    assert isinstance(runner, L.PackedConv) and runner.conv is clone.proj
     x = torch.randn(1, 3, 32, 32).to(BF16)
     with torch.no_grad():
         assert torch.equal(clone.proj(x), owner.proj(x))
 
 
 @pytest.mark.parametrize("family", ["vit", "sam"])
-def test_converted_timm_model_runs_its_patch_conv_packed(family):
-    """convert() gives the eventful model its own patch embedding (parameters shared, state-dict names unchanged)
-    whose conv runs as a packed linear; the dense model keeps its conv. r = N in bf16 stays within bf16 rounding of
+def test_converted_timm_model_runs_its_convs_packed(family):
+    """convert() gives the eventful model its own patch embedding and SAM neck (parameters shared, state-dict names
+    unchanged) whose convs run as packed linears; the dense model keeps its convs. r = N in bf16 stays within bf16 rounding of
     the dense bf16 model, frame after frame."""
     from eventful_kernels.models import convert
     from tiny_timm import tiny_sam, tiny_vit, video
@@ -317,8 +353,13 @@ def test_converted_timm_model_runs_its_patch_conv_packed(family):
     ev = convert(dense, 1.0)
     assert ev.model.patch_embed is not dense.patch_embed and ev.model.patch_embed.proj.weight is \
         dense.patch_embed.proj.weight
-    assert isinstance(ev.model.patch_embed.proj.__dict__.get("forward"), L.PackedPatchConv)
+    assert isinstance(ev.model.patch_embed.proj.__dict__.get("forward"), L.PackedConv)
     assert "forward" not in dense.patch_embed.proj.__dict__
+    if family == "sam":  # the neck's 1x1 and 3x3 convs too, on a copy of the neck
+        assert ev.model.neck is not dense.neck
+        convs = [m for m in ev.model.neck if isinstance(m, nn.Conv2d)]
+        assert len(convs) == 2 and all(isinstance(m.__dict__.get("forward"), L.PackedConv) for m in convs)
+        assert not any("forward" in m.__dict__ for m in dense.neck)
     outside = [k for k in dense.state_dict() if not k.startswith("blocks.")]  # eventful blocks wrap theirs
     assert [k for k in ev.model.state_dict() if not k.startswith("blocks.")] == outside
     size = 32 if family == "vit" else 64

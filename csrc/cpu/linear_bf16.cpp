@@ -63,8 +63,8 @@ inline float activate(float v, Act act) {
 // ---- the problem, as raw pointers ----
 
 struct Problem {
-  const uint16_t* x;  // [M, K] rows, row stride ldx
-  int64_t ldx;
+  const uint16_t* x;  // [M, K]: x[m, k] at x[m * ldx + k * sxk]
+  int64_t ldx, sxk;
   const uint16_t* w;  // [P, K, 16] panels
   const float* bias;  // [N] float32 or null
   uint16_t* y;        // [M, N] contiguous
@@ -84,7 +84,7 @@ void linear_generic(const Problem& p) {
   at::Tensor x = at::empty({p.M, p.K}, f32);
   float* xp = x.data_ptr<float>();
   for (int64_t m = 0; m < p.M; ++m)
-    for (int64_t k = 0; k < p.K; ++k) xp[m * p.K + k] = bf16_to_float(p.x[m * p.ldx + k]);
+    for (int64_t k = 0; k < p.K; ++k) xp[m * p.K + k] = bf16_to_float(p.x[m * p.ldx + k * p.sxk]);
   at::Tensor y = at::mm(x, w.t());
   const float* yp = y.data_ptr<float>();
   at::parallel_for(0, p.M, 1, [&](int64_t b, int64_t e) {
@@ -203,19 +203,21 @@ EVENTFUL_AVX2 void tile_rows(int64_t rows, int64_t kd, const float* a, const flo
   }
 }
 
-// x rows of tiles [begin, end) widened and tile-packed: xa[t][k][i] = x[t * 6 + i, k] (rows past M are zero).
+// x rows of tiles [begin, end) widened and tile-packed: xa[t][k][i] = x[t * 6 + i, k] (rows past M are zero), read
+// along whichever of x's two strides is the shorter (a transposed x, e.g. unfolded conv patches, is read in place).
 EVENTFUL_AVX2 void pack_rows(const Problem& p, float* xa, int64_t begin, int64_t end) {
   const int64_t K = p.K;
   for (int64_t t = begin; t < end; ++t) {
     float* dst = xa + t * K * kRows;
-    for (int64_t i = 0; i < kRows; ++i) {
-      const int64_t m = t * kRows + i;
-      if (m >= p.M) {
-        for (int64_t k = 0; k < K; ++k) dst[k * kRows + i] = 0.f;
-        continue;
-      }
-      const uint16_t* src = p.x + m * p.ldx;
-      for (int64_t k = 0; k < K; ++k) dst[k * kRows + i] = bf16_to_float(src[k]);
+    const int64_t rows = std::min(kRows, p.M - t * kRows);
+    const uint16_t* src = p.x + t * kRows * p.ldx;
+    if (rows < kRows) std::fill(dst, dst + K * kRows, 0.f);
+    if (p.sxk <= p.ldx) {
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t k = 0; k < K; ++k) dst[k * kRows + i] = bf16_to_float(src[i * p.ldx + k * p.sxk]);
+    } else {
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t i = 0; i < rows; ++i) dst[k * kRows + i] = bf16_to_float(src[i * p.ldx + k * p.sxk]);
     }
   }
 }
@@ -295,14 +297,13 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
   out_shape.back() = N;
   at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
-  // rows of x as [M, K] with a unit inner stride (a copy only when the leading dims cannot be flattened)
+  // rows of x as [M, K], any strides (a copy only when the leading dims cannot be flattened)
   int64_t M = 1;
   for (int64_t i = 0; i + 1 < x.dim(); ++i) M *= x.size(i);
-  at::Tensor x2 = x.reshape({M, K});
-  if (K > 0 && x2.stride(1) != 1) x2 = x2.contiguous();
+  const at::Tensor x2 = x.reshape({M, K});
   at::Tensor b32;
   if (bias.has_value() && bias->defined()) b32 = bias->to(at::kFloat).contiguous();
-  Problem p{reinterpret_cast<const uint16_t*>(x2.const_data_ptr()), K > 0 ? x2.stride(0) : 0,
+  Problem p{reinterpret_cast<const uint16_t*>(x2.const_data_ptr()), x2.stride(0), x2.stride(1),
             reinterpret_cast<const uint16_t*>(packed.const_data_ptr()), b32.defined() ? b32.const_data_ptr<float>() : nullptr,
             reinterpret_cast<uint16_t*>(y.data_ptr()), x2.size(0), N, K, packed.size(0), act};
 #ifdef EVENTFUL_LINEAR_AVX2

@@ -11,7 +11,7 @@ from torch import nn
 from .. import counting
 from ..nn import EventfulAttention, EventfulBlock, EventfulTokenwiseBlock, set_backend, set_policy
 from ..nn import state as nn_state
-from ..nn.linear import PackedGroup, PackedPatchConv, repack
+from ..nn.linear import PackedGroup, PackedConv, repack
 from ..nn.placement import Workspace
 from ..nn.strategy import check_strategy
 from .graphs import FrameGraphs, TensorAddresses
@@ -87,7 +87,7 @@ class EventfulModel(nn.Module):
             b.packed_group = self._packed_group
         for m in self.model.modules():  # the patch embedding's conv as a packed linear (convert)
             runner = m.__dict__.get("forward")
-            if isinstance(runner, PackedPatchConv):
+            if isinstance(runner, PackedConv):
                 self._packed_group.add(runner)
         self._compile_kwargs: Optional[dict] = None
         self._compiled: tuple = ()  # (the compiled model,) after compile(); a tuple, so it is not a submodule

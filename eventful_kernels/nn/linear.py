@@ -6,9 +6,10 @@ at ~70% of its large-M rate; a weight reordered once into oneDNN's blocked layou
 large-M rate (measured 2 threads, M=49, D=768: 105 -> ~190 GFLOP/s). The packed copy is made lazily and costs one
 extra copy of the weights. bfloat16 on a CPU without native bf16 arithmetic (AVX2, no AVX512-BF16/AMX), where
 oneDNN's bf16 products run 3-7x slower than float32, is packed for ``torch.ops.eventful.linear_bf16`` instead (bf16
-weight panels, float32 FMAs, bias and activation fused; :func:`bf16_kernel`), and a patchify convolution (the patch
-embedding) can run as such a linear over its patches (:class:`PackedPatchConv`). Anything the packed path does not
-cover (CUDA, float16 without CPU support, no oneDNN, ``EVENTFUL_PACKED_LINEAR=0``) runs the module as it is.
+weight panels, float32 FMAs, bias and activation fused; :func:`bf16_kernel`), and a convolution (the patch
+embedding, SAM's neck) can run as such a linear over its patches (:class:`PackedConv`). Anything the packed path
+does not cover (CUDA, float16 without CPU support, no oneDNN, ``EVENTFUL_PACKED_LINEAR=0``) runs the module as it
+is.
 Inside a ``torch.compile`` graph the packed product is the custom op ``torch.ops.eventful_nn.packed_linear``
 (opaque to the compiler, which sees its output shape only), so compiled frames keep the packed weights;
 ``PackedLinear.in_graph = False`` makes them plain ``F.linear`` there.
@@ -172,16 +173,16 @@ class ConcatLinear(nn.Module):
         return torch.cat([p(x) for p in self.parts()], -1)
 
 
-class PatchLinear:
-    """A patchify ``nn.Conv2d`` (kernel = stride, no padding, no dilation, one group) seen as the linear layer it
-    is on flattened patches: ``weight [out, in_channels * kh * kw]`` (a view of the conv's weight, read at every
-    access, so edits and replacements of the conv's parameters show) and ``bias``. Not a module: the conv stays
-    where it is in the model."""
+class ConvLinear:
+    """A plain ``nn.Conv2d`` (:func:`is_plain_conv`) seen as the linear layer it is on its unfolded input patches:
+    ``weight [out, in_channels * kh * kw]`` (a view of the conv's weight, read at every access, so edits and
+    replacements of the conv's parameters show) and ``bias``. Not a module: the conv stays where it is in the
+    model."""
 
     def __init__(self, conv: nn.Conv2d):
-        if not is_patchify_conv(conv):
-            raise TypeError("eventful: PatchLinear needs an nn.Conv2d with kernel_size == stride, no padding, no "
-                            "dilation and one group")
+        if not is_plain_conv(conv):
+            raise TypeError("eventful: ConvLinear needs an nn.Conv2d with one group, zero padding given as numbers "
+                            "(or 'valid') and no forward override")
         self.conv = conv
 
     @property
@@ -197,21 +198,31 @@ class PatchLinear:
         return F.linear(x, self.weight, self.bias)
 
 
+def is_plain_conv(m: nn.Module) -> bool:
+    """Whether ``m`` is an ``nn.Conv2d`` (the class itself) with one group and zero padding given as numbers or
+    ``"valid"``, whose forward is not overridden: a product of its weight with the unfolded input."""
+    return (type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros"
+            and (m.padding == "valid" or not isinstance(m.padding, str)) and "forward" not in m.__dict__)
+
+
 def is_patchify_conv(m: nn.Module) -> bool:
-    """Whether ``m`` is a plain ``nn.Conv2d`` that cuts its input into disjoint patches (a ViT patch embedding)."""
-    return (type(m) is nn.Conv2d and tuple(m.kernel_size) == tuple(m.stride) and m.padding in (0, (0, 0), "valid")
-            and tuple(m.dilation) == (1, 1) and m.groups == 1 and "forward" not in m.__dict__)
+    """Whether ``m`` is a plain conv that cuts its input into disjoint patches (a ViT patch embedding): kernel =
+    stride, no padding, no dilation; unfolding it is a reshape."""
+    return (is_plain_conv(m) and tuple(m.kernel_size) == tuple(m.stride) and m.padding in (0, (0, 0), "valid")
+            and tuple(m.dilation) == (1, 1))
 
 
-class PackedPatchConv:
-    """``conv(x)`` for a patchify ``conv`` (:func:`is_patchify_conv`) and ``x [B, C, H, W]``, run as a packed linear
-    over the flattened patches where that is the fast path: bf16 on a CPU without native bf16, where PyTorch's
-    convolution falls back to a slow generic kernel (ViT-B/16 at 224 px: ~140 ms against ~2 ms here). Returns
-    ``[B, out, H / kh, W / kw]`` as the conv does (a channels-last view); anything else calls the conv."""
+class PackedConv:
+    """``conv(x)`` for a plain ``conv`` (:func:`is_plain_conv`) and ``x [B, C, H, W]``, run as a packed linear over
+    the input patches where that is the fast path: bf16 on a CPU without native bf16, where PyTorch's convolution
+    falls back to a slow generic kernel (ViT-B/16's patch embedding at 224 px: ~140 ms against ~2 ms; SAM's 3x3 neck
+    conv at 64x64: ~19 s against ~0.13 s). Patchify convs unfold by a reshape, others by ``F.unfold``. Returns
+    ``[B, out, Ho, Wo]`` as the conv does (a channels-last view); anything else calls the conv."""
 
     def __init__(self, conv: nn.Conv2d):
         self.conv = self.module = conv
-        self.linear = PackedLinear(PatchLinear(conv))
+        self.patchify = is_patchify_conv(conv)
+        self.linear = PackedLinear(ConvLinear(conv))
 
     def runners(self) -> List["PackedLinear"]:
         return [self.linear]
@@ -220,12 +231,21 @@ class PackedPatchConv:
         conv = self.conv
         if (x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.bfloat16 or conv.weight.dtype != x.dtype
                 or bf16_kernel() != "eventful" or not _packing_on() or torch.compiler.is_compiling()
-                or x.shape[1] != conv.in_channels or x.shape[2] % conv.stride[0] or x.shape[3] % conv.stride[1]):
+                or x.shape[1] != conv.in_channels or self.patchify and (x.shape[2] % conv.stride[0]
+                                                                       or x.shape[3] % conv.stride[1])):
             return conv._conv_forward(x, conv.weight, conv.bias)
         b, c, h, w = x.shape
-        kh, kw = conv.stride
-        patches = x.reshape(b, c, h // kh, kh, w // kw, kw).permute(0, 2, 4, 1, 3, 5).reshape(b, h // kh, w // kw, -1)
-        return self.linear(patches).permute(0, 3, 1, 2)
+        if self.patchify:
+            kh, kw = conv.stride
+            patches = x.reshape(b, c, h // kh, kh, w // kw, kw).permute(0, 2, 4, 1, 3, 5).reshape(b, h // kh,
+                                                                                                 w // kw, -1)
+            return self.linear(patches).permute(0, 3, 1, 2)
+        padding = (0, 0) if conv.padding == "valid" else conv.padding
+        (kh, kw), (dh, dw), (ph, pw), (sh, sw) = conv.kernel_size, conv.dilation, padding, conv.stride
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        cols = F.unfold(x, conv.kernel_size, conv.dilation, padding, conv.stride)  # [B, C*kh*kw, Ho*Wo]
+        return self.linear(cols.transpose(1, 2)).reshape(b, ho, wo, -1).permute(0, 3, 1, 2)
 
 
 class PackedGroup:
@@ -294,10 +314,10 @@ class PackedLinear:
     """
 
     def __init__(self, linear: nn.Module, activation: Optional[nn.Module] = None):
-        if not isinstance(linear, (nn.Linear, ConcatLinear, PatchLinear)):
+        if not isinstance(linear, (nn.Linear, ConcatLinear, ConvLinear)):
             raise TypeError(f"eventful: PackedLinear needs an nn.Linear or ConcatLinear, got {type(linear).__name__}")
         # subclasses may override forward: always called as they are
-        self._exact = type(linear) in (nn.Linear, ConcatLinear, PatchLinear)
+        self._exact = type(linear) in (nn.Linear, ConcatLinear, ConvLinear)
         self.linear = self.module = linear
         self.activation = activation
         fused = None if activation is None else _fusable_activation(activation)
@@ -323,7 +343,7 @@ class PackedLinear:
         return [self]
 
     def linears(self) -> Tuple[nn.Linear, ...]:
-        """The ``nn.Linear`` layers (or :class:`PatchLinear`) whose weights are packed (those of a ``ConcatLinear``
+        """The ``nn.Linear`` layers (or :class:`ConvLinear`) whose weights are packed (those of a ``ConcatLinear``
         as they are now)."""
         return self.linear.parts() if isinstance(self.linear, ConcatLinear) else (self.linear,)
 
@@ -363,7 +383,7 @@ class PackedLinear:
         no_bias = linears[0].bias is None
         for m in linears:
             w = m.weight
-            if (type(m) not in (nn.Linear, PatchLinear) or w.device.type != "cpu" or w.dtype != x.dtype
+            if (type(m) not in (nn.Linear, ConvLinear) or w.device.type != "cpu" or w.dtype != x.dtype
                     or not w.is_contiguous() or grad and w.requires_grad or (m.bias is None) != no_bias):
                 return False
         return True
@@ -483,22 +503,22 @@ def repack(model: nn.Module) -> nn.Module:
     ``model``."""
     linears = {id(m) for m in model.modules() if isinstance(m, (nn.Linear, ConcatLinear, nn.Conv2d))}
     for packed in list(_LIVE):
-        conv = getattr(packed.linear, "conv", None)  # a PatchLinear's conv
+        conv = getattr(packed.linear, "conv", None)  # a ConvLinear's conv
         if id(packed.linear) in linears or id(conv) in linears or any(id(m) in linears for m in packed.linears()):
             packed.invalidate()
     return model
 
 
-def with_packed_patch_conv(owner: nn.Module, name: str) -> Optional[PackedPatchConv]:
-    """Give ``owner`` its own copy of its patchify conv child ``name`` (:func:`is_patchify_conv`) that runs through
-    a :class:`PackedPatchConv`: a shallow copy sharing the conv's parameters (same names in the state dict) with its
-    own hook tables, so the original conv, which other models may share, is left as it is. Returns the runner, or
-    None (nothing changed) when the child is not a patchify conv."""
+def with_packed_conv(owner: nn.Module, name: str) -> Optional[PackedConv]:
+    """Give ``owner`` its own copy of its conv child ``name`` (:func:`is_plain_conv`) that runs through a
+    :class:`PackedConv`: a shallow copy sharing the conv's parameters (same names in the state dict) with its own
+    hook tables, so the original conv, which other models may share, is left as it is. Returns the runner, or None
+    (nothing changed) when the child is not such a conv."""
     conv = owner._modules.get(name)
-    if conv is None or not is_patchify_conv(conv):
+    if conv is None or not is_plain_conv(conv):
         return None
     twin = copy_module(conv)
-    runner = PackedPatchConv(twin)
+    runner = PackedConv(twin)
     twin.forward = runner
     owner._modules[name] = twin
     return runner

@@ -18,7 +18,7 @@ import torch
 from ..models import EventfulModel, convert, import_timm, load_checkpoint
 from ..nn.policies import as_policy
 from ..models.macs import DenseMacCounter
-from ..nn.linear import PackedGroup, PackedLinear, PackedPatchConv, is_patchify_conv
+from ..nn.linear import PackedConv, PackedGroup, PackedLinear, is_plain_conv
 from . import budgets
 from .decode import normalize
 
@@ -176,8 +176,8 @@ def attention_summary(modes_per_frame: Sequence[Sequence[str]]) -> str:
 
 
 class PackedDense:
-    """The dense model with its plain ``nn.Linear`` layers on prepacked weights and its patch embedding conv as a
-    packed linear (:class:`~eventful_kernels.nn.linear.PackedPatchConv`), the same kernels the eventful model uses
+    """The dense model with its plain ``nn.Linear`` layers on prepacked weights and its convs as packed linears
+    (:class:`~eventful_kernels.nn.linear.PackedConv`), the same kernels the eventful model uses
     (like :func:`eventful_kernels.nn.linear.packed_linears`, but the packed copies are made once and
     kept from call to call, and their fingerprints are checked once per frame as an eventful model does)."""
 
@@ -188,8 +188,8 @@ class PackedDense:
         for m in model.modules():
             if type(m) is torch.nn.Linear and "forward" not in m.__dict__:
                 runner = PackedLinear(m)
-            elif is_patchify_conv(m):  # the patch embedding, as the eventful model runs it
-                runner = PackedPatchConv(m)
+            elif is_plain_conv(m):  # the patch embedding and SAM's neck, as the eventful model runs them
+                runner = PackedConv(m)
             else:
                 continue
             self.group.add(runner)
