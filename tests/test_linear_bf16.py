@@ -344,8 +344,8 @@ def test_deepcopy_keeps_the_patch_conv_runner():
 @pytest.mark.parametrize("family", ["vit", "sam"])
 def test_converted_timm_model_runs_its_convs_packed(family):
     """convert() gives the eventful model its own patch embedding and SAM neck (parameters shared, state-dict names
-    unchanged) whose convs run as packed linears; the dense model keeps its convs. r = N in bf16 stays within bf16 rounding of
-    the dense bf16 model, frame after frame."""
+    unchanged) whose convs run as packed linears; the dense model keeps its convs. r = N in bf16 stays within bf16
+    rounding of the dense bf16 model, frame after frame."""
     from eventful_kernels.models import convert
     from tiny_timm import tiny_sam, tiny_vit, video
 

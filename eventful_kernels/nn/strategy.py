@@ -165,8 +165,10 @@ def measure_rates(device, dtype: torch.dtype, state_bytes: int = 1 << 26, head_d
     with torch.no_grad():
         q = torch.randn(1, heads, n, head_dim, device=device).to(dtype)
         kv = torch.randn(1, heads, n, head_dim, device=device).to(dtype)
-        rows = q[:, :, : n // 4]
-        matmul = 2.0 * heads * (n // 4) * n * head_dim / best(lambda: torch.matmul(rows, kv.transpose(-1, -2)), reps)
+        # the CPU kernels of qk_update_ / av_delta_update_ multiply float32 tiles whatever the state's dtype
+        tiles = torch.float32 if device.type == "cpu" else dtype
+        rows, keys = q[:, :, : n // 4].to(tiles), kv.to(tiles)
+        matmul = 2.0 * heads * (n // 4) * n * head_dim / best(lambda: torch.matmul(rows, keys.transpose(-1, -2)), reps)
         attention = 4.0 * heads * n * n * head_dim / best(lambda: F.scaled_dot_product_attention(q, kv, kv), reps)
         masked = 4.0 * heads * n * n * head_dim / _time_masked_attention(best, q, kv, reps)
         bandwidth = 2.0 * size / _time_copy(best, size // _elt(dtype), device, dtype, reps)
