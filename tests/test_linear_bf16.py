@@ -368,3 +368,27 @@ def test_converted_timm_model_runs_its_convs_packed(family):
             x = x.to(BF16)
             got, want = ev(x).float(), dense(x).float()
             assert float((got - want).norm() / want.norm()) < 2e-2  # bf16 rounding, summed in another order
+
+
+def test_product_dtype(monkeypatch):
+    x16, x32 = torch.zeros(2, dtype=BF16), torch.zeros(2)
+    monkeypatch.setenv("EVENTFUL_BF16_LINEAR", "eventful")
+    assert L.product_dtype(x16) == torch.float32 and L.product_dtype(x32) == torch.float32
+    assert L.product_dtype(torch.zeros(2, dtype=torch.float16)) == torch.float16
+    monkeypatch.setenv("EVENTFUL_BF16_LINEAR", "onednn")
+    assert L.product_dtype(x16) == BF16
+
+
+def test_attention_flush_products_round_once_in_bf16(monkeypatch):
+    """On a CPU without native bf16 the flush products of the attention state (q kᵀ, A·V) run in float32 and are
+    rounded to bf16 once."""
+    from eventful_kernels.nn.matmul import MatmulBuffer, MatmulDeltaAccumulator
+
+    monkeypatch.setenv("EVENTFUL_BF16_LINEAR", "eventful")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, 8, generator=g).to(BF16) for _ in range(3))
+    logits = MatmulBuffer()(q, k, None, None, 0.125)
+    assert torch.equal(logits, (q.float() @ k.float().transpose(-1, -2) * 0.125).to(BF16))
+    a = torch.softmax(logits.float(), -1).to(BF16)
+    out = MatmulDeltaAccumulator()(a, v)
+    assert torch.equal(out, (a.float() @ v.float()).to(BF16))

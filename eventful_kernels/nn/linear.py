@@ -96,6 +96,15 @@ def bf16_kernel() -> str:
     return choice
 
 
+def product_dtype(t: Tensor) -> torch.dtype:
+    """The dtype plain PyTorch products of ``t`` (attention maps, rel-pos tables) should run in: float32 for bf16 on
+    a CPU where :func:`bf16_kernel` is ``"eventful"`` (PyTorch's bf16 products run several times slower than
+    float32 there; e.g. the q kᵀ of a 4096-token SAM flush), else ``t``'s own dtype."""
+    if t.device.type == "cpu" and t.dtype == torch.bfloat16 and bf16_kernel() == "eventful":
+        return torch.float32
+    return t.dtype
+
+
 @functools.lru_cache(maxsize=None)
 def _native_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())

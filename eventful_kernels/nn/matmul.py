@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .backend import EventfulModule, refill
+from .linear import product_dtype
 from .placement import empty_placed, placed_copy
 
 
@@ -77,7 +78,11 @@ class MatmulBuffer(EventfulModule):
             logits = self.logits
             if logits is None or logits.shape != (b, h, nq, nk) or logits.dtype != q.dtype or logits.device != q.device:
                 logits = empty_placed((b, h, nq, nk), q, "logits")
-            torch.matmul(q, k.transpose(-1, -2), out=logits).mul_(scale)
+            up = product_dtype(q)
+            if up == q.dtype:
+                torch.matmul(q, k.transpose(-1, -2), out=logits).mul_(scale)
+            else:
+                logits.copy_(torch.matmul(q.to(up), k.to(up).transpose(-1, -2)).mul_(scale))
             if bias is not None:
                 logits.add_(bias.dense())
             self.logits = logits
@@ -166,10 +171,11 @@ class MatmulDeltaAccumulator(EventfulModule):
             out = self.out
             if out is None or out.shape != (b, m, h, d) or out.dtype != out_dtype or out.device != a.device:
                 out = torch.empty(b, m, h, d, dtype=out_dtype, device=a.device)
-            if out_dtype == a.dtype:
+            up = out_dtype if out_dtype != a.dtype else product_dtype(a)
+            if up == a.dtype:
                 out.permute(0, 2, 1, 3).copy_(torch.matmul(a, v))
             else:
-                out.permute(0, 2, 1, 3).copy_(torch.matmul(a.to(out_dtype), v.to(out_dtype)))
+                out.permute(0, 2, 1, 3).copy_(torch.matmul(a.to(up), v.to(up)))
             if self.a_ref is not None and self.a_ref.shape == a.shape and self.a_ref.dtype == a.dtype and \
                     self.a_ref.device == a.device:
                 self.a_ref.copy_(a)

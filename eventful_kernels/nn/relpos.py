@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backend import EventfulModule, refill
-from .linear import bf16_kernel
+from .linear import product_dtype
 
 
 def rel_pos_index(q_size: int, k_size: int, device) -> Tensor:
@@ -42,14 +42,6 @@ def rel_pos_table(q_size: int, k_size: int, rel_pos: Tensor, index: Optional[Ten
     else:
         resized = rel_pos
     return resized[rel_pos_index(q_size, k_size, rel_pos.device) if index is None else index]
-
-
-def _product_dtype(q: Tensor) -> torch.dtype:
-    """The dtype the rel-pos products run in: float32 for bf16 on a CPU without native bf16 (PyTorch's bf16 products
-    run several times slower than float32 there; see nn.linear.bf16_kernel), else ``q``'s own."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and bf16_kernel() == "eventful":
-        return torch.float32
-    return q.dtype
 
 
 class DecomposedRelPos(EventfulModule):
@@ -95,7 +87,7 @@ class DecomposedRelPos(EventfulModule):
             # of two einsums, which each permute q into a grid-row- / grid-column-major copy first. The stacked
             # table is [N, Gh+Gw, d] (1.4 MB for a 14x14 window, 134 MB once per flush of a 64x64 global grid).
             cell = torch.cat([rh[:, None].expand(gh, gw, gh, d), rw[None].expand(gh, gw, gw, d)], 2).view(n, gh + gw, d)
-            up = _product_dtype(q)
+            up = product_dtype(q)
             both = torch.bmm(q.permute(2, 0, 1, 3).reshape(n, b * h, d).to(up),
                              cell.transpose(1, 2).to(up)).to(q.dtype)  # [N, B*H, Gh+Gw]
             both = both.view(n, b, h, gh + gw).permute(1, 2, 0, 3)
@@ -112,7 +104,7 @@ class DecomposedRelPos(EventfulModule):
         idx = index_q.long()
         cell = idx.clamp(0, n - 1)  # -1 (empty slot) reads any table row: its result is never written
         q_sel = ops.gather_rows(q, idx, check_index=checked)  # [B,H,K,d]
-        up = _product_dtype(q)
+        up = product_dtype(q)
         q_up = q_sel.to(up)
         sel_h = torch.einsum("bnkc,bkjc->bnkj", q_up, rh[torch.div(cell, gw, rounding_mode="floor")].to(up))
         sel_w = torch.einsum("bnkc,bkjc->bnkj", q_up, rw[cell % gw].to(up))
