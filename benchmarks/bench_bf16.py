@@ -12,6 +12,9 @@ float32 (each frame's pair ran back to back). On a CPU without native bf16 the b
 ``torch.ops.eventful.linear_bf16`` (``eventful_kernels.nn.linear.bf16_kernel()``); timm's own bf16 layers run
 PyTorch's kernels, which is what ``dense timm bf16`` measures.
 
+``--sam-frames N``: also SAM ViT-B at 1024 px (4096 tokens), the eventful model only in both dtypes (a dense SAM
+frame on PyTorch's bf16 kernels takes minutes on such a CPU).
+
 Ops: ``linear_bf16`` against the oneDNN-packed float32 product and ``F.linear`` in bf16, at the ViT-B shapes (rows
 49 = N/4 and 197 = N), the three interleaved round by round; medians in ms and GFLOP/s.
 """
@@ -102,6 +105,29 @@ def end_to_end(name: str, frames_n: int, budget: float, video: str) -> dict:
     }
 
 
+def eventful_pair(name: str, frames_n: int, budget: float, video: str) -> dict:
+    """The eventful model in float32 and in bf16 only (a dense 1024-px SAM frame in PyTorch's bf16 kernels takes
+    minutes here), interleaved frame by frame, the order alternating."""
+    dense32 = runner.create_model(name, seed=0)
+    dense16 = copy.deepcopy(dense32).to(torch.bfloat16)
+    size, mean, std = runner.input_spec(dense32)
+    frames = read_frames(video if video.endswith(".mp4") else sample_video(video), size, frames_n)
+    models = {"eventful_fp32": (convert(dense32, budget), torch.float32),
+              "eventful_bf16": (convert(dense16, budget), torch.bfloat16)}
+    ms = {k: [] for k in models}
+    with torch.no_grad():
+        for t, frame in enumerate(frames):
+            x = normalize(frame[None], mean, std)
+            for k, (m, dt) in (list(models.items()) if t % 2 == 0 else list(models.items())[::-1]):
+                ms[k].append(_ms(m, x.to(dt)))
+    steady = {k: v[1:] for k, v in ms.items()}
+    med = {k: statistics.median(v) for k, v in steady.items()}
+    return {"model": name, "frames": frames_n, "tokens": runner.token_count(dense32), "budget": budget,
+            "median_ms": med, "ms": ms, "eventful_bf16_over_fp32": med["eventful_bf16"] / med["eventful_fp32"],
+            "eventful_bf16_over_fp32_paired_median": statistics.median(
+                b / f for b, f in zip(steady["eventful_bf16"], steady["eventful_fp32"]))}
+
+
 def linear_ops(rounds: int) -> list:
     rows_out = []
     g = torch.Generator().manual_seed(0)
@@ -146,7 +172,15 @@ def render(data: dict) -> str:
                    f"{med[f'dense_{dt}'] / ev:.2f}x | {med[f'dense_packed_{dt}'] / ev:.2f}x | "
                    f"{e['rel_deviation_last_frame_vs_dense_fp32'][f'eventful_{dt}']:.1e} |")
     out += ["", f"Eventful bf16 / eventful fp32 frame time: {e['eventful_bf16_over_fp32']:.2f} (ratio of medians), "
-            f"{e['eventful_bf16_over_fp32_paired_median']:.2f} (median of per-frame ratios).", "",
+            f"{e['eventful_bf16_over_fp32_paired_median']:.2f} (median of per-frame ratios)."]
+    sam = data.get("eventful_only")
+    if sam:
+        m = sam["median_ms"]
+        out += ["", f"{sam['model']} ({sam['tokens']} tokens, r = N/4, {sam['frames']} frames, eventful only): "
+                f"fp32 {m['eventful_fp32']:.0f} ms, bf16 {m['eventful_bf16']:.0f} ms per steady frame, bf16 / fp32 "
+                f"{sam['eventful_bf16_over_fp32']:.2f} (median of per-frame ratios "
+                f"{sam['eventful_bf16_over_fp32_paired_median']:.2f})."]
+    out += ["",
             "| rows | in -> out | linear_bf16 ms | oneDNN packed fp32 ms | torch bf16 ms | linear_bf16 GFLOP/s | "
             "vs oneDNN fp32 |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in data["linear"]:
@@ -168,6 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=30, help="rounds of the op comparison")
     p.add_argument("--video", default="bigbuckbunny")
+    p.add_argument("--sam-frames", type=int, default=0,
+                   help="also time eventful SAM ViT-B (1024 px) in float32 against bf16 over this many frames")
     p.add_argument("--out")
     p.add_argument("--report", help="print the table of a result file")
     a = p.parse_args(argv)
@@ -182,6 +218,8 @@ def main(argv=None) -> int:
             "command": "python benchmarks/bench_bf16.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "linear": linear_ops(a.rounds)}
     data["end_to_end"] = end_to_end(a.model, a.frames, a.budget, a.video)
+    if a.sam_frames:
+        data["eventful_only"] = eventful_pair("samvit_base_patch16", a.sam_frames, a.budget, a.video)
     print(render(data))
     if a.out:
         with open(a.out, "w") as f:
