@@ -239,6 +239,7 @@ class PackedConv:
     def __call__(self, x: Tensor) -> Tensor:
         conv = self.conv
         if (x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.bfloat16 or conv.weight.dtype != x.dtype
+                or not conv.weight.is_contiguous()  # (channels-last weights would be copied and repacked per call)
                 or bf16_kernel() != "eventful" or not _packing_on() or torch.compiler.is_compiling()
                 or x.shape[1] != conv.in_channels or self.patchify and (x.shape[2] % conv.stride[0]
                                                                        or x.shape[3] % conv.stride[1])):
@@ -324,7 +325,8 @@ class PackedLinear:
 
     def __init__(self, linear: nn.Module, activation: Optional[nn.Module] = None):
         if not isinstance(linear, (nn.Linear, ConcatLinear, ConvLinear)):
-            raise TypeError(f"eventful: PackedLinear needs an nn.Linear or ConcatLinear, got {type(linear).__name__}")
+            raise TypeError("eventful: PackedLinear needs an nn.Linear, ConcatLinear or ConvLinear, got "
+                            f"{type(linear).__name__}")
         # subclasses may override forward: always called as they are
         self._exact = type(linear) in (nn.Linear, ConcatLinear, ConvLinear)
         self.linear = self.module = linear
