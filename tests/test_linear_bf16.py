@@ -262,7 +262,7 @@ def test_packed_patch_conv_follows_the_weights():
 
 
 def test_packed_patch_conv_calls_the_conv_elsewhere():
-    """float32, an input the patches do not tile, and non-patchify convs are the conv's own business."""
+    """float32, an input the patches do not tile and channels-last weights are the conv's own business."""
     conv = _patch_conv(torch.float32)
     runner = L.PackedConv(conv)
     x = torch.randn(1, 3, 32, 32)
@@ -271,6 +271,9 @@ def test_packed_patch_conv_calls_the_conv_elsewhere():
         odd = torch.randn(1, 3, 33, 32).to(BF16)
         conv16 = _patch_conv()
         assert torch.equal(L.PackedConv(conv16)(odd), conv16(odd))
+        conv_cl = _patch_conv().to(memory_format=torch.channels_last)  # its weight too: left to the conv
+        x16 = torch.randn(1, 3, 32, 32).to(BF16)
+        assert torch.equal(L.PackedConv(conv_cl)(x16), conv_cl(x16))
     assert not L.is_patchify_conv(nn.Conv2d(3, 8, 3, stride=1, padding=1))
     assert not L.is_patchify_conv(nn.Conv2d(3, 8, 4, stride=4, groups=1, dilation=2))
     assert L.is_plain_conv(nn.Conv2d(3, 8, 3, stride=1, padding=1)) and L.is_plain_conv(nn.Conv2d(3, 8, 1))
