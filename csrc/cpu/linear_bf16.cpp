@@ -5,8 +5,8 @@
 // padded); each product widens a panel block to float32 in L1 (bf16 -> fp32 is a 16-bit shift), multiplies it with
 // 6 x 16 register tiles of FMAs against the rows of x (widened and packed once per call), accumulates in float32,
 // and adds the bias, applies the activation and rounds to bf16 (nearest even) once, in the epilogue. Half the
-// weight bytes of float32 and the same FMA rate. Chosen at run time: the AVX2/FMA path where the CPU has it, else a
-// portable one (float32 GEMM on the widened weight).
+// weight bytes of float32 and the same FMA rate. Chosen at run time: the AVX2 path where the CPU has it (avx2.h),
+// else a portable one (float32 GEMM on the widened weight).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -16,10 +16,7 @@
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
+#include "avx2.h"
 #include "eventful/checks.h"
 
 namespace eventful {
@@ -94,18 +91,11 @@ void linear_generic(const Problem& p) {
   });
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define EVENTFUL_LINEAR_AVX2 1
-#define EVENTFUL_AVX2 __attribute__((target("avx2,fma")))
-
-bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
+#ifdef EVENTFUL_CPU_AVX2
+using avx2::cpu_has_avx2;
 
 EVENTFUL_AVX2 inline __m256 widen8(const uint16_t* p) {
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  return avx2::load8(reinterpret_cast<const c10::BFloat16*>(p));
 }
 
 // float32 -> bf16, round to nearest even; NaN stays a (quiet) NaN.
@@ -306,8 +296,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
   Problem p{reinterpret_cast<const uint16_t*>(x2.const_data_ptr()), x2.stride(0), x2.stride(1),
             reinterpret_cast<const uint16_t*>(packed.const_data_ptr()), b32.defined() ? b32.const_data_ptr<float>() : nullptr,
             reinterpret_cast<uint16_t*>(y.data_ptr()), x2.size(0), N, K, packed.size(0), act};
-#ifdef EVENTFUL_LINEAR_AVX2
-  if (cpu_has_avx2_fma()) {
+#ifdef EVENTFUL_CPU_AVX2
+  if (cpu_has_avx2()) {
     linear_avx2(p);
     return y;
   }
@@ -320,8 +310,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const std:
 
 // For eventful_kernels.info() (csrc/build_info.cpp): the path linear_bf16 takes on this machine.
 const char* cpu_linear_bf16_path() {
-#ifdef EVENTFUL_LINEAR_AVX2
-  if (cpu_has_avx2_fma()) return "avx2";
+#ifdef EVENTFUL_CPU_AVX2
+  if (cpu_has_avx2()) return "avx2";
 #endif
   return "generic";
 }

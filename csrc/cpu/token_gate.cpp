@@ -15,10 +15,7 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
+#include "avx2.h"
 #include "eventful/checks.h"
 
 namespace eventful {
@@ -68,19 +65,11 @@ float row_sq_dist_generic(const scalar_t* c, int64_t cs, const scalar_t* r, int6
   return s + tail;
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define EVENTFUL_GATE_AVX2 1
-// AVX2/FMA/F16C path for dense rows, chosen at run time (the extension is built for baseline x86-64): 8 elements
-// per step converted to float32 in registers (fp16 via F16C, bf16 by a 16-bit shift).
-#define EVENTFUL_AVX2 __attribute__((target("avx2,fma,f16c")))
-EVENTFUL_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-EVENTFUL_AVX2 inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-EVENTFUL_AVX2 inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
+#ifdef EVENTFUL_CPU_AVX2
+// AVX2/FMA/F16C path for dense rows, chosen at run time (avx2.h): 8 elements per step converted to float32 in
+// registers.
+using avx2::cpu_has_avx2;
+using avx2::load8;
 
 template <typename scalar_t>
 EVENTFUL_AVX2 float row_sq_dist_avx2(const scalar_t* c, const scalar_t* r, int64_t D) {
@@ -109,16 +98,11 @@ EVENTFUL_AVX2 float row_sq_dist_avx2(const scalar_t* c, const scalar_t* r, int64
   return s;
 }
 
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-}
 #endif
 
 template <typename scalar_t>
 inline float row_sq_dist(const scalar_t* c, int64_t cs, const scalar_t* r, int64_t rs, int64_t D, bool fast) {
-#ifdef EVENTFUL_GATE_AVX2
+#ifdef EVENTFUL_CPU_AVX2
   if (fast) return row_sq_dist_avx2(c, r, D);
 #endif
   return row_sq_dist_generic(c, cs, r, rs, D);
@@ -132,7 +116,7 @@ void compute_keys(const at::Tensor& c, const at::Tensor& ref, std::vector<uint64
   const scalar_t* rp = ref.const_data_ptr<scalar_t>();
   const auto cst = c.strides(), rst = ref.strides();
   bool fast = false;  // dense rows on an AVX2 machine
-#ifdef EVENTFUL_GATE_AVX2
+#ifdef EVENTFUL_CPU_AVX2
   fast = cst[2] == 1 && rst[2] == 1 && cpu_has_avx2();
 #endif
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
@@ -351,7 +335,7 @@ TORCH_LIBRARY_IMPL(eventful, CPU, m) {
 // For eventful_kernels.info() (csrc/build_info.cpp): which row-distance paths this build has, and which one dense
 // rows take on this machine.
 bool cpu_gate_avx2_compiled() {
-#ifdef EVENTFUL_GATE_AVX2
+#ifdef EVENTFUL_CPU_AVX2
   return true;
 #else
   return false;
@@ -359,7 +343,7 @@ bool cpu_gate_avx2_compiled() {
 }
 
 const char* cpu_gate_path() {
-#ifdef EVENTFUL_GATE_AVX2
+#ifdef EVENTFUL_CPU_AVX2
   if (cpu_has_avx2()) return "avx2";
 #endif
   return "generic";
