@@ -82,18 +82,16 @@ def library_facts(path: str) -> Dict[str, Optional[object]]:
     compiler, the CPU gate paths compiled in, and the one dense rows take on this machine; the path linear_bf16 takes
     here. None where unknown."""
     lib = ctypes.CDLL(path)
-    try:
-        build, gate_path = lib.eventful_build_info, lib.eventful_cpu_gate_path
-    except AttributeError:  # a library built before it reported its build
+    build = _text(lib, "eventful_build_info")
+    if build is None:  # a library built before it reported its build
         return {"torch_built_against": None, "compiler": None, "cpu_gate_paths": None, "cpu_gate_path": None,
                 "cpu_linear_bf16_path": None}
-    build.restype = gate_path.restype = ctypes.c_char_p
-    facts = dict(line.split("=", 1) for line in build().decode().splitlines() if "=" in line)
+    facts = dict(line.split("=", 1) for line in build.splitlines() if "=" in line)
     return {
         "torch_built_against": facts.get("torch"),
         "compiler": facts.get("compiler"),
         "cpu_gate_paths": facts.get("cpu_gate_paths", "").split(","),
-        "cpu_gate_path": gate_path().decode(),
+        "cpu_gate_path": _text(lib, "eventful_cpu_gate_path"),
         "cpu_linear_bf16_path": _text(lib, "eventful_cpu_linear_bf16_path"),
     }
 

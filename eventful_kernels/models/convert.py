@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..nn import EventfulBlock, EventfulTokenwiseBlock
-from ..nn.linear import copy_module, is_plain_conv, with_packed_conv
+from ..nn.linear import copy_module, with_packed_convs
 from ._timm import import_timm
 from .eventful_model import EventfulModel
 from .hf import convert_hf, hf_family, hf_pool_geometry
@@ -48,18 +48,6 @@ def _check_block(block: nn.Module, i: int) -> None:
             f"convert: block {i} ({type(block).__name__}) is not a standard pre-norm ViT block "
             "(needs norm1, attn.qkv, attn.proj, norm2, mlp)"
         )
-
-
-def _packed_convs(twin: nn.Module, name: str) -> None:
-    """Replace ``twin``'s child ``name`` by a copy (parameters shared) whose direct conv children run through
-    :class:`~eventful_kernels.nn.linear.PackedConv`; nothing when it has no such child."""
-    child = twin._modules.get(name)
-    if not isinstance(child, nn.Module) or not any(is_plain_conv(m) for m in child._modules.values()):
-        return
-    copy = copy_module(child)
-    setattr(twin, name, copy)
-    for conv_name in list(copy._modules):
-        with_packed_conv(copy, conv_name)
 
 
 def convert(
@@ -123,8 +111,8 @@ def convert(
     twin = copy_module(model)
     twin.blocks = nn.Sequential(*blocks)
     if backend == "ops":
-        _packed_convs(twin, "patch_embed")
-        _packed_convs(twin, "neck")
+        with_packed_convs(twin, "patch_embed")
+        with_packed_convs(twin, "neck")
     if hasattr(twin, "grad_checkpointing"):
         twin.grad_checkpointing = False
     return EventfulModel(twin, pol, dense=model, family=family, backend=backend, cuda_graphs=cuda_graphs,

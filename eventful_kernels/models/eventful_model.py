@@ -85,7 +85,7 @@ class EventfulModel(nn.Module):
         self._packed_group = PackedGroup()
         for b in self._blocks:
             b.packed_group = self._packed_group
-        for m in self.model.modules():  # the patch embedding's conv as a packed linear (convert)
+        for m in self.model.modules():  # convs run as packed linears (the patch embedding, SAM's neck: convert)
             runner = m.__dict__.get("forward")
             if isinstance(runner, PackedConv):
                 self._packed_group.add(runner)

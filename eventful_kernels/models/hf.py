@@ -17,7 +17,7 @@ from typing import List, Optional
 from torch import Tensor, nn
 
 from ..nn import EventfulBlock
-from ..nn.linear import ConcatLinear, copy_module, is_patchify_conv, with_packed_conv
+from ..nn.linear import ConcatLinear, copy_module, with_packed_conv, with_packed_convs
 from ._timm import import_torchvision
 
 # Supported model classes -> family; the family names the forward of HFVisionEncoder and the stream checkpoints.
@@ -150,12 +150,8 @@ def _embeddings(embeddings: nn.Module) -> nn.Module:
     whose patch conv (``patch_embeddings.projection``: ViT, DINOv2; ``patch_embedding``: CLIP, SigLIP) runs through
     :class:`~eventful_kernels.nn.linear.PackedConv`; the dense model's modules are left as they are."""
     twin = copy_module(embeddings)
-    inner = twin._modules.get("patch_embeddings")
-    if isinstance(inner, nn.Module) and is_patchify_conv(inner._modules.get("projection")):
-        twin.patch_embeddings = copy_module(inner)
-        with_packed_conv(twin.patch_embeddings, "projection")
-    elif is_patchify_conv(twin._modules.get("patch_embedding")):
-        with_packed_conv(twin, "patch_embedding")
+    with_packed_convs(twin, "patch_embeddings")  # ViT, DINOv2: its projection
+    with_packed_conv(twin, "patch_embedding")  # CLIP, SigLIP
     return twin
 
 

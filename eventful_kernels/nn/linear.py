@@ -197,7 +197,7 @@ class ConvLinear:
     @property
     def weight(self) -> Tensor:
         w = self.conv.weight
-        return w.view(w.shape[0], -1) if w.is_contiguous() else w.reshape(w.shape[0], -1)
+        return w.reshape(w.shape[0], -1)  # a view of a contiguous weight
 
     @property
     def bias(self) -> Optional[Tensor]:
@@ -533,6 +533,18 @@ def with_packed_conv(owner: nn.Module, name: str) -> Optional[PackedConv]:
     twin.forward = runner
     owner._modules[name] = twin
     return runner
+
+
+def with_packed_convs(owner: nn.Module, name: str) -> None:
+    """Replace ``owner``'s child ``name`` by a copy (:func:`copy_module`) whose direct conv children run through
+    :class:`PackedConv` (:func:`with_packed_conv`); nothing when it has no such child."""
+    child = owner._modules.get(name)
+    if not isinstance(child, nn.Module) or not any(is_plain_conv(m) for m in child._modules.values()):
+        return
+    twin = copy_module(child)
+    owner._modules[name] = twin
+    for conv_name in list(twin._modules):
+        with_packed_conv(twin, conv_name)
 
 
 def copy_module(m: nn.Module) -> nn.Module:
