@@ -54,38 +54,57 @@ def _ms(fn, *args) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def end_to_end(name: str, frames_n: int, budget: float, video: str) -> dict:
+def _twins(name: str, frames_n: int, video: str):
+    """The model in float32 and a bf16 copy, its input normalisation and ``frames_n`` frames of ``video`` at its
+    input size."""
     dense32 = runner.create_model(name, seed=0)
-    dense16 = copy.deepcopy(dense32).to(torch.bfloat16)
     size, mean, std = runner.input_spec(dense32)
     frames = read_frames(video if video.endswith(".mp4") else sample_video(video), size, frames_n)
-    fns = {"dense_fp32": dense32, "dense_bf16": dense16, "dense_packed_fp32": runner.PackedDense(dense32),
-           "dense_packed_bf16": runner.PackedDense(dense16), "eventful_fp32": convert(dense32, budget),
-           "eventful_bf16": convert(dense16, budget)}
-    dtypes = {k: torch.bfloat16 if k.endswith("bf16") else torch.float32 for k in fns}
+    return dense32, copy.deepcopy(dense32).to(torch.bfloat16), frames, mean, std
+
+
+def _interleaved(fns: dict, frames, mean, std):
+    """Every frame through every model of ``fns`` (name -> (callable, input dtype)) in turn, the order rotated from
+    frame to frame: the per-model ms of every frame, and the outputs of the last frame."""
     ms = {k: [] for k in fns}
     outputs = {}
     order = list(fns)
+    for t, frame in enumerate(frames):
+        x = normalize(frame[None], mean, std)
+        for k in order[t % len(order):] + order[:t % len(order)]:
+            fn, dtype = fns[k]
+            xin = x.to(dtype)
+            t0 = time.perf_counter()
+            outputs[k] = fn(xin)
+            ms[k].append((time.perf_counter() - t0) * 1e3)
+    return ms, outputs
+
+
+def _bf16_over_fp32(steady: dict, med: dict) -> dict:
+    """Eventful bf16 frame time over eventful float32: ratio of medians and median of the per-frame ratios."""
+    return {"eventful_bf16_over_fp32": med["eventful_bf16"] / med["eventful_fp32"],
+            "eventful_bf16_over_fp32_paired_median": statistics.median(
+                b / f for b, f in zip(steady["eventful_bf16"], steady["eventful_fp32"]))}
+
+
+def end_to_end(name: str, frames_n: int, budget: float, video: str) -> dict:
+    dense32, dense16, frames, mean, std = _twins(name, frames_n, video)
+    f32, bf16 = torch.float32, torch.bfloat16
+    fns = {"dense_fp32": (dense32, f32), "dense_bf16": (dense16, bf16),
+           "dense_packed_fp32": (runner.PackedDense(dense32), f32),
+           "dense_packed_bf16": (runner.PackedDense(dense16), bf16),
+           "eventful_fp32": (convert(dense32, budget), f32), "eventful_bf16": (convert(dense16, budget), bf16)}
     with torch.no_grad():
         x0 = normalize(frames[0][None], mean, std)
-        for k in order:
+        for k, (fn, dtype) in fns.items():
             if k.startswith("dense"):
                 for _ in range(DENSE_WARMUP):
-                    fns[k](x0.to(dtypes[k]))
-        for t, frame in enumerate(frames):
-            x = normalize(frame[None], mean, std)
-            for k in order[t % len(order):] + order[:t % len(order)]:
-                xin = x.to(dtypes[k])
-                t0 = time.perf_counter()
-                outputs[k] = fns[k](xin)
-                ms[k].append((time.perf_counter() - t0) * 1e3)
-            if t == len(frames) - 1:
-                ref = outputs["dense_fp32"].float()
-                deviation = {k: float((outputs[k].float() - ref).norm() / ref.norm()) for k in fns}
+                    fn(x0.to(dtype))
+        ms, outputs = _interleaved(fns, frames, mean, std)
+    ref = outputs["dense_fp32"].float()
+    deviation = {k: float((outputs[k].float() - ref).norm() / ref.norm()) for k in fns}
     steady = {k: v[1:] for k, v in ms.items()}
     med = {k: statistics.median(v) for k, v in steady.items()}
-    pair = [b / f for b, f in zip(steady["eventful_bf16"], steady["eventful_fp32"])]
-    ev16 = fns["eventful_bf16"]
     dense_ms = {k: v for k, v in steady.items() if k.startswith("dense")}
     return {
         "model": name, "frames": frames_n, "budget": budget, "tokens": runner.token_count(dense32),
@@ -95,37 +114,27 @@ def end_to_end(name: str, frames_n: int, budget: float, video: str) -> dict:
         "speedup_bf16_vs_dense_packed_bf16": med["dense_packed_bf16"] / med["eventful_bf16"],
         "speedup_fp32_vs_dense_fp32": med["dense_fp32"] / med["eventful_fp32"],
         "speedup_fp32_vs_dense_packed_fp32": med["dense_packed_fp32"] / med["eventful_fp32"],
-        "eventful_bf16_over_fp32": med["eventful_bf16"] / med["eventful_fp32"],
-        "eventful_bf16_over_fp32_paired_median": statistics.median(pair),
+        **_bf16_over_fp32(steady, med),
         "dense_spread": {k: timing.spread(v) for k, v in dense_ms.items()},
         "noisy_reasons": [f"{k} frame times spread {timing.spread(v):.0%} > {timing.MAX_SPREAD:.0%}"
                           for k, v in dense_ms.items() if timing.spread(v) > timing.MAX_SPREAD],
         "rel_deviation_last_frame_vs_dense_fp32": deviation,
-        "gflops_eventful": 2 * ev16.macs_last_frame() / 1e9,
+        "gflops_eventful": 2 * fns["eventful_bf16"][0].macs_last_frame() / 1e9,
     }
 
 
 def eventful_pair(name: str, frames_n: int, budget: float, video: str) -> dict:
     """The eventful model in float32 and in bf16 only (a dense 1024-px SAM frame in PyTorch's bf16 kernels takes
     minutes here), interleaved frame by frame, the order alternating."""
-    dense32 = runner.create_model(name, seed=0)
-    dense16 = copy.deepcopy(dense32).to(torch.bfloat16)
-    size, mean, std = runner.input_spec(dense32)
-    frames = read_frames(video if video.endswith(".mp4") else sample_video(video), size, frames_n)
-    models = {"eventful_fp32": (convert(dense32, budget), torch.float32),
-              "eventful_bf16": (convert(dense16, budget), torch.bfloat16)}
-    ms = {k: [] for k in models}
+    dense32, dense16, frames, mean, std = _twins(name, frames_n, video)
+    fns = {"eventful_fp32": (convert(dense32, budget), torch.float32),
+           "eventful_bf16": (convert(dense16, budget), torch.bfloat16)}
     with torch.no_grad():
-        for t, frame in enumerate(frames):
-            x = normalize(frame[None], mean, std)
-            for k, (m, dt) in (list(models.items()) if t % 2 == 0 else list(models.items())[::-1]):
-                ms[k].append(_ms(m, x.to(dt)))
+        ms, _ = _interleaved(fns, frames, mean, std)
     steady = {k: v[1:] for k, v in ms.items()}
     med = {k: statistics.median(v) for k, v in steady.items()}
     return {"model": name, "frames": frames_n, "tokens": runner.token_count(dense32), "budget": budget,
-            "median_ms": med, "ms": ms, "eventful_bf16_over_fp32": med["eventful_bf16"] / med["eventful_fp32"],
-            "eventful_bf16_over_fp32_paired_median": statistics.median(
-                b / f for b, f in zip(steady["eventful_bf16"], steady["eventful_fp32"]))}
+            "median_ms": med, "ms": ms, **_bf16_over_fp32(steady, med)}
 
 
 def linear_ops(rounds: int) -> list:
