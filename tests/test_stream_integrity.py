@@ -5,6 +5,9 @@ r = N anchors: the eventful model then equals the dense model, so "the stream re
 """
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -184,4 +187,43 @@ def test_inference_mode_frames_mix_with_normal_ones():
         else:
             y = ev(x)
         assert not y.is_inference()
+        torch.testing.assert_close(y, twin(x), rtol=0, atol=0, msg=f"frame {t}")
+
+
+
+@pytest.mark.parametrize("kind", ["vit", "sam"])
+def test_model_built_under_inference_mode(kind):
+    """Weights that are inference tensors (a model created and converted under torch.inference_mode(), as serving
+    code often does) keep no version counter: the packed weights must still be made, used, and re-made when such a
+    weight is edited in place; the streams equal a twin built normally and move through stream_state."""
+    make, size = MODELS[kind]
+    twin_dense = make()
+    twin = convert(twin_dense, 0.5)
+    frames = video(6, size, batch=2)
+    with torch.inference_mode():
+        dense = make()
+        ev = convert(dense, 0.5)
+    assert next(dense.parameters()).is_inference()
+    for t, x in enumerate(frames[:3]):
+        with torch.inference_mode():
+            y = ev(x)
+        torch.testing.assert_close(y, twin(x), rtol=0, atol=0, msg=f"frame {t}")
+    with torch.inference_mode():  # state copied under inference mode: the copies must still be updatable
+        other = convert(dense, 0.5)
+        other.load_stream_state(ev.stream_state())
+        copies = [other, copy.deepcopy(ev), pickle.loads(pickle.dumps(ev)), copy.deepcopy(convert(dense, 0.5))]
+        y = ev(frames[3])
+    torch.testing.assert_close(y, twin(frames[3]), rtol=0, atol=0)
+    for i, c in enumerate(copies[:3]):
+        torch.testing.assert_close(c(frames[3]), y, rtol=0, atol=0, msg=f"copy {i}")
+    fresh = convert(twin_dense, 0.5)
+    for t, x in enumerate(frames[:3]):  # a copy made before its first frame starts streams of its own
+        torch.testing.assert_close(copies[3](x), fresh(x), rtol=0, atol=0, msg=f"fresh copy, frame {t}")
+    with torch.inference_mode():
+        dense.blocks[0].mlp.fc1.weight.mul_(1.5)  # no version bump: seen by the fingerprint alone
+    with torch.no_grad():
+        twin_dense.blocks[0].mlp.fc1.weight.mul_(1.5)
+    for t, x in enumerate(frames[4:], 4):
+        with torch.inference_mode():
+            y = ev(x)
         torch.testing.assert_close(y, twin(x), rtol=0, atol=0, msg=f"frame {t}")

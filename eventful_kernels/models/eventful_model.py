@@ -121,6 +121,10 @@ class EventfulModel(nn.Module):
         super().__setstate__(state)
         if self._compile_kwargs is not None:
             self._compiled = (torch.compile(self.model, **self._compile_kwargs),)
+        if torch.is_inference_mode_enabled():
+            # copy.deepcopy or unpickling under inference mode made the streams' state of inference tensors, which
+            # the frames (never run in inference mode) could not update in place: take normal copies of it.
+            self.load_stream_state(self.stream_state(), check_weights=False)
 
     @property
     def dense(self) -> nn.Module:
@@ -401,6 +405,10 @@ class EventfulModel(nn.Module):
         architecture, the weights' dtype/shape or, unless ``check_weights=False``, values, a missing or unexpected
         key, a shape, a dtype or device other than the weights', the number of streams) and the model is left as
         it was. Loading onto another device or dtype is not supported. Captured graphs are dropped."""
+        with torch.inference_mode(False):  # the copies are normal tensors, which the frames can update in place
+            self._load_stream_state(state, check_weights)
+
+    def _load_stream_state(self, state: dict, check_weights: bool) -> None:
         staged, spec = self._check_stream_state(state, check_weights)
         nn_state.apply_stream_state(staged)
         self._streams = state["streams"]

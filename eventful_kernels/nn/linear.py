@@ -380,7 +380,10 @@ class PackedLinear:
 
     def _weight_key(self, w: Tensor) -> tuple:
         # The packed source is kept alive in the key, so its address cannot be reused by a new weight while cached.
-        return (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape), tuple(w.stride()))
+        # Inference tensors (a model built under torch.inference_mode) keep no version counter: their in-place
+        # writes are seen by the fingerprint alone.
+        version = -1 if w.is_inference() else w._version
+        return (w.data_ptr(), version, w.dtype, w.device, tuple(w.shape), tuple(w.stride()))
 
     def _packable(self, x: Tensor, linears: Tuple[nn.Linear, ...]) -> bool:
         if (
