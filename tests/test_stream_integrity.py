@@ -227,3 +227,60 @@ def test_model_built_under_inference_mode(kind):
         with torch.inference_mode():
             y = ev(x)
         torch.testing.assert_close(y, twin(x), rtol=0, atol=0, msg=f"frame {t}")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("kind", ["vit", "sam"])
+def test_autocast_streams(kind):
+    """Under torch.autocast the streams compute in the autocast dtype: r = N follows the dense model under the same
+    autocast (bf16 rounding: relative L2 < 2e-2), and a frame under another autocast dtype, or none, is rejected
+    before anything is touched (the state holds what the first precision computed), until reset()."""
+    make, size = MODELS[kind]
+    dense = make()
+    ev, twin, full = convert(dense, 0.5), convert(dense, 0.5), convert(dense, 1.0)
+    frames = video(6, size, batch=2)
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    for t, x in enumerate(frames[:3]):
+        with bf16:
+            y, want = ev(x), twin(x)
+            assert _rel(full(x), dense(x)) < 2e-2
+        torch.testing.assert_close(y, want, rtol=0, atol=0, msg=f"frame {t}")
+    with pytest.raises(ValueError, match=r"under autocast\(float16\) but the streams started under autocast\(bfloat16"):
+        with torch.autocast("cpu", dtype=torch.float16):
+            ev(frames[3])
+    with pytest.raises(ValueError, match=r"run outside autocast but the streams started under autocast\(bfloat16"):
+        ev(frames[3])
+    state = ev.stream_state()
+    assert state["frames"]["autocast"] == "bfloat16"
+    for t, x in enumerate(frames[3:], 3):  # the rejected frames changed nothing
+        with bf16:
+            y, want = ev(x), twin(x)
+        torch.testing.assert_close(y, want, rtol=0, atol=0, msg=f"frame {t}")
+    other = convert(dense, 0.5)
+    other.load_stream_state(state)
+    with pytest.raises(ValueError, match="outside autocast"):
+        other(frames[3])
+    ev.reset()
+    ev(frames[0])  # a new stream may start outside autocast
+    assert ev.stream_state()["frames"]["autocast"] is None
+
+
+def test_stream_state_without_autocast_entry_loads():
+    """A stream state saved before the autocast dtype was recorded (no 'autocast' key) loads as 'outside autocast';
+    a bad value is refused by name."""
+    dense = tiny_vit()
+    ev, twin = convert(dense, 0.5), convert(dense, 0.5)
+    frames = video(4, 32, batch=2)
+    for x in frames[:2]:
+        ev(x), twin(x)
+    state = ev.stream_state()
+    del state["frames"]["autocast"]
+    other = convert(dense, 0.5)
+    other.load_stream_state(state)
+    torch.testing.assert_close(other(frames[2]), twin(frames[2]), rtol=0, atol=0)
+    state["frames"]["autocast"] = "int8"
+    with pytest.raises(ValueError, match="autocast must be None or name a floating dtype"):
+        convert(dense, 0.5).load_stream_state(state)

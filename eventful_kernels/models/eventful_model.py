@@ -22,6 +22,25 @@ from ..nn.policies import Budget, as_policy
 _EVENTFUL_BLOCKS = (EventfulBlock, EventfulTokenwiseBlock)
 
 STREAM_STATE_FORMAT = 1
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` computes in on ``device`` now; None outside autocast."""
+    try:
+        on = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know
+        return None
+    return torch.get_autocast_dtype(device.type) if on else None
+
+
+def _frame_spec(frames: torch.Tensor) -> tuple:
+    """What a stream's frames keep from frame to frame: ``(C, H, W)``, dtype, device and the autocast dtype (the
+    streams' state holds what that precision computed)."""
+    return tuple(frames.shape[1:]), frames.dtype, frames.device, _autocast_dtype(frames.device)
+
+
+def _autocast_words(dtype: Optional[torch.dtype]) -> str:
+    return "outside autocast" if dtype is None else f"under autocast({nn_state.dtype_name(dtype)})"
 _STEADY = object()  # _begin: the frame is a steady-state step for the caller to run
 
 
@@ -98,7 +117,7 @@ class EventfulModel(nn.Module):
         blocks = self.eventful_blocks()
         if blocks:  # the last block's tokens show any non-finite value written into a token state that frame
             blocks[-1].register_forward_hook(_ObserveTokens(self._screen))
-        self._spec: Optional[tuple] = None  # (C, H, W), dtype, device of the streams' frames
+        self._spec: Optional[tuple] = None  # (C, H, W), dtype, device, autocast dtype of the streams' frames
         self._since_flush = 0
         if refresh_every is not None and (isinstance(refresh_every, bool) or not isinstance(refresh_every, int)
                                           or refresh_every < 1):
@@ -177,15 +196,21 @@ class EventfulModel(nn.Module):
                 f"frames: batch size {frames.shape[0]} differs from the {self._streams} streams in the state; "
                 "call reset() before starting new streams"
             )
-        spec = (tuple(frames.shape[1:]), frames.dtype, frames.device)
-        if self._spec is not None and spec != self._spec:
+        spec = _frame_spec(frames)
+        if self._spec is not None and spec[:3] != self._spec[:3]:
             raise ValueError(
                 f"frames: {list(frames.shape[1:])} {frames.dtype} on {frames.device} differs from the streams' "
                 f"{list(self._spec[0])} {self._spec[1]} on {self._spec[2]}; call reset() before starting new streams"
             )
+        if self._spec is not None and spec[3] != self._spec[3]:
+            raise ValueError(
+                f"frames: run {_autocast_words(spec[3])} but the streams started {_autocast_words(self._spec[3])} "
+                "(their state holds what that precision computed); call reset() before starting new streams"
+            )
         if self._blocks:
             ref, weight = self._blocks[0].qkv_gate.ref, self._blocks[0].block.attn.proj.weight
-            if ref is not None and (ref.dtype != weight.dtype or ref.device != weight.device):
+            computed = (weight.dtype, None if self._spec is None else self._spec[3])
+            if ref is not None and (ref.dtype not in computed or ref.device != weight.device):
                 raise ValueError(
                     f"the model's weights are {weight.dtype} on {weight.device} but the streams' state is {ref.dtype} "
                     f"on {ref.device} (the model was converted or moved since the streams started); call reset() "
@@ -266,7 +291,7 @@ class EventfulModel(nn.Module):
             if not bool(clean.all()):  # the flush is eager: it may read a value back
                 self.reset()  # nothing clean to keep: the next frame flushes again
                 return self._screen.mask(out, clean)
-            self._spec = (tuple(frames.shape[1:]), frames.dtype, frames.device)
+            self._spec = _frame_spec(frames)
             self._screen.frame_done()
             return out
         if self.flushing:  # a refresh: dense, into the existing state tensors (captured graphs stay valid)
@@ -391,7 +416,8 @@ class EventfulModel(nn.Module):
             "family": self.family,
             "streams": self._streams,
             "frames": None if spec is None else {"shape": list(spec[0]), "dtype": nn_state.dtype_name(spec[1]),
-                                                 "device": str(spec[2])},
+                                                 "device": str(spec[2]),
+                                                 "autocast": None if spec[3] is None else nn_state.dtype_name(spec[3])},
             "frames_since_flush": self._since_flush,
             "screen": self._screen.stream_state(),
             "model": nn_state.stream_state(self.model),
@@ -437,7 +463,9 @@ class EventfulModel(nn.Module):
         spec = None
         frames = state["frames"]
         if frames is not None:
-            nn_state.check_keys(frames, ("shape", "dtype", "device"), "'frames'")
+            keys = ("shape", "dtype", "device") + (("autocast",) if isinstance(frames, dict) and "autocast" in frames
+                                                   else ())  # a state saved before autocast was recorded: none
+            nn_state.check_keys(frames, keys, "'frames'")
             shape, dtype = frames["shape"], nn_state.parse_dtype(frames["dtype"])
             if not isinstance(shape, (list, tuple)) or len(shape) != 3 or shape[0] != 3 or \
                     not all(isinstance(s, int) and s > 0 for s in shape):
@@ -447,7 +475,11 @@ class EventfulModel(nn.Module):
             if str(frames["device"]) != str(device):
                 fail(f"the frames were on {frames['device']}, the model is on {device} (loading onto another "
                      "device is not supported)")
-            spec = (tuple(shape), dtype, device)
+            autocast = frames.get("autocast")
+            autocast_dtype = None if autocast is None else nn_state.parse_dtype(autocast)
+            if autocast is not None and (autocast_dtype is None or not autocast_dtype.is_floating_point):
+                fail(f"'frames' autocast must be None or name a floating dtype, got {autocast!r}")
+            spec = (tuple(shape), dtype, device, autocast_dtype)
         screen = state["screen"]
         nn_state.check_keys(screen, ("last", "poisoned"), "'screen'")
         last = screen["last"]
@@ -461,5 +493,6 @@ class EventfulModel(nn.Module):
             if spec is not None and (tuple(last.shape[1:]) != spec[0] or last.dtype != spec[1]):
                 fail(f"screen.last is {list(last.shape)} {last.dtype}, the frames {list(spec[0])} {spec[1]}")
             streams = last.shape[0] if streams is None else streams
-        staged, _ = nn_state.check_stream_state(self.model, state["model"], streams, check_weights)
+        staged, _ = nn_state.check_stream_state(self.model, state["model"], streams, check_weights,
+                                                None if spec is None else spec[3])
         return staged, spec

@@ -156,8 +156,10 @@ def _check_values(name: str, m: EventfulModule, entries) -> None:
         _fail(f"module '{name}' holds {tensors} but not {empty}: a module's state tensors are all there or none")
 
 
-def _check_block(name: str, block: EventfulModule, states: dict, streams: Optional[int]) -> Optional[int]:
-    """Shapes, dtypes and devices of a block's state; returns the number of streams it holds (None: none)."""
+def _check_block(name: str, block: EventfulModule, states: dict, streams: Optional[int],
+                 autocast: Optional[torch.dtype] = None) -> Optional[int]:
+    """Shapes, dtypes and devices of a block's state; returns the number of streams it holds (None: none).
+    ``autocast``: the dtype the streams computed in under ``torch.autocast``, which any tensor may hold too."""
     def entry(rel: str):
         mod, _, attr = rel.rpartition(".")
         return states[_join(name, mod)][attr]
@@ -196,7 +198,7 @@ def _check_block(name: str, block: EventfulModule, states: dict, streams: Option
     for rel, t in tensors.items():
         where = _join(name, rel)
         dtype = dtypes.get(rel, weight.dtype)
-        if t.dtype != dtype or t.device != weight.device:
+        if t.dtype not in (dtype, autocast) or t.device != weight.device:
             kept = "" if dtype == weight.dtype else f" (the block keeps it in {dtype_name(dtype)})"
             _fail(f"{where} is {dtype_name(t.dtype)} on {t.device} but the block's weights are "
                   f"{dtype_name(weight.dtype)} on {weight.device}{kept} (loading onto another dtype or device is not "
@@ -207,9 +209,10 @@ def _check_block(name: str, block: EventfulModule, states: dict, streams: Option
     return b
 
 
-def check_stream_state(root: nn.Module, state, streams: Optional[int] = None, check_weights: bool = True
-                       ) -> Tuple[Dict[EventfulModule, dict], Optional[int]]:
+def check_stream_state(root: nn.Module, state, streams: Optional[int] = None, check_weights: bool = True,
+                       autocast: Optional[torch.dtype] = None) -> Tuple[Dict[EventfulModule, dict], Optional[int]]:
     """Check ``state`` (from :func:`stream_state`) against ``root``; ``ValueError`` naming the first difference.
+    ``autocast``: the dtype the streams computed in under ``torch.autocast`` (tensors may hold it too).
 
     Returns what loading sets (per module: attribute -> a fresh copy) and the number of streams the state holds
     (``streams`` when given, which every block must then hold; None when no block holds any). Changes nothing.
@@ -224,7 +227,7 @@ def check_stream_state(root: nn.Module, state, streams: Optional[int] = None, ch
         _check_values(name, m, states[name])
     for name, m in modules:
         if hasattr(m, "state_shapes"):
-            held = _check_block(name, m, states, streams)
+            held = _check_block(name, m, states, streams, autocast)
             if held is not None:
                 if streams is not None and held != streams:
                     _fail(f"block '{name}' holds {held} streams, not {streams}")

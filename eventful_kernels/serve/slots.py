@@ -32,8 +32,9 @@ Key = Tuple[str, str]  # (eventful module name, state attribute)
 class StreamSlice:
     """One stream's state: ``tensors[(module, attr)]`` are ``[k, ...]`` slices (k = 1, or the number of windows),
     ``values`` the per-model plain values (equal for every stream of a batch), ``last`` the last clean frame
-    ``[1, 3, H, W]``, ``spec`` the frames' ``((3, H, W), dtype, device)``, ``refresh`` whether the stream's next
-    frame must recompute its state densely (kept by the owner: :func:`put` leaves no refresh pending)."""
+    ``[1, 3, H, W]``, ``spec`` the frames' ``((3, H, W), dtype, device, autocast dtype)``, ``refresh`` whether the
+    stream's next frame must recompute its state densely (kept by the owner: :func:`put` leaves no refresh
+    pending)."""
 
     tensors: Dict[Key, Tensor]
     values: Dict[Key, object]
