@@ -15,6 +15,13 @@ from typing import Optional, Tuple, Union
 
 from torch import nn
 
+try:  # int8 linears of torch.ao.quantization (static and dynamic); the package is deprecated in recent torch
+    from torch.ao.nn.quantized import Linear as _QuantizedLinear
+
+    LINEAR_TYPES: Tuple[type, ...] = (nn.Linear, _QuantizedLinear)
+except ImportError:  # pragma: no cover - a torch without it
+    LINEAR_TYPES = (nn.Linear,)
+
 
 def count_macs(module: nn.Module) -> int:
     """MACs of the last frame: ``last_macs`` summed over the outermost eventful modules in ``module``.
@@ -30,8 +37,9 @@ def count_macs(module: nn.Module) -> int:
 
 
 def linear_macs_per_token(module: nn.Module) -> int:
-    """``sum(in_features * out_features)`` over the ``nn.Linear`` layers in ``module`` (itself included)."""
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+    """``sum(in_features * out_features)`` over the linear layers in ``module`` (itself included): ``nn.Linear``
+    and the int8 linears of ``torch.ao.quantization`` (:data:`LINEAR_TYPES`)."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, LINEAR_TYPES))
 
 
 def pooled_tokens(grid: Tuple[int, int], kv_pool: int, prefix_tokens: int = 0) -> int:

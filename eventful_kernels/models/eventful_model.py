@@ -11,6 +11,7 @@ from torch import nn
 from .. import counting
 from ..nn import EventfulAttention, EventfulBlock, EventfulTokenwiseBlock, set_backend, set_policy
 from ..nn import state as nn_state
+from ..nn.backend import float_weight
 from ..nn.linear import PackedGroup, PackedConv, repack
 from ..nn.placement import Workspace
 from ..nn.strategy import check_strategy
@@ -208,7 +209,7 @@ class EventfulModel(nn.Module):
                 "(their state holds what that precision computed); call reset() before starting new streams"
             )
         if self._blocks:
-            ref, weight = self._blocks[0].qkv_gate.ref, self._blocks[0].block.attn.proj.weight
+            ref, weight = self._blocks[0].qkv_gate.ref, float_weight(self._blocks[0].block)
             computed = (weight.dtype, None if self._spec is None else self._spec[3])
             if ref is not None and (ref.dtype not in computed or ref.device != weight.device):
                 raise ValueError(

@@ -12,9 +12,11 @@ from typing import Iterable, List
 import torch
 from torch import nn
 
+from ..counting import LINEAR_TYPES
+
 
 def _layer_macs(module: nn.Module, out: torch.Tensor) -> int:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, LINEAR_TYPES):
         return out.numel() * module.in_features
     kh, kw = module.kernel_size
     return out.numel() * (module.in_channels // module.groups) * kh * kw
@@ -33,7 +35,7 @@ class OutsideMacCounter:
         self._active = False
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
         for m in model.modules():
-            if id(m) not in inside and isinstance(m, (nn.Linear, nn.Conv2d)):
+            if id(m) not in inside and isinstance(m, (*LINEAR_TYPES, nn.Conv2d)):
                 self._handles.append(m.register_forward_hook(self._hook))
 
     def _hook(self, module, inputs, out):

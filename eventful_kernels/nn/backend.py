@@ -26,6 +26,15 @@ def resolve(name: str) -> ModuleType:
         raise ValueError(f"eventful: argument 'backend' must be one of {sorted(BACKENDS)}, got {name!r}") from None
 
 
+def float_weight(module: nn.Module) -> Tensor:
+    """The first floating-point parameter of ``module``: the dtype and device its tokens are computed in (a layer
+    quantized with ``torch.ao.quantization.quantize_dynamic`` holds no float weight of its own: its LayerNorms do)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p
+    raise ValueError(f"eventful: {type(module).__name__} has no floating-point parameter")
+
+
 class BackendChoice:
     """A settable ``backend`` name, checked when set (:func:`resolve`), and ``k_ops``, the op implementation it
     names."""

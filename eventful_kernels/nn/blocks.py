@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..counting import linear_macs_per_token
 from .attention import DenseAttention, EventfulAttention, KVPool, check_kv_options, kv_geometry
-from .backend import EventfulModule, trust_indices
+from .backend import EventfulModule, float_weight, trust_indices
 from .buffers import TokenBuffer
 from .gates import TokenGate
 from .linear import ConcatLinear, PackedGroup, PackedLinear, PackedMlp
@@ -118,7 +118,7 @@ class _EventfulBlockBase(EventfulModule):
     def _derive_state(self) -> None:
         if self.window > 0 and self._grid is not None:
             state = self.qkv_buffer.state
-            device = state.device if state is not None else self.block.attn.qkv.weight.device
+            device = state.device if state is not None else float_weight(self.block).device
             self._windows = WindowGrid(self._grid[0], self._grid[1], self.window, device)
         else:
             self._windows = None

@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..counting import LINEAR_TYPES
+
 _PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 FINGERPRINT_RUNS = 16  # runs of consecutive bytes sampled per weight ...
@@ -159,8 +161,9 @@ class ConcatLinear(nn.Module):
 
     def __init__(self, **parts: nn.Linear):
         super().__init__()
-        if not parts or not all(isinstance(p, nn.Linear) for p in parts.values()):
-            raise TypeError("eventful: ConcatLinear needs one or more nn.Linear parts")
+        if not parts or not all(isinstance(p, LINEAR_TYPES) for p in parts.values()):
+            raise TypeError("eventful: ConcatLinear needs one or more linear parts (nn.Linear, or an int8 linear of "
+                            "torch.ao.quantization)")
         if len({p.in_features for p in parts.values()}) != 1:
             raise ValueError("eventful: ConcatLinear parts must have the same in_features")
         for name, part in parts.items():

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .backend import EventfulModule
+from .backend import EventfulModule, float_weight
 from .linear import sample_runs
 from .placement import placed_copy
 
@@ -193,7 +193,7 @@ def _check_block(name: str, block: EventfulModule, states: dict, streams: Option
         shapes = block.state_shapes(b, ref.shape[1], None if grid is None else tuple(grid))
     except ValueError as exc:
         _fail(f"block '{name}': {exc}")
-    weight = block.block.attn.proj.weight
+    weight = float_weight(block.block)
     dtypes = block.state_dtypes(weight.dtype)
     for rel, t in tensors.items():
         where = _join(name, rel)
