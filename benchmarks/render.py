@@ -118,6 +118,11 @@ def render_file(path: str) -> str:
         from bench_bf16 import render
 
         return render(data)
+    if kind == "int8":
+        sys.path.insert(0, HERE)
+        from bench_int8 import render
+
+        return render(data)
     raise ValueError(f"{path}: unknown result kind {kind!r}")
 
 

@@ -1,0 +1,135 @@
+"""Dynamic int8 against float32 on the CPU: the eventful ViT on PyTorch's dynamic int8 linears against the dense
+models, interleaved frame by frame.
+
+    python benchmarks/bench_int8.py [--model vit_base_patch16_224] [--frames 20] [--threads 2] [--out FILE.json]
+
+The int8 model is ``torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)``: int8 weights,
+activations quantized per call, everything else float32. Five models see every frame in turn (the order rotated
+from frame to frame, so background load hits all alike): dense timm float32, dense timm on packed float32 linears,
+dense int8, eventful float32 and eventful int8 (r = N/4 by default, gates after the norms). Per-frame medians over
+the steady-state frames (frame 0, the flush, left out; the dense models get two untimed warm-up frames), ratios of
+medians, the median of the per-frame ratio eventful int8 / eventful float32, and each model's relative deviation
+from dense float32 on the last frame.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import warnings
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_bf16 import DENSE_WARMUP, _interleaved  # noqa: E402
+from eventful_kernels.models import convert  # noqa: E402
+from eventful_kernels.video import runner, timing  # noqa: E402
+from eventful_kernels.video.decode import normalize, read_frames, sample_video  # noqa: E402
+from machine import cpu_name  # noqa: E402
+
+MODELS = ("dense_fp32", "dense_packed_fp32", "dense_int8", "eventful_fp32", "eventful_int8")
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """A dynamic-int8 copy of ``model`` (its linears; the original is left as it is)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def end_to_end(name: str, frames_n: int, budget: float, video: str) -> dict:
+    dense32 = runner.create_model(name, seed=0)
+    dense8 = quantize_int8(dense32)
+    size, mean, std = runner.input_spec(dense32)
+    frames = read_frames(video if video.endswith(".mp4") else sample_video(video), size, frames_n)
+    f32 = torch.float32
+    fns = {"dense_fp32": (dense32, f32), "dense_packed_fp32": (runner.PackedDense(dense32), f32),
+           "dense_int8": (dense8, f32), "eventful_fp32": (convert(dense32, budget), f32),
+           "eventful_int8": (convert(dense8, budget), f32)}
+    with torch.no_grad():
+        x0 = normalize(frames[0][None], mean, std)
+        for k, (fn, _) in fns.items():
+            if k.startswith("dense"):
+                for _ in range(DENSE_WARMUP):
+                    fn(x0)
+        ms, outputs = _interleaved(fns, frames, mean, std)
+    ref = outputs["dense_fp32"]
+    steady = {k: v[1:] for k, v in ms.items()}
+    med = {k: statistics.median(v) for k, v in steady.items()}
+    dense_ms = {k: v for k, v in steady.items() if k.startswith("dense")}
+    return {
+        "model": name, "frames": frames_n, "budget": budget, "tokens": runner.token_count(dense32),
+        "tokens_selected": int(budget * runner.token_count(dense32)), "video": os.path.basename(video),
+        "median_ms": med, "ms": ms,
+        "speedup_int8_vs_dense_fp32": med["dense_fp32"] / med["eventful_int8"],
+        "speedup_int8_vs_dense_packed_fp32": med["dense_packed_fp32"] / med["eventful_int8"],
+        "speedup_int8_vs_dense_int8": med["dense_int8"] / med["eventful_int8"],
+        "speedup_fp32_vs_dense_fp32": med["dense_fp32"] / med["eventful_fp32"],
+        "eventful_int8_over_fp32": med["eventful_int8"] / med["eventful_fp32"],
+        "eventful_int8_over_fp32_paired_median": statistics.median(
+            a / b for a, b in zip(steady["eventful_int8"], steady["eventful_fp32"])),
+        "dense_spread": {k: timing.spread(v) for k, v in dense_ms.items()},
+        "noisy_reasons": [f"{k} frame times spread {timing.spread(v):.0%} > {timing.MAX_SPREAD:.0%}"
+                          for k, v in dense_ms.items() if timing.spread(v) > timing.MAX_SPREAD],
+        "rel_deviation_last_frame_vs_dense_fp32": {k: float((o - ref).norm() / ref.norm())
+                                                   for k, o in outputs.items()},
+        "gflops_eventful": 2 * fns["eventful_int8"][0].macs_last_frame() / 1e9,
+    }
+
+
+def render(data: dict) -> str:
+    e = data["end_to_end"]
+    med = e["median_ms"]
+    dev = e["rel_deviation_last_frame_vs_dense_fp32"]
+    out = [f"{data['date']}, {data['cpu']}, {data['threads']} threads, torch {data['torch']}, quantized engine "
+           f"`{data['quantized_engine']}`; {e['model']} r = {e['tokens_selected']} of {e['tokens']} tokens, "
+           f"{e['frames']} frames of {e['video']}, the five models interleaved frame by frame; `{data['command']}`."
+           + (" **Noisy**: " + "; ".join(e["noisy_reasons"]) + "." if e["noisy_reasons"] else ""), "",
+           "| model | ms per frame | eventful int8 faster by | deviation from dense fp32 |",
+           "| --- | ---: | ---: | ---: |"]
+    names = {"dense_fp32": "dense timm fp32", "dense_packed_fp32": "dense, packed fp32 linears",
+             "dense_int8": "dense int8", "eventful_fp32": "eventful fp32", "eventful_int8": "eventful int8"}
+    for k, label in names.items():
+        faster = "–" if k == "eventful_int8" else f"{med[k] / med['eventful_int8']:.2f}x"
+        out.append(f"| {label} | {med[k]:.1f} | {faster} | {dev[k]:.1e} |")
+    out += ["", f"Eventful int8 / eventful fp32 frame time: {e['eventful_int8_over_fp32']:.2f} (ratio of medians), "
+            f"{e['eventful_int8_over_fp32_paired_median']:.2f} (median of per-frame ratios)."]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--frames", type=int, default=20)
+    p.add_argument("--budget", type=float, default=0.25)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--video", default="bigbuckbunny")
+    p.add_argument("--out")
+    p.add_argument("--report", help="print the table of a result file")
+    a = p.parse_args(argv)
+    if a.report:
+        with open(a.report) as f:
+            print(render(json.load(f)))
+        return 0
+    torch.set_num_threads(a.threads)
+    data = {"kind": "int8", "date": datetime.date.today().isoformat(), "cpu": cpu_name(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "quantized_engine": torch.backends.quantized.engine,
+            "command": "python benchmarks/bench_int8.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    data["end_to_end"] = end_to_end(a.model, a.frames, a.budget, a.video)
+    print(render(data))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(data, f, indent=1)
+        print("wrote", a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
