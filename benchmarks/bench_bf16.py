@@ -80,6 +80,26 @@ def _interleaved(fns: dict, frames, mean, std):
     return ms, outputs
 
 
+def measure(fns: dict, frames, mean, std):
+    """Two untimed warm-up frames for the dense models of ``fns``, then :func:`_interleaved`. Returns the timing
+    fields of a result (per-frame ``ms``, ``median_ms`` over the steady-state frames, the dense models' spread and
+    the timing check's reasons to call the run noisy), the steady-state ms per model and the last outputs."""
+    with torch.no_grad():
+        x0 = normalize(frames[0][None], mean, std)
+        for k, (fn, dtype) in fns.items():
+            if k.startswith("dense"):
+                for _ in range(DENSE_WARMUP):
+                    fn(x0.to(dtype))
+        ms, outputs = _interleaved(fns, frames, mean, std)
+    steady = {k: v[1:] for k, v in ms.items()}
+    dense_ms = {k: v for k, v in steady.items() if k.startswith("dense")}
+    fields = {"median_ms": {k: statistics.median(v) for k, v in steady.items()}, "ms": ms,
+              "dense_spread": {k: timing.spread(v) for k, v in dense_ms.items()},
+              "noisy_reasons": [f"{k} frame times spread {timing.spread(v):.0%} > {timing.MAX_SPREAD:.0%}"
+                                for k, v in dense_ms.items() if timing.spread(v) > timing.MAX_SPREAD]}
+    return fields, steady, outputs
+
+
 def _bf16_over_fp32(steady: dict, med: dict) -> dict:
     """Eventful bf16 frame time over eventful float32: ratio of medians and median of the per-frame ratios."""
     return {"eventful_bf16_over_fp32": med["eventful_bf16"] / med["eventful_fp32"],
@@ -94,30 +114,19 @@ def end_to_end(name: str, frames_n: int, budget: float, video: str) -> dict:
            "dense_packed_fp32": (runner.PackedDense(dense32), f32),
            "dense_packed_bf16": (runner.PackedDense(dense16), bf16),
            "eventful_fp32": (convert(dense32, budget), f32), "eventful_bf16": (convert(dense16, budget), bf16)}
-    with torch.no_grad():
-        x0 = normalize(frames[0][None], mean, std)
-        for k, (fn, dtype) in fns.items():
-            if k.startswith("dense"):
-                for _ in range(DENSE_WARMUP):
-                    fn(x0.to(dtype))
-        ms, outputs = _interleaved(fns, frames, mean, std)
+    fields, steady, outputs = measure(fns, frames, mean, std)
+    med = fields["median_ms"]
     ref = outputs["dense_fp32"].float()
     deviation = {k: float((outputs[k].float() - ref).norm() / ref.norm()) for k in fns}
-    steady = {k: v[1:] for k, v in ms.items()}
-    med = {k: statistics.median(v) for k, v in steady.items()}
-    dense_ms = {k: v for k, v in steady.items() if k.startswith("dense")}
     return {
         "model": name, "frames": frames_n, "budget": budget, "tokens": runner.token_count(dense32),
         "tokens_selected": int(budget * runner.token_count(dense32)), "video": os.path.basename(video),
-        "median_ms": med, "ms": ms,
+        **fields,
         "speedup_bf16_vs_dense_bf16": med["dense_bf16"] / med["eventful_bf16"],
         "speedup_bf16_vs_dense_packed_bf16": med["dense_packed_bf16"] / med["eventful_bf16"],
         "speedup_fp32_vs_dense_fp32": med["dense_fp32"] / med["eventful_fp32"],
         "speedup_fp32_vs_dense_packed_fp32": med["dense_packed_fp32"] / med["eventful_fp32"],
         **_bf16_over_fp32(steady, med),
-        "dense_spread": {k: timing.spread(v) for k, v in dense_ms.items()},
-        "noisy_reasons": [f"{k} frame times spread {timing.spread(v):.0%} > {timing.MAX_SPREAD:.0%}"
-                          for k, v in dense_ms.items() if timing.spread(v) > timing.MAX_SPREAD],
         "rel_deviation_last_frame_vs_dense_fp32": deviation,
         "gflops_eventful": 2 * fns["eventful_bf16"][0].macs_last_frame() / 1e9,
     }

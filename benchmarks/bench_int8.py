@@ -27,10 +27,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_bf16 import DENSE_WARMUP, _interleaved  # noqa: E402
+from bench_bf16 import measure  # noqa: E402
 from eventful_kernels.models import convert  # noqa: E402
-from eventful_kernels.video import runner, timing  # noqa: E402
-from eventful_kernels.video.decode import normalize, read_frames, sample_video  # noqa: E402
+from eventful_kernels.video import runner  # noqa: E402
+from eventful_kernels.video.decode import read_frames, sample_video  # noqa: E402
 from machine import cpu_name  # noqa: E402
 
 MODELS = ("dense_fp32", "dense_packed_fp32", "dense_int8", "eventful_fp32", "eventful_int8")
@@ -52,21 +52,13 @@ def end_to_end(name: str, frames_n: int, budget: float, video: str) -> dict:
     fns = {"dense_fp32": (dense32, f32), "dense_packed_fp32": (runner.PackedDense(dense32), f32),
            "dense_int8": (dense8, f32), "eventful_fp32": (convert(dense32, budget), f32),
            "eventful_int8": (convert(dense8, budget), f32)}
-    with torch.no_grad():
-        x0 = normalize(frames[0][None], mean, std)
-        for k, (fn, _) in fns.items():
-            if k.startswith("dense"):
-                for _ in range(DENSE_WARMUP):
-                    fn(x0)
-        ms, outputs = _interleaved(fns, frames, mean, std)
+    fields, steady, outputs = measure(fns, frames, mean, std)
+    med = fields["median_ms"]
     ref = outputs["dense_fp32"]
-    steady = {k: v[1:] for k, v in ms.items()}
-    med = {k: statistics.median(v) for k, v in steady.items()}
-    dense_ms = {k: v for k, v in steady.items() if k.startswith("dense")}
     return {
         "model": name, "frames": frames_n, "budget": budget, "tokens": runner.token_count(dense32),
         "tokens_selected": int(budget * runner.token_count(dense32)), "video": os.path.basename(video),
-        "median_ms": med, "ms": ms,
+        **fields,
         "speedup_int8_vs_dense_fp32": med["dense_fp32"] / med["eventful_int8"],
         "speedup_int8_vs_dense_packed_fp32": med["dense_packed_fp32"] / med["eventful_int8"],
         "speedup_int8_vs_dense_int8": med["dense_int8"] / med["eventful_int8"],
@@ -74,9 +66,6 @@ def end_to_end(name: str, frames_n: int, budget: float, video: str) -> dict:
         "eventful_int8_over_fp32": med["eventful_int8"] / med["eventful_fp32"],
         "eventful_int8_over_fp32_paired_median": statistics.median(
             a / b for a, b in zip(steady["eventful_int8"], steady["eventful_fp32"])),
-        "dense_spread": {k: timing.spread(v) for k, v in dense_ms.items()},
-        "noisy_reasons": [f"{k} frame times spread {timing.spread(v):.0%} > {timing.MAX_SPREAD:.0%}"
-                          for k, v in dense_ms.items() if timing.spread(v) > timing.MAX_SPREAD],
         "rel_deviation_last_frame_vs_dense_fp32": {k: float((o - ref).norm() / ref.norm())
                                                    for k, o in outputs.items()},
         "gflops_eventful": 2 * fns["eventful_int8"][0].macs_last_frame() / 1e9,
