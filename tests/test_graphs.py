@@ -26,7 +26,9 @@ class EmulatedCapture:
 
     @staticmethod
     def capture(step, static_in):
-        static_out = torch.empty(0)
+        # the dtype a real capture's output has: the models here end in a linear, autocast's dtype under autocast
+        static_out = torch.empty(0, dtype=torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                                 else static_in.dtype)
 
         def replay():
             out = step(static_in)
@@ -149,3 +151,27 @@ def test_cuda_steady_frames_do_not_synchronise(make, size, policy, strategy, gra
             ev(x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_capture_under_autocast_records_its_own_casts():
+    """Under torch.autocast a capture runs with the autocast dtype kept and autocast's cast cache off (a cached
+    low-precision weight copy dies when the outermost autocast region exits; a graph must not read it), and the
+    captured frames equal the eager model's."""
+    seen = []
+
+    class Recording(EmulatedCapture):
+        @staticmethod
+        def capture(step, static_in):
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                         torch.is_autocast_cache_enabled()))
+            return EmulatedCapture.capture(step, static_in)
+
+    dense = tiny_vit()
+    graphed, eager = convert(dense, 0.4, strategy="eventful"), convert(dense, 0.4, strategy="eventful")
+    graphed.graphs = FrameGraphs(graphed._screened, capture=Recording)
+    graphed.cuda_graphs = True
+    for t, x in enumerate(video(5, 32, batch=2)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(graphed(x), eager(x), rtol=0, atol=0, msg=f"frame {t}")
+    assert seen == [(True, torch.bfloat16, False)] and graphed.graphs.captures == 1
+    assert torch.is_autocast_cache_enabled()  # restored

@@ -15,7 +15,7 @@ from ..nn.backend import float_weight
 from ..nn.linear import PackedGroup, PackedConv, repack
 from ..nn.placement import Workspace
 from ..nn.strategy import check_strategy
-from .graphs import FrameGraphs, TensorAddresses
+from .graphs import FrameGraphs, TensorAddresses, autocast_dtype
 from .screen import FrameScreen
 from .macs import OutsideMacCounter
 from ..nn.policies import Budget, as_policy
@@ -25,19 +25,10 @@ _EVENTFUL_BLOCKS = (EventfulBlock, EventfulTokenwiseBlock)
 STREAM_STATE_FORMAT = 1
 
 
-def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """The dtype ``torch.autocast`` computes in on ``device`` now; None outside autocast."""
-    try:
-        on = torch.is_autocast_enabled(device.type)
-    except RuntimeError:  # a device type autocast does not know
-        return None
-    return torch.get_autocast_dtype(device.type) if on else None
-
-
 def _frame_spec(frames: torch.Tensor) -> tuple:
     """What a stream's frames keep from frame to frame: ``(C, H, W)``, dtype, device and the autocast dtype (the
     streams' state holds what that precision computed)."""
-    return tuple(frames.shape[1:]), frames.dtype, frames.device, _autocast_dtype(frames.device)
+    return tuple(frames.shape[1:]), frames.dtype, frames.device, autocast_dtype(frames.device.type)
 
 
 def _autocast_words(dtype: Optional[torch.dtype]) -> str:

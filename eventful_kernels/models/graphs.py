@@ -16,12 +16,17 @@ flush, a switch of attention mode, another backend). A step that fails to captur
 runs eagerly for that key from then on; the reason is kept in :attr:`failures`. At most ``max_graphs`` graphs are kept
 (least recently used dropped).
 The step's output is a tensor or a pytree of tensors (a tuple, a dict, a Hugging Face ``ModelOutput``).
+
+Under ``torch.autocast`` the autocast dtype is part of the key, and the capture runs with autocast's cast cache off:
+a cached low-precision copy of a weight, made by an eager frame, lives only until the outermost autocast region
+exits, so a graph must record its own casts rather than read that copy's memory.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
-from typing import Callable, Dict, Hashable, Optional, Tuple
+from typing import Callable, Dict, Hashable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -60,6 +65,26 @@ class TensorAddresses:
 
     def __getstate__(self) -> dict:
         return {"_module": self._module, "_tensors": None, "_epoch": -1}
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` computes in for ``device_type`` now; None outside autocast."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know
+        return None
+    return torch.get_autocast_dtype(device_type) if on else None
+
+
+@contextlib.contextmanager
+def uncached_autocast(device_type: str) -> Iterator[None]:
+    """The autocast in force (if any) with its cast cache off, for a capture (see the module docstring)."""
+    dtype = autocast_dtype(device_type)
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device_type, dtype=dtype, cache_enabled=False):
+        yield
 
 
 class CudaCapture:
@@ -127,7 +152,7 @@ class FrameGraphs:
         return state
 
     def __call__(self, frames: Tensor, key: Hashable) -> Tensor:
-        full_key = (tuple(frames.shape), frames.dtype, frames.device, key)
+        full_key = (tuple(frames.shape), frames.dtype, frames.device, autocast_dtype(self.device_type), key)
         graph = self._graphs.get(full_key)
         if graph is not None:
             self._graphs.move_to_end(full_key)
@@ -143,7 +168,8 @@ class FrameGraphs:
     def _record(self, full_key: Hashable, frames: Tensor) -> Optional[_Captured]:
         static_in = frames.clone()
         try:
-            replay, static_out = self._capture.capture(self._step, static_in)
+            with uncached_autocast(self.device_type):
+                replay, static_out = self._capture.capture(self._step, static_in)
         except Exception as exc:  # noqa: BLE001 -- any capture failure means: run this key eagerly
             self.failures[full_key] = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"eventful: the frame could not be captured as a CUDA graph, running it eagerly ({exc})",
