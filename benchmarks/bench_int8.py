@@ -3,13 +3,13 @@ models, interleaved frame by frame.
 
     python benchmarks/bench_int8.py [--model vit_base_patch16_224] [--frames 20] [--threads 2] [--out FILE.json]
 
-The int8 model is ``torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)``: int8 weights,
-activations quantized per call, everything else float32. Five models see every frame in turn (the order rotated
-from frame to frame, so background load hits all alike): dense timm float32, dense timm on packed float32 linears,
-dense int8, eventful float32 and eventful int8 (r = N/4 by default, gates after the norms). Per-frame medians over
-the steady-state frames (frame 0, the flush, left out; the dense models get two untimed warm-up frames), ratios of
-medians, the median of the per-frame ratio eventful int8 / eventful float32, and each model's relative deviation
-from dense float32 on the last frame.
+The int8 model is ``eventful_kernels.models.quantize_int8(model)`` (``torch.ao.quantization.quantize_dynamic`` of
+its linears): int8 weights, activations quantized per call, everything else float32. Five models see every frame in
+turn (the order rotated from frame to frame, so background load hits all alike): dense timm float32, dense timm on
+packed float32 linears, dense int8, eventful float32 and eventful int8 (r = N/4 by default, gates after the norms).
+Per-frame medians over the steady-state frames (frame 0, the flush, left out; the dense models get two untimed
+warm-up frames), ratios of medians, the median of the per-frame ratio eventful int8 / eventful float32, and each
+model's relative deviation from dense float32 on the last frame.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import warnings
 
 import torch
 
@@ -28,19 +27,12 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_bf16 import measure  # noqa: E402
-from eventful_kernels.models import convert  # noqa: E402
+from eventful_kernels.models import convert, quantize_int8  # noqa: E402
 from eventful_kernels.video import runner  # noqa: E402
 from eventful_kernels.video.decode import read_frames, sample_video  # noqa: E402
 from machine import cpu_name  # noqa: E402
 
 MODELS = ("dense_fp32", "dense_packed_fp32", "dense_int8", "eventful_fp32", "eventful_int8")
-
-
-def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """A dynamic-int8 copy of ``model`` (its linears; the original is left as it is)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def end_to_end(name: str, frames_n: int, budget: float, video: str) -> dict:

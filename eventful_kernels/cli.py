@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device for both models (cpu, cuda, cuda:1)")
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="model and frames are cast to it "
                    "(where the device supports it)")
+    p.add_argument("--int8", action="store_true", help="quantize the model's linear layers to dynamic int8 "
+                   "(eventful_kernels.models.quantize_int8; CPU, float32) before the dense and eventful runs")
     p.add_argument("--sequential", action="store_true", help="run the dense model(s), then each budget, one after "
                    "the other (default: interleaved frame by frame, one eventful model per budget). For models "
                    "too big to hold one eventful state per budget: samvit at 1024 px holds ~10 GB per model on CPU")
@@ -183,6 +185,9 @@ def check_args(args: argparse.Namespace) -> Dict:
     kwargs = _parse_kwargs(args.model_kwargs)
     device = check_device(args.device)
     dtype = check_dtype(args.dtype, device)
+    if args.int8 and (device.type != "cpu" or dtype != torch.float32):
+        raise UsageError(f"--int8 quantizes a float32 model on the CPU, not --device {args.device} --dtype "
+                         f"{args.dtype}")
     if args.video not in SAMPLE_VIDEOS and not os.path.isfile(args.video):
         raise UsageError(f"--video: no video file at {args.video} (or name a bundled sample: "
                          f"{', '.join(SAMPLE_VIDEOS)})")
@@ -260,6 +265,10 @@ def run(args: argparse.Namespace) -> Dict:
         raise UsageError(f"--overlay-block {args.overlay_block}: {args.model} has blocks 0..{n_blocks - 1}")
     _check_budgets_select(args, checked, runner.token_count(model))
     model = model.to(device=device, dtype=dtype)
+    if args.int8:
+        from .models import quantize_int8
+
+        model = quantize_int8(model)
     size, mean, std = runner.input_spec(model)
     try:
         path = sample_video(args.video) if args.video in SAMPLE_VIDEOS else args.video
@@ -280,7 +289,7 @@ def run(args: argparse.Namespace) -> Dict:
 
     # The ops backend runs its gated linears on prepacked weights; the same packing applied to the dense model
     # gives the like-for-like baseline (reported beside plain timm), where it applies (CPU).
-    packed_baseline = args.backend == "ops" and device.type == "cpu" and packing_enabled()
+    packed_baseline = args.backend == "ops" and device.type == "cpu" and packing_enabled() and not args.int8
     runs_per_frame = 1 + packed_baseline + len(budget_list) + (1 if schedule else 0) + (1 if overlay else 0)
     bar = progress(n_frames * runs_per_frame, args.sequential and "dense" or "interleaved", enabled=not args.quiet)
     labelled = [(bud.budget_label(text, b), b) for text, b in budget_list]
@@ -313,6 +322,7 @@ def run(args: argparse.Namespace) -> Dict:
         "frames": n_frames,
         "threads": args.threads,
         "dtype": args.dtype,
+        "int8": args.int8,
         "backend": args.backend,
         "strategy": args.strategy or os.environ.get("EVENTFUL_ATTENTION", "auto"),
         "gate_placement": args.gate_placement,

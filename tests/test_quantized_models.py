@@ -5,22 +5,19 @@ select; the model's compute dtype and device come from its floating-point parame
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
 
 import tiny_hf
-from eventful_kernels.models import convert
+from eventful_kernels.models import convert, quantize_int8
 from tiny_timm import tiny_sam, tiny_vit, video
 
 MODELS = {"vit": (tiny_vit, 32), "sam": (tiny_sam, 64), "hf-clip": (tiny_hf.tiny_clip, tiny_hf.SIZE)}
 
 
 def _int8(model: torch.nn.Module) -> torch.nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return quantize_int8(model)
 
 
 def _out(y):
@@ -62,3 +59,14 @@ def test_reduced_budget_ops_equal_reference_and_streams_move(kind):
         y = _out(ops(x))
         torch.testing.assert_close(_out(other(x)), y, rtol=0, atol=0, msg=f"loaded, frame {t}")
         torch.testing.assert_close(_out(twin(x)), y, rtol=0, atol=0, msg=f"copy, frame {t}")
+
+
+def test_quantize_int8_refuses_what_it_cannot_quantize():
+    with pytest.raises(ValueError, match=r"float32 model on the CPU, got torch.bfloat16 on cpu"):
+        quantize_int8(tiny_vit().to(torch.bfloat16))
+    with pytest.raises(ValueError, match="no floating-point weights"):
+        quantize_int8(torch.nn.ReLU())
+    dense = tiny_vit()
+    q = quantize_int8(dense)
+    assert type(dense.blocks[0].mlp.fc1) is torch.nn.Linear  # the original is left as it is
+    assert type(q.blocks[0].mlp.fc1) is not torch.nn.Linear

@@ -172,3 +172,21 @@ def test_keep_freed_memory_in_a_fresh_process():
     code = "from eventful_kernels.video.malloc import keep_freed_memory; print(keep_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_cli_int8(tmp_path, capsys):
+    """--int8: both models run the dynamic-int8 copy; at r = N the eventful model equals it (the same rows reach
+    every quantized product), no packed baseline (it would be the same int8 model)."""
+    out = tmp_path / "out"
+    rc = cli.main(["--model", "vit_small_patch16_224", "--model-kwargs", json.dumps(TINY_VIT), "--frames", "3",
+                   "--budgets", "N,N/4", "--int8", "--threads", "1", "--out", str(out), "--quiet",
+                   "--system-malloc", "--no-plots"])
+    assert rc == 0
+    res = json.load(open(out / "result.json"))
+    assert res["int8"] is True and res["dtype"] == "float32" and "dense_packed" not in res
+    by = {b["budget"]: b for b in res["budgets"]}
+    assert by["N"]["rel_error_max"] < 1e-5
+    assert 0 < by["N/4"]["gflops_mean"] < res["dense"]["gflops_mean"]
+    assert "cpu float32 (dynamic int8 linears)" in capsys.readouterr().out
+    assert cli.main(["--int8", "--dtype", "bfloat16", "--frames", "3", "--quiet"]) == 2
+    assert "--int8 quantizes a float32 model on the CPU, not --device cpu --dtype bfloat16" in capsys.readouterr().err

@@ -2,12 +2,14 @@
 "Hugging Face vision encoders").
 
 ``convert(model, policy, backend)`` -> :class:`EventfulModel`; ``load_checkpoint(model, path)`` for timm-format
-weights; ``import_timm()`` imports timm beside a CPU-only torch; :mod:`.hf` holds the Hugging Face adapters.
+weights; ``import_timm()`` imports timm beside a CPU-only torch; :mod:`.hf` holds the Hugging Face adapters;
+``quantize_int8(model)`` gives a dynamic-int8 copy for the CPU.
 """
 from ._timm import import_timm
 from .checkpoint import load_checkpoint, read_state_dict
 from .convert import convert, model_family
 from .eventful_model import EventfulModel
+from .quantize import quantize_int8
 
 __all__ = [
     "EventfulModel",
@@ -15,5 +17,6 @@ __all__ = [
     "import_timm",
     "load_checkpoint",
     "model_family",
+    "quantize_int8",
     "read_state_dict",
 ]

@@ -69,7 +69,8 @@ def report(result: Dict) -> str:
     """The lines printed around the table."""
     check = result["noise_check"]
     head = (f"{result['model']} @ {result['input_size']}px, {result['tokens']} tokens/block, {result['frames']} frames "
-            f"of {os.path.basename(result['video'])}; {result['device']} {result['dtype']}, {result['threads']} "
+            f"of {os.path.basename(result['video'])}; {result['device']} {result['dtype']}"
+            f"{' (dynamic int8 linears)' if result.get('int8') else ''}, {result['threads']} "
             f"threads, backend={result['backend']}, attention strategy {result['strategy']}, "
             f"{PLACEMENTS[result['gate_placement']]} ({result['gate_placement']})")
     mode = f"timing {result['mode_description']}; ms = median of the steady-state frames (frame 0 left out)"
