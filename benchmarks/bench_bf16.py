@@ -20,10 +20,8 @@ Ops: ``linear_bf16`` against the oneDNN-packed float32 product and ``F.linear`` 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -41,7 +39,7 @@ from eventful_kernels.models import convert  # noqa: E402
 from eventful_kernels.nn.linear import bf16_kernel, packing_enabled  # noqa: E402
 from eventful_kernels.video import runner, timing  # noqa: E402
 from eventful_kernels.video.decode import normalize, read_frames, sample_video  # noqa: E402
-from machine import cpu_name  # noqa: E402
+from machine import cpu_name, publish, show_report, video_parser  # noqa: E402
 
 DENSE_WARMUP = 2
 LINEAR_SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out) of ViT-B's qkv, proj, fc1, fc2
@@ -81,9 +79,10 @@ def _interleaved(fns: dict, frames, mean, std):
 
 
 def measure(fns: dict, frames, mean, std):
-    """Two untimed warm-up frames for the dense models of ``fns``, then :func:`_interleaved`. Returns the timing
-    fields of a result (per-frame ``ms``, ``median_ms`` over the steady-state frames, the dense models' spread and
-    the timing check's reasons to call the run noisy), the steady-state ms per model and the last outputs."""
+    """Two untimed warm-up frames for the dense models of ``fns``, then :func:`_interleaved`. Returns the fields of
+    a result (per-frame ``ms``, ``median_ms`` over the steady-state frames, the dense models' spread, the timing
+    check's reasons to call the run noisy, each model's relative deviation from ``dense_fp32`` on the last frame)
+    and the steady-state ms per model."""
     with torch.no_grad():
         x0 = normalize(frames[0][None], mean, std)
         for k, (fn, dtype) in fns.items():
@@ -93,11 +92,21 @@ def measure(fns: dict, frames, mean, std):
         ms, outputs = _interleaved(fns, frames, mean, std)
     steady = {k: v[1:] for k, v in ms.items()}
     dense_ms = {k: v for k, v in steady.items() if k.startswith("dense")}
+    ref = outputs["dense_fp32"].float()
     fields = {"median_ms": {k: statistics.median(v) for k, v in steady.items()}, "ms": ms,
               "dense_spread": {k: timing.spread(v) for k, v in dense_ms.items()},
               "noisy_reasons": [f"{k} frame times spread {timing.spread(v):.0%} > {timing.MAX_SPREAD:.0%}"
-                                for k, v in dense_ms.items() if timing.spread(v) > timing.MAX_SPREAD]}
-    return fields, steady, outputs
+                                for k, v in dense_ms.items() if timing.spread(v) > timing.MAX_SPREAD],
+              "rel_deviation_last_frame_vs_dense_fp32": {k: float((o.float() - ref).norm() / ref.norm())
+                                                         for k, o in outputs.items()}}
+    return fields, steady
+
+
+def case_fields(name: str, model, frames_n: int, budget: float, video: str) -> dict:
+    """What a result says of the case: model name, frames, budget, tokens (all and selected), video."""
+    tokens = runner.token_count(model)
+    return {"model": name, "frames": frames_n, "budget": budget, "tokens": tokens,
+            "tokens_selected": int(budget * tokens), "video": os.path.basename(video)}
 
 
 def _bf16_over_fp32(steady: dict, med: dict) -> dict:
@@ -114,20 +123,15 @@ def end_to_end(name: str, frames_n: int, budget: float, video: str) -> dict:
            "dense_packed_fp32": (runner.PackedDense(dense32), f32),
            "dense_packed_bf16": (runner.PackedDense(dense16), bf16),
            "eventful_fp32": (convert(dense32, budget), f32), "eventful_bf16": (convert(dense16, budget), bf16)}
-    fields, steady, outputs = measure(fns, frames, mean, std)
+    fields, steady = measure(fns, frames, mean, std)
     med = fields["median_ms"]
-    ref = outputs["dense_fp32"].float()
-    deviation = {k: float((outputs[k].float() - ref).norm() / ref.norm()) for k in fns}
     return {
-        "model": name, "frames": frames_n, "budget": budget, "tokens": runner.token_count(dense32),
-        "tokens_selected": int(budget * runner.token_count(dense32)), "video": os.path.basename(video),
-        **fields,
+        **case_fields(name, dense32, frames_n, budget, video), **fields,
         "speedup_bf16_vs_dense_bf16": med["dense_bf16"] / med["eventful_bf16"],
         "speedup_bf16_vs_dense_packed_bf16": med["dense_packed_bf16"] / med["eventful_bf16"],
         "speedup_fp32_vs_dense_fp32": med["dense_fp32"] / med["eventful_fp32"],
         "speedup_fp32_vs_dense_packed_fp32": med["dense_packed_fp32"] / med["eventful_fp32"],
         **_bf16_over_fp32(steady, med),
-        "rel_deviation_last_frame_vs_dense_fp32": deviation,
         "gflops_eventful": 2 * fns["eventful_bf16"][0].macs_last_frame() / 1e9,
     }
 
@@ -213,22 +217,13 @@ def render(data: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="vit_base_patch16_224")
-    p.add_argument("--frames", type=int, default=20)
-    p.add_argument("--budget", type=float, default=0.25)
-    p.add_argument("--threads", type=int, default=2)
+    p = video_parser(__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=30, help="rounds of the op comparison")
-    p.add_argument("--video", default="bigbuckbunny")
     p.add_argument("--sam-frames", type=int, default=0,
                    help="also time eventful SAM ViT-B (1024 px) in float32 against bf16 over this many frames")
-    p.add_argument("--out")
-    p.add_argument("--report", help="print the table of a result file")
     a = p.parse_args(argv)
     if a.report:
-        with open(a.report) as f:
-            print(render(json.load(f)))
-        return 0
+        return show_report(a.report, render)
     torch.set_num_threads(a.threads)
     data = {"kind": "bf16", "date": datetime.date.today().isoformat(), "cpu": cpu_name(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "bf16_kernel": bf16_kernel(),
@@ -238,12 +233,7 @@ def main(argv=None) -> int:
     data["end_to_end"] = end_to_end(a.model, a.frames, a.budget, a.video)
     if a.sam_frames:
         data["eventful_only"] = eventful_pair("samvit_base_patch16", a.sam_frames, a.budget, a.video)
-    print(render(data))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(data, f, indent=1)
-        print("wrote", a.out)
-    return 0
+    return publish(data, a.out, render)
 
 
 if __name__ == "__main__":

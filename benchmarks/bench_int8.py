@@ -13,9 +13,7 @@ model's relative deviation from dense float32 on the last frame.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -26,11 +24,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_bf16 import measure  # noqa: E402
+from bench_bf16 import case_fields, measure  # noqa: E402
 from eventful_kernels.models import convert, quantize_int8  # noqa: E402
 from eventful_kernels.video import runner  # noqa: E402
 from eventful_kernels.video.decode import read_frames, sample_video  # noqa: E402
-from machine import cpu_name  # noqa: E402
+from machine import cpu_name, publish, show_report, video_parser  # noqa: E402
 
 MODELS = ("dense_fp32", "dense_packed_fp32", "dense_int8", "eventful_fp32", "eventful_int8")
 
@@ -44,13 +42,10 @@ def end_to_end(name: str, frames_n: int, budget: float, video: str) -> dict:
     fns = {"dense_fp32": (dense32, f32), "dense_packed_fp32": (runner.PackedDense(dense32), f32),
            "dense_int8": (dense8, f32), "eventful_fp32": (convert(dense32, budget), f32),
            "eventful_int8": (convert(dense8, budget), f32)}
-    fields, steady, outputs = measure(fns, frames, mean, std)
+    fields, steady = measure(fns, frames, mean, std)
     med = fields["median_ms"]
-    ref = outputs["dense_fp32"]
     return {
-        "model": name, "frames": frames_n, "budget": budget, "tokens": runner.token_count(dense32),
-        "tokens_selected": int(budget * runner.token_count(dense32)), "video": os.path.basename(video),
-        **fields,
+        **case_fields(name, dense32, frames_n, budget, video), **fields,
         "speedup_int8_vs_dense_fp32": med["dense_fp32"] / med["eventful_int8"],
         "speedup_int8_vs_dense_packed_fp32": med["dense_packed_fp32"] / med["eventful_int8"],
         "speedup_int8_vs_dense_int8": med["dense_int8"] / med["eventful_int8"],
@@ -58,8 +53,6 @@ def end_to_end(name: str, frames_n: int, budget: float, video: str) -> dict:
         "eventful_int8_over_fp32": med["eventful_int8"] / med["eventful_fp32"],
         "eventful_int8_over_fp32_paired_median": statistics.median(
             a / b for a, b in zip(steady["eventful_int8"], steady["eventful_fp32"])),
-        "rel_deviation_last_frame_vs_dense_fp32": {k: float((o - ref).norm() / ref.norm())
-                                                   for k, o in outputs.items()},
         "gflops_eventful": 2 * fns["eventful_int8"][0].macs_last_frame() / 1e9,
     }
 
@@ -85,31 +78,17 @@ def render(data: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="vit_base_patch16_224")
-    p.add_argument("--frames", type=int, default=20)
-    p.add_argument("--budget", type=float, default=0.25)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--video", default="bigbuckbunny")
-    p.add_argument("--out")
-    p.add_argument("--report", help="print the table of a result file")
+    p = video_parser(__doc__.split("\n\n")[0])
     a = p.parse_args(argv)
     if a.report:
-        with open(a.report) as f:
-            print(render(json.load(f)))
-        return 0
+        return show_report(a.report, render)
     torch.set_num_threads(a.threads)
     data = {"kind": "int8", "date": datetime.date.today().isoformat(), "cpu": cpu_name(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "quantized_engine": torch.backends.quantized.engine,
             "command": "python benchmarks/bench_int8.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     data["end_to_end"] = end_to_end(a.model, a.frames, a.budget, a.video)
-    print(render(data))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(data, f, indent=1)
-        print("wrote", a.out)
-    return 0
+    return publish(data, a.out, render)
 
 
 if __name__ == "__main__":
