@@ -100,6 +100,30 @@ def test_subclass_called_as_is():
         torch.testing.assert_close(PackedLinear(lin)(x), lin(x), rtol=0, atol=0)
 
 
+def test_tensor_subclass_weight_not_packed():
+    """A weight that is a tensor subclass (quantization libraries put int8 tensors there, reporting a float dtype)
+    is never reordered into a float copy: the linear runs as its weight's subclass says."""
+    calls = []
+
+    class Tracked(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            calls.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    lin = _linear(8, 4, torch.float32)
+    lin.weight = nn.Parameter(lin.weight.detach().as_subclass(Tracked), requires_grad=False)
+    x = torch.randn(3, 8)
+    packed = PackedLinear(lin)
+    with torch.no_grad():
+        assert packed.packed_weight(x) is None
+        assert packed._key is None  # refused up front, not left to whatever the reorder op does with a subclass
+        calls.clear()
+        torch.testing.assert_close(packed(x).as_subclass(torch.Tensor), F.linear(x, lin.weight.as_subclass(
+            torch.Tensor), lin.bias), rtol=0, atol=0)
+    assert F.linear in calls  # the product went through the subclass
+
+
 def test_rejects_non_linear():
     with pytest.raises(TypeError, match="nn.Linear"):
         PackedLinear(nn.Conv1d(3, 3, 1))

@@ -33,6 +33,8 @@ def _frame_spec(frames: torch.Tensor) -> tuple:
 
 def _autocast_words(dtype: Optional[torch.dtype]) -> str:
     return "outside autocast" if dtype is None else f"under autocast({nn_state.dtype_name(dtype)})"
+
+
 _STEADY = object()  # _begin: the frame is a steady-state step for the caller to run
 
 
@@ -468,10 +470,10 @@ class EventfulModel(nn.Module):
                 fail(f"the frames were on {frames['device']}, the model is on {device} (loading onto another "
                      "device is not supported)")
             autocast = frames.get("autocast")
-            autocast_dtype = None if autocast is None else nn_state.parse_dtype(autocast)
-            if autocast is not None and (autocast_dtype is None or not autocast_dtype.is_floating_point):
+            computed = None if autocast is None else nn_state.parse_dtype(autocast)
+            if autocast is not None and (computed is None or not computed.is_floating_point):
                 fail(f"'frames' autocast must be None or name a floating dtype, got {autocast!r}")
-            spec = (tuple(shape), dtype, device, autocast_dtype)
+            spec = (tuple(shape), dtype, device, computed)
         screen = state["screen"]
         nn_state.check_keys(screen, ("last", "poisoned"), "'screen'")
         last = screen["last"]

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from ..counting import LINEAR_TYPES
 
 _PACKED_DTYPES = (torch.float32, torch.bfloat16)
+_PLAIN_TENSORS = (Tensor, nn.Parameter)  # a subclass (e.g. a quantized weight) runs as its module says
 
 FINGERPRINT_RUNS = 16  # runs of consecutive bytes sampled per weight ...
 FINGERPRINT_RUN_BYTES = 64  # ... a cache line each: the weight is cold when checked (the product reads the copy)
@@ -400,7 +401,8 @@ class PackedLinear:
         no_bias = linears[0].bias is None
         for m in linears:
             w = m.weight
-            if (type(m) not in (nn.Linear, ConvLinear) or w.device.type != "cpu" or w.dtype != x.dtype
+            if (type(m) not in (nn.Linear, ConvLinear) or type(w) not in _PLAIN_TENSORS  # not a tensor subclass
+                    or w.device.type != "cpu" or w.dtype != x.dtype
                     or not w.is_contiguous() or grad and w.requires_grad or (m.bias is None) != no_bias):
                 return False
         return True
