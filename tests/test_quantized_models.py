@@ -16,10 +16,6 @@ from tiny_timm import tiny_sam, tiny_vit, video
 MODELS = {"vit": (tiny_vit, 32), "sam": (tiny_sam, 64), "hf-clip": (tiny_hf.tiny_clip, tiny_hf.SIZE)}
 
 
-def _int8(model: torch.nn.Module) -> torch.nn.Module:
-    return quantize_int8(model)
-
-
 def _out(y):
     return y if isinstance(y, torch.Tensor) else y.last_hidden_state
 
@@ -29,7 +25,7 @@ def test_full_budget_equals_the_quantized_dense_model(kind):
     """r = N: every block selects every token, so each quantized product sees the same rows as in the dense
     model (the same per-call activation scale) and the outputs agree to float32 rounding."""
     make, size = MODELS[kind]
-    q = _int8(make())
+    q = quantize_int8(make())
     assert not any(type(m) is torch.nn.Linear for m in q.modules())
     ev = convert(q, 1.0)
     for t, x in enumerate(video(4, size, batch=2)):
@@ -43,7 +39,7 @@ def test_reduced_budget_ops_equal_reference_and_streams_move(kind):
     equal those of the float32 model at the same budget."""
     make, size = MODELS[kind]
     dense = make()
-    q = _int8(dense)
+    q = quantize_int8(dense)
     ops, ref, f32 = convert(q, 0.5), convert(q, 0.5, backend="reference"), convert(dense, 0.5)
     frames = video(6, size, batch=2)
     for t, x in enumerate(frames[:4]):

@@ -13,13 +13,18 @@ import warnings
 import torch
 from torch import nn
 
+from ..nn.backend import float_weight
+
 
 def quantize_int8(model: nn.Module) -> nn.Module:
     """A dynamic-int8 copy of ``model`` (float32, on the CPU); ``model`` is left as it is."""
-    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if weight is None or weight.dtype != torch.float32 or weight.device.type != "cpu":
-        where = "no floating-point weights" if weight is None else f"{weight.dtype} on {weight.device}"
-        raise ValueError(f"quantize_int8: dynamic int8 quantization needs a float32 model on the CPU, got {where}")
+    need = "quantize_int8: dynamic int8 quantization needs a float32 model on the CPU, got"
+    try:
+        weight = float_weight(model)
+    except ValueError:
+        raise ValueError(f"{need} no floating-point weights") from None
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        raise ValueError(f"{need} {weight.dtype} on {weight.device}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
         return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
