@@ -73,6 +73,10 @@ def _autotune_configs(kernel, all_configs: bool):
 # stride a multiple of 16 elements. The copy must then move 16-byte vectors (v4 of 32-bit words).
 _ROW_ALIGNED = ("D", "s_b", "s_h", "s_n", "d_b", "d_h", "d_n")
 _VEC = ("ld.global.v4", "st.global.v4")
+# Products on tensor cores for 16-bit inputs and for float32 at tf32 precision: "mma" matches both the Hopper
+# warpgroup wgmma (tiles of 64 rows and more) and mma.sync (smaller tiles). Float32 at "ieee" precision runs on the
+# FMA units by design.
+_TENSOR_CORES = ("mma",)
 
 
 def jobs(all_configs: bool):
@@ -111,19 +115,20 @@ def jobs(all_configs: bool):
         precisions = ("ieee", "tf32") if fl == "fp32" else ("ieee",)
         for prec, bd in ((p, bd) for p in precisions for bd in head_dims):
             common = {"IS_F32": fl == "fp32", "PREC": prec, "UPCAST": False, "SOFT_BF16": False, "BLOCK_D": bd}
+            mma = _TENSOR_CORES if prec != "ieee" or fl != "fp32" else ()
             for cfg in _autotune_configs(qk_update._qk_update_kernel, all_configs):
                 for bias in (False, True):  # rel-pos bias: rel_h/rel_w have q's dtype; absent: dummies = logits
                     yield (f"qk_update {fl} {prec} d={bd} bias={bias} {cfg.kwargs} w={cfg.num_warps}",
                            qk_update._qk_update_kernel,
                            {"l_ptr": fl, "q_ptr": fl, "k_ptr": fl, "iq_ptr": "i64", "ik_ptr": "i32",
                             "rh_ptr": fl, "rw_ptr": fl},
-                           {**cfg.kwargs, **common, "HAS_BIAS": bias}, cfg.num_warps, cfg.num_stages)
+                           {**cfg.kwargs, **common, "HAS_BIAS": bias}, cfg.num_warps, cfg.num_stages, (), mma)
             for cfg in _autotune_configs(av_delta_update._av_delta_kernel, all_configs):
                 for refresh in (True, False):
                     yield (f"av_delta {fl} {prec} d={bd} refresh_a={refresh} {cfg.kwargs} w={cfg.num_warps}",
                            av_delta_update._av_delta_kernel,
                            {"o_ptr": fl, "an_ptr": fl, "ar_ptr": fl, "vn_ptr": fl, "vr_ptr": fl, "idx_ptr": "i64"},
-                           {**cfg.kwargs, **common, "REFRESH_A": refresh}, cfg.num_warps, cfg.num_stages)
+                           {**cfg.kwargs, **common, "REFRESH_A": refresh}, cfg.num_warps, cfg.num_stages, (), mma)
 
 
 def main(argv) -> int:
