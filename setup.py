@@ -1,6 +1,9 @@
 """Build eventful_kernels._C: the CPU C++ ops always; CUDA kernels when a CUDA build of torch and nvcc exist.
 
 EVENTFUL_CUDA=1 forces the CUDA build (fails without a toolkit), EVENTFUL_CUDA=0 disables it; unset = auto.
+The CUDA kernels are compiled for TORCH_CUDA_ARCH_LIST when it is set, else for the visible GPUs; with neither (a
+build container, a CPU-only build machine) for DEFAULT_CUDA_ARCHS: sm_80 (runs on every 8.x GPU), sm_90 and
+compute_90 PTX that newer GPUs compile when the library loads.
 The library is compiled against the torch installed in the build environment, so build without isolation
 (`pip install --no-build-isolation .`, `python -m build --no-isolation --wheel`) after installing torch.
 The public headers (csrc/include/eventful/) are copied into the package as eventful_kernels/include/.
@@ -23,6 +26,7 @@ except ImportError as exc:
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join(ROOT, "csrc", "include")
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _want_cuda() -> bool:
@@ -45,9 +49,22 @@ def _extension():
         # no --use_fast_math: its flush-to-zero / approximate math would make gate scores differ from the
         # reference's, and top-k ties must be decided exactly as the reference decides them
         kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3"]}
+        _default_cuda_archs()
         return cpp_extension.CUDAExtension("eventful_kernels._C", sources, **kwargs)
     kwargs["extra_compile_args"] = {"cxx": cxx}
     return cpp_extension.CppExtension("eventful_kernels._C", sources, **kwargs)
+
+
+def _default_cuda_archs() -> None:
+    """Without TORCH_CUDA_ARCH_LIST and without a visible GPU, torch's build helper has no architecture to compile
+    for and fails with an IndexError; give it DEFAULT_CUDA_ARCHS instead."""
+    import torch
+
+    if os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or torch.cuda.device_count() > 0:
+        return
+    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    print(f"eventful-kernels: no GPU visible and TORCH_CUDA_ARCH_LIST unset: compiling the CUDA kernels for "
+          f"{DEFAULT_CUDA_ARCHS}")
 
 
 class BuildPyWithHeaders(build_py):

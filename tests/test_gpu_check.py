@@ -17,6 +17,11 @@ def test_script_is_valid_bash():
     subprocess.run(["bash", "-n", SCRIPT], check=True)
 
 
+def test_torch_version_check_is_valid_bash():
+    """tools/check_torch_version.sh, the check against the GPU image's torch/triton pair run before a GPU slot."""
+    subprocess.run(["bash", "-n", os.path.join(ROOT, "tools", "check_torch_version.sh")], check=True)
+
+
 def test_named_test_files_exist_and_limits_fit():
     text = _text()
     specs = re.findall(r'"(test_[a-z_]+\.py):(\d+):([^"]*)"', text)
