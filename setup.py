@@ -56,7 +56,7 @@ def _extension():
 
 
 def _default_cuda_archs() -> None:
-    """Without TORCH_CUDA_ARCH_LIST and without a visible GPU, torch's build helper has no architecture to compile
+    """Without TORCH_CUDA_ARCH_LIST and without a visible GPU, torch.utils.cpp_extension has no architecture to compile
     for and fails with an IndexError; give it DEFAULT_CUDA_ARCHS instead."""
     import torch
 

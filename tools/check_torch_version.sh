@@ -36,7 +36,7 @@ git worktree add -q --detach "$TREE" HEAD
 trap 'git worktree remove --force "$TREE" 2>/dev/null || true' EXIT
 cd "$TREE"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-2}
-# a toolkit whose runtime library lies in lib/ rather than lib64/ (torch's build helper links from lib64/ only)
+# a toolkit whose runtime library lies in lib/ rather than lib64/ (torch.utils.cpp_extension links from lib64/ only)
 for lib in /usr/local/cuda*/lib; do [ -e "$lib/libcudart.so" ] && export LIBRARY_PATH="$lib:${LIBRARY_PATH:-}"; done
 
 echo "== build"
