@@ -10,6 +10,7 @@ The public headers (csrc/include/eventful/) are copied into the package as event
 """
 import glob
 import os
+import re
 import shutil
 
 from setuptools import find_packages, setup
@@ -48,8 +49,10 @@ def _extension():
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         # no --use_fast_math: its flush-to-zero / approximate math would make gate scores differ from the
         # reference's, and top-k ties must be decided exactly as the reference decides them
-        kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3"]}
         _default_cuda_archs()
+        archs = _cuda_arch_names()  # recorded in the library (csrc/build_info.cpp) for info() and the CUDA backend
+        kwargs["extra_compile_args"] = {"cxx": cxx + ([f"-DEVENTFUL_CUDA_ARCHS={','.join(archs)}"] if archs else []),
+                                        "nvcc": ["-O3"]}
         return cpp_extension.CUDAExtension("eventful_kernels._C", sources, **kwargs)
     kwargs["extra_compile_args"] = {"cxx": cxx}
     return cpp_extension.CppExtension("eventful_kernels._C", sources, **kwargs)
@@ -65,6 +68,17 @@ def _default_cuda_archs() -> None:
     os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     print(f"eventful-kernels: no GPU visible and TORCH_CUDA_ARCH_LIST unset: compiling the CUDA kernels for "
           f"{DEFAULT_CUDA_ARCHS}")
+
+
+def _cuda_arch_names() -> list:
+    """The targets nvcc will compile for, e.g. ``["sm_80", "sm_90", "compute_90"]`` (sm_XY: a binary for GPUs of
+    capability X.Y and later minors of X; compute_XY: PTX that GPUs of X.Y and later compile at load); [] if torch's
+    build code cannot tell."""
+    try:
+        flags = cpp_extension._get_cuda_arch_flags()
+    except Exception:  # private helper of torch.utils.cpp_extension: never fail the build over a report
+        return []
+    return [m.group(1) for f in flags for m in [re.search(r",code=\[?(\w+)", f)] if m]
 
 
 class BuildPyWithHeaders(build_py):

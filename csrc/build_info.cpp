@@ -4,6 +4,15 @@
 
 #include <string>
 
+// The CUDA targets nvcc compiled for (setup.py defines it in CUDA builds), e.g. sm_80,sm_90,compute_90.
+#define EVENTFUL_STRINGIFY_ARGS(...) #__VA_ARGS__
+#define EVENTFUL_STRINGIFY(...) EVENTFUL_STRINGIFY_ARGS(__VA_ARGS__)
+#ifdef EVENTFUL_CUDA_ARCHS
+#define EVENTFUL_CUDA_ARCHS_TEXT EVENTFUL_STRINGIFY(EVENTFUL_CUDA_ARCHS)
+#else
+#define EVENTFUL_CUDA_ARCHS_TEXT ""
+#endif
+
 namespace eventful {
 bool cpu_gate_avx2_compiled();
 const char* cpu_gate_path();
@@ -12,7 +21,8 @@ const char* cpu_linear_bf16_path();
 
 extern "C" {
 
-// Fixed at build time: the torch the library was compiled against, the compiler, the CPU ISA paths compiled in.
+// Fixed at build time: the torch the library was compiled against, the compiler, the CPU ISA paths compiled in, the
+// CUDA targets of the C++ CUDA kernels (empty without them).
 const char* eventful_build_info() {
   static const std::string text = std::string("torch=") + TORCH_VERSION + "\n" +
 #if defined(__clang__)
@@ -23,7 +33,7 @@ const char* eventful_build_info() {
                                   "compiler=unknown\n" +
 #endif
                                   "cpu_gate_paths=" + (eventful::cpu_gate_avx2_compiled() ? "avx2,generic" : "generic") +
-                                  "\n";
+                                  "\n" + "cuda_archs=" + EVENTFUL_CUDA_ARCHS_TEXT + "\n";
   return text.c_str();
 }
 

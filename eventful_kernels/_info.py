@@ -47,6 +47,18 @@ def _cpp_cuda_ops(ops: List[str]) -> List[str]:
     return [n for n in ops if torch._C._dispatch_has_kernel_for_dispatch_key(f"eventful::{n}", "CUDA")]
 
 
+def _cpp_cover_devices(cuda_ok: bool) -> Optional[bool]:
+    """Whether the C++ CUDA kernels were compiled for every visible GPU (None without a GPU or without Triton, whose
+    registration rule decides it)."""
+    if not cuda_ok:
+        return None
+    try:
+        from .triton import _register
+    except ImportError:
+        return None
+    return _register.cpp_cuda_covers_devices()
+
+
 def _cuda_devices() -> List[str]:
     return [f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
             for i in range(torch.cuda.device_count())]
@@ -68,7 +80,7 @@ def collect() -> Dict[str, Any]:
                   "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
                   "mkldnn": torch.backends.mkldnn.is_available()},
         "cuda": {"available": cuda_ok, "devices": _cuda_devices() if cuda_ok else [],
-                 "cpp_kernels": _cpp_cuda_ops(ops)},
+                 "cpp_kernels": _cpp_cuda_ops(ops), "cpp_kernels_cover_devices": _cpp_cover_devices(cuda_ok)},
         "triton": _triton(),
         "env": {name: os.environ[name] for name in _ENV if name in os.environ},
     }

@@ -80,17 +80,19 @@ def _minor(version: str) -> str:
 def library_facts(path: str) -> Dict[str, Optional[object]]:
     """What the library reports about its build (csrc/build_info.cpp): the torch it was compiled against, the
     compiler, the CPU gate paths compiled in, and the one dense rows take on this machine; the path linear_bf16 takes
-    here. None where unknown."""
+    here; the CUDA targets of the C++ CUDA kernels (``[]`` without them). None where unknown."""
     lib = ctypes.CDLL(path)
     build = _text(lib, "eventful_build_info")
     if build is None:  # a library built before it reported its build
         return {"torch_built_against": None, "compiler": None, "cpu_gate_paths": None, "cpu_gate_path": None,
-                "cpu_linear_bf16_path": None}
+                "cpu_linear_bf16_path": None, "cuda_archs": None}
     facts = dict(line.split("=", 1) for line in build.splitlines() if "=" in line)
+    archs = facts.get("cuda_archs")
     return {
         "torch_built_against": facts.get("torch"),
         "compiler": facts.get("compiler"),
         "cpu_gate_paths": facts.get("cpu_gate_paths", "").split(","),
+        "cuda_archs": None if archs is None else [a for a in archs.split(",") if a],
         "cpu_gate_path": _text(lib, "eventful_cpu_gate_path"),
         "cpu_linear_bf16_path": _text(lib, "eventful_cpu_linear_bf16_path"),
     }

@@ -65,9 +65,69 @@ def test_registration_rule():
         return  # nothing is registered without a GPU
     backend = _register.backend_from_env()
     cpp = _register.cpp_cuda_kernels()
-    assert T.registered_ops() == [n for n in T.OPS if _register.should_register(backend, cpp[n])]
+    usable = backend != "auto" or _register.cpp_cuda_covers_devices()
+    assert T.registered_ops() == [n for n in T.OPS if _register.should_register(backend, cpp[n] and usable)]
     for name in T.registered_ops():  # a CUDA kernel now exists for every op Triton took
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"eventful::{name}", "CUDA")
+
+
+@needs_triton
+def test_cuda_arch_coverage_rule():
+    """A binary sm_XY runs on X.Y and later minors of X, PTX compute_XY on X.Y and later, sm_XYa on X.Y only."""
+    from eventful_kernels.triton._register import arch_covers
+    default = ["sm_80", "sm_90", "compute_90"]  # setup.py's DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+    assert arch_covers(default, (8, 0)) and arch_covers(default, (8, 6)) and arch_covers(default, (8, 9))
+    assert arch_covers(default, (9, 0)) and arch_covers(default, (10, 0)) and arch_covers(default, (12, 0))
+    assert not arch_covers(default, (7, 5)) and not arch_covers(default, (7, 0))
+    assert not arch_covers(["sm_90"], (10, 0)) and not arch_covers(["sm_90"], (8, 9))
+    assert arch_covers(["sm_100"], (10, 3)) and not arch_covers(["sm_100"], (12, 0))
+    assert arch_covers(["sm_90a"], (9, 0)) and not arch_covers(["sm_90a"], (10, 0))
+    assert not arch_covers(["compute_90a"], (10, 0)) and not arch_covers([], (9, 0))
+    assert arch_covers(["lto_90"], (7, 0))  # a form it does not know: never refuse on a guess
+
+
+_FAKE_NVML = r"""
+/* libnvidia-ml.so.1 stand-in: two GPUs, capabilities 9.0 and 7.5 (device 1 fails when FAKE_NVML_FAIL is set) */
+#include <stdlib.h>
+int nvmlInit_v2(void) { return 0; }
+int nvmlShutdown(void) { return 0; }
+int nvmlDeviceGetCount_v2(unsigned int* n) { *n = 2; return 0; }
+int nvmlDeviceGetHandleByIndex_v2(unsigned int i, void** h) { *h = (void*)(long)(i + 1); return 0; }
+int nvmlDeviceGetCudaComputeCapability(void* h, int* major, int* minor) {
+  if ((long)h == 2 && getenv("FAKE_NVML_FAIL")) return 999;
+  *major = (long)h == 1 ? 9 : 7; *minor = (long)h == 1 ? 0 : 5; return 0;
+}
+"""
+
+
+@needs_triton
+def test_gpu_capabilities_read_through_nvml(tmp_path):
+    """The capabilities come from NVML through ctypes (no CUDA context at import); any NVML error means unknown."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("needs a C compiler")
+    (tmp_path / "nvml.c").write_text(_FAKE_NVML)
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(tmp_path / "libnvidia-ml.so.1"), str(tmp_path / "nvml.c")],
+                   check=True)
+    code = "from eventful_kernels.triton import _register as r; print(r._nvml_capabilities())"
+    env = {"LD_LIBRARY_PATH": str(tmp_path) + os.pathsep + os.environ.get("LD_LIBRARY_PATH", "")}
+    assert _run_python(code, **env).strip().splitlines()[-1] == "[(9, 0), (7, 5)]"
+    assert _run_python(code, FAKE_NVML_FAIL="1", **env).strip().splitlines()[-1] == "None"
+
+
+@needs_triton
+def test_cpp_cuda_kernels_set_aside_on_an_uncovered_gpu(monkeypatch):
+    """Under EVENTFUL_BACKEND_CUDA=auto the C++ CUDA kernels serve a GPU only if compiled for it; when the library
+    or the devices do not say, they are trusted (as before the library recorded its targets)."""
+    from eventful_kernels.triton import _register
+    monkeypatch.setattr(_register, "library_cuda_archs", lambda: ["sm_80", "sm_90", "compute_90"])
+    for caps, covered in (([(9, 0)], True), ([(8, 6), (9, 0)], True), ([(9, 0), (7, 5)], False), (None, True)):
+        monkeypatch.setattr(_register, "device_capabilities", lambda caps=caps: caps)
+        assert _register.cpp_cuda_covers_devices() == covered, caps
+    monkeypatch.setattr(_register, "device_capabilities", lambda: [(7, 5)])
+    for archs, covered in (([], True), (None, True), (["sm_75"], True), (["sm_80"], False)):
+        monkeypatch.setattr(_register, "library_cuda_archs", lambda archs=archs: archs)
+        assert _register.cpp_cuda_covers_devices() == covered, archs
 
 
 def test_import_without_triton_never_fails():

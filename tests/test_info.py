@@ -51,6 +51,10 @@ def test_cuda_and_triton():
     assert set(d["cuda"]["cpp_kernels"]) <= set(d["eventful_kernels"]["ops"])
     if torch.version.cuda is None:
         assert d["cuda"]["cpp_kernels"] == []
+    archs = d["build"]["cuda_archs"]  # the nvcc targets recorded at build time; none in a CPU-only build
+    assert (archs == []) == (d["cuda"]["cpp_kernels"] == [])
+    assert all(re.fullmatch(r"(sm|compute)_\d+[a-z]?", a) for a in archs)
+    assert d["cuda"]["cpp_kernels_cover_devices"] in ((None,) if not torch.cuda.is_available() else (True, False))
     triton = d["triton"]
     try:
         assert triton["version"] == importlib.metadata.version("triton") and triton["installed"]
