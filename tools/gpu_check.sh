@@ -51,6 +51,8 @@ except RuntimeError as e:
   echo "a C++ exception from the extension crashed the process: rebuild with another CXX" | tee -a "$summary"
   exit 1
 fi
+# the library's own report: CUDA targets, C++ CUDA kernels, whether they cover this GPU, the ops Triton serves
+timeout 60 $PY -m eventful_kernels >>"$OUT/env.txt" 2>&1 || true
 
 echo "== end-to-end table"
 step e2e "${E2E_TIMEOUT:-150}" $PY benchmarks/bench_gpu.py --video "$VIDEO" --out "$OUT/gpu_e2e.json" \
