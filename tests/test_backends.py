@@ -5,6 +5,7 @@ compute-sanitizer (GPU), and the Triton kernels compiling for sm_90 (no GPU need
 op family, on every backend, in tests/test_<family>.py."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -98,6 +99,21 @@ int nvmlDeviceGetCudaComputeCapability(void* h, int* major, int* minor) {
   *major = (long)h == 1 ? 9 : 7; *minor = (long)h == 1 ? 0 : 5; return 0;
 }
 """
+
+
+@needs_triton
+def test_import_on_a_cuda_machine_registers_triton():
+    """``import eventful_kernels`` where CUDA is available registers the Triton kernels while the package is still
+    being imported (no GPU needed to register them): everything that path calls must work on a half-imported
+    package."""
+    out = _run_python("import json, torch; torch.cuda.is_available = lambda: True\n"
+                      "import eventful_kernels, eventful_kernels.triton as t\n"
+                      "print(json.dumps([t.AVAILABLE, t.registered_ops(), t._register.cpp_cuda_kernels(),\n"
+                      "                  t._register.cpp_cuda_covers_devices()]))", EVENTFUL_BACKEND_CUDA="auto")
+    available, registered, cpp, covers = json.loads(out.strip().splitlines()[-1])
+    assert available and covers and sorted(cpp) == sorted(OPS)
+    assert sorted(registered) == sorted(n for n, has in cpp.items() if not has)  # auto: Triton fills the gaps
+    assert set(registered) >= {"qk_update_", "av_delta_update_"}  # no C++ CUDA kernel in any build
 
 
 @needs_triton
