@@ -76,7 +76,7 @@ def _cuda_arch_names() -> list:
     build code cannot tell."""
     try:
         flags = cpp_extension._get_cuda_arch_flags()
-    except Exception:  # private helper of torch.utils.cpp_extension: never fail the build over a report
+    except Exception:  # a private function of torch.utils.cpp_extension: never fail the build over a report
         return []
     return [m.group(1) for f in flags for m in [re.search(r",code=\[?(\w+)", f)] if m]
 
