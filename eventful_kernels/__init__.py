@@ -6,8 +6,9 @@
 """
 from ._load import get_include
 from ._load import load_native as _load_native
+from ._load import loaded_library as _loaded_library
 
-_LIBRARY_PATH = _load_native()
+_load_native()
 
 from . import ops, reference  # noqa: E402  (ops need the native library registered first)
 
@@ -21,7 +22,7 @@ from ._info import info  # noqa: E402
 
 def get_library_path() -> str:
     """Path of the loaded compiled library (``_C``), which registers ``torch.ops.eventful`` when loaded."""
-    return _LIBRARY_PATH
+    return _loaded_library()
 
 
 __all__ = ["ops", "reference", "get_include", "get_library_path", "info"]

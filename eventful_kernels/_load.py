@@ -46,8 +46,17 @@ def find_library() -> Optional[str]:
     return None
 
 
+_LOADED: Optional[str] = None  # the library load_native loaded
+
+
+def loaded_library() -> Optional[str]:
+    """Path of the library :func:`load_native` loaded into this process; None before it did."""
+    return _LOADED
+
+
 def load_native() -> str:
     """Load the compiled library into torch (registers torch.ops.eventful); returns its path."""
+    global _LOADED
     path = find_library()
     if path is None:
         raise ImportError(
@@ -62,6 +71,7 @@ def load_native() -> str:
             f"was built for another than the installed torch {torch.__version__}, rebuild it "
             "(`pip install --no-build-isolation .`)"
         ) from exc
+    _LOADED = path
     built = library_facts(path)["torch_built_against"]
     if built is not None and _minor(built) != _minor(torch.__version__):
         warnings.warn(

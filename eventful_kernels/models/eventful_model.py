@@ -470,10 +470,10 @@ class EventfulModel(nn.Module):
                 fail(f"the frames were on {frames['device']}, the model is on {device} (loading onto another "
                      "device is not supported)")
             autocast = frames.get("autocast")
-            computed = None if autocast is None else nn_state.parse_dtype(autocast)
-            if autocast is not None and (computed is None or not computed.is_floating_point):
+            state_autocast = None if autocast is None else nn_state.parse_dtype(autocast)
+            if autocast is not None and (state_autocast is None or not state_autocast.is_floating_point):
                 fail(f"'frames' autocast must be None or name a floating dtype, got {autocast!r}")
-            spec = (tuple(shape), dtype, device, computed)
+            spec = (tuple(shape), dtype, device, state_autocast)
         screen = state["screen"]
         nn_state.check_keys(screen, ("last", "poisoned"), "'screen'")
         last = screen["last"]

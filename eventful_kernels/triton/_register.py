@@ -111,9 +111,9 @@ def device_capabilities() -> Optional[List[Tuple[int, int]]]:
 
 def library_cuda_archs() -> Optional[List[str]]:
     """The nvcc targets the C++ CUDA kernels were compiled for (``[]``: none; None: a library that does not say)."""
-    from .._load import find_library, library_facts  # runs while eventful_kernels itself is being imported
+    from .._load import library_facts, loaded_library  # runs while eventful_kernels itself is being imported
 
-    path = find_library()
+    path = loaded_library()
     return None if path is None else library_facts(path)["cuda_archs"]
 
 
