@@ -6,7 +6,9 @@ Backends (the ``impl`` fixture; each skipped where it cannot run):
 - ``cuda``: ``torch.ops.eventful`` on CUDA tensors: the C++ CUDA kernel where the build has one, else the Triton one;
 - ``triton``: the Triton functions (eventful_kernels.triton) on CUDA tensors;
 - ``interpreter``: the Triton functions on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set in
-  tests/conftest.py before triton is imported; only without a GPU).
+  tests/conftest.py before triton is imported; only without a GPU);
+- ``cuda_emu``: the C++ CUDA kernels (csrc/cuda) on CPU tensors under the CUDA emulator (tests/cuda_emulator.py),
+  built on first use; the ops that have no C++ CUDA kernel (Triton serves them on a GPU) skip there.
 A test calls ``impl.<op>(...)`` with CPU tensors (or tensors already on ``impl.device``); a GPU backend moves each CPU
 storage to the GPU once (views keep their offsets and strides, arguments sharing memory still share it), runs the op
 there, copies every moved storage back into its CPU tensor (so in-place writes, and any stray write, show up where
@@ -20,6 +22,7 @@ import pytest
 import torch
 from torch import Tensor
 
+import cuda_emulator
 import eventful_kernels  # noqa: F401  (registers torch.ops.eventful)
 from eventful_kernels import ops
 
@@ -61,15 +64,26 @@ class Backend:
     """One implementation of every op: ``impl.gather_rows(...)`` etc. (see the module docstring)."""
 
     def __init__(self, name: str, device: str, module, exact_gates: bool, fast: bool, dispatcher: bool):
-        self.name, self.device, self.module = name, device, module
+        self.name, self.device, self._module = name, device, module
         self.exact_gates = exact_gates  # gate scores summed in the reference's order: bit-exact selections
         self.fast = fast  # large shapes and property-based tests are affordable (not the interpreter)
-        self.dispatcher = dispatcher  # calls go through torch.ops.eventful (opcheck applies)
+        self.dispatcher = dispatcher  # calls go through the dispatcher (a meta argument selects a fake kernel)
 
     def __repr__(self):
         return self.name
 
+    @property
+    def module(self):
+        """The ops (a module, or built on first use by a callable)."""
+        if callable(self._module):
+            self._module = self._module()
+        return self._module
+
     def __getattr__(self, op: str):
+        if op.startswith("_"):
+            raise AttributeError(op)
+        if self.name == "cuda_emu" and op in ops.__all__ and op not in vars(self.module):
+            pytest.skip(f"no C++ CUDA kernel for {op} (Triton serves it on a GPU)")
         fn = getattr(self.module, op)
         if self.device == "cpu":
             return fn
@@ -108,11 +122,14 @@ BACKENDS = {
     "cuda": Backend("cuda", "cuda", ops, exact_gates=False, fast=True, dispatcher=True),
     "triton": Backend("triton", "cuda", T, exact_gates=False, fast=True, dispatcher=False),
     "interpreter": Backend("interpreter", "cpu", T, exact_gates=True, fast=False, dispatcher=False),
+    "cuda_emu": Backend("cuda_emu", "cpu", lambda: cuda_emulator.ops_module(cuda_emulator.load()), exact_gates=False,
+                        fast=True, dispatcher=True),
 }
 _SKIP = {
     "cpu": None,
     "cuda": None if CUDA else "needs a CUDA GPU",
     "triton": None if CUDA and T is not None else "needs a CUDA GPU and triton",
+    "cuda_emu": None if not CUDA else "a GPU runs the C++ CUDA kernels for real",
     "interpreter": None if INTERPRETER else ("a GPU runs the Triton kernels for real" if CUDA else
                                              "needs triton with TRITON_INTERPRET=1 set before its import"),
 }

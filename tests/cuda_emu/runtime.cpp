@@ -1,0 +1,297 @@
+// The emulator's scheduler (see emu.h): blocks run one after another; the threads of a block are fibers switched
+// only at synchronization points. Also the emulated device queries, launch checks and the test hooks registered
+// as torch.ops.eventful_emu._set_device / _launches.
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+#include <ucontext.h>
+
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cuda_runtime.h"
+
+namespace emu {
+
+thread_local Thread* current_thread = nullptr;
+thread_local Block* current_block = nullptr;
+
+namespace {
+
+constexpr size_t kStackBytes = 64 * 1024;
+constexpr unsigned kMaxThreads = 1024;
+
+// Emulated devices: their SM counts (device 0: an H200's 132 SMs; the others give other grid sizes).
+constexpr int kSms[] = {132, 1, 2, 3, 7};
+int current_device_index = 2;
+int64_t launch_count = 0;
+cudaError_t last_error = cudaSuccess;
+
+struct Fiber {
+  Thread t;
+  ucontext_t ctx;
+  char* stack = nullptr;
+  bool done = false;
+  const uint64_t* wait_on = nullptr;  // a barrier generation this fiber waits to change
+  uint64_t wait_value = 0;
+};
+
+struct WarpBarrier {
+  unsigned mask = 0, arrived = 0;
+  uint64_t gen = 0;
+  const char* what = nullptr;
+};
+
+struct WarpState {
+  unsigned present = 0, exited = 0;
+  uint64_t slots[32] = {};
+  std::deque<WarpBarrier> barriers;  // one per mask used; those with lanes waiting have disjoint masks
+};
+
+struct BlockRun {
+  Block block;
+  std::vector<Fiber> fibers;
+  std::vector<WarpState> warps;
+  unsigned live = 0, block_arrived = 0;
+  uint64_t block_gen = 0;
+  ucontext_t sched;
+  void (*body)(void*) = nullptr;
+  void* ctx = nullptr;
+  Fiber* running = nullptr;
+  std::string error;
+};
+
+thread_local BlockRun* run = nullptr;
+thread_local std::vector<std::unique_ptr<char[]>> stacks;
+
+void yield_to_scheduler() { swapcontext(&run->running->ctx, &run->sched); }
+
+std::string where() {
+  const Thread& t = run->running->t;
+  const Block& b = run->block;
+  return " (block (" + std::to_string(b.block_idx.x) + "," + std::to_string(b.block_idx.y) + "," +
+         std::to_string(b.block_idx.z) + "), thread (" + std::to_string(t.thread_idx.x) + "," +
+         std::to_string(t.thread_idx.y) + "," + std::to_string(t.thread_idx.z) + "))";
+}
+
+void wait_for_change(const uint64_t* gen) {
+  Fiber* f = run->running;
+  f->wait_on = gen;
+  f->wait_value = *gen;
+  while (*gen == f->wait_value) yield_to_scheduler();
+  f->wait_on = nullptr;
+}
+
+void warp_barrier(unsigned mask, const char* what) {
+  Fiber* f = run->running;
+  WarpState& w = run->warps[f->t.warp];
+  const unsigned bit = 1u << f->t.lane;
+  if (!(mask & bit)) device_fail((std::string(what) + ": the calling lane is not in the mask").c_str());
+  if (mask & ~w.present) device_fail((std::string(what) + ": the mask names lanes that do not exist").c_str());
+  if (mask & w.exited) device_fail((std::string(what) + ": the mask names lanes that have exited").c_str());
+  WarpBarrier* b = nullptr;
+  for (WarpBarrier& x : w.barriers) {
+    if (x.arrived != 0 && (x.mask & mask)) {
+      if (x.mask != mask || std::strcmp(x.what, what) != 0)
+        device_fail((std::string(what) + ": lanes of one warp wait at different synchronization points").c_str());
+      b = &x;
+    }
+  }
+  if (b == nullptr) {
+    for (WarpBarrier& x : w.barriers)
+      if (x.arrived == 0 && x.mask == mask) b = &x;
+    if (b == nullptr) b = &w.barriers.emplace_back();  // a deque: waiting lanes keep their pointers
+    b->mask = mask;
+    b->what = what;
+  }
+  b->arrived |= bit;
+  if (b->arrived == mask) {  // the last lane releases the others
+    ++b->gen;
+    b->arrived = 0;
+    return;
+  }
+  wait_for_change(&b->gen);
+}
+
+void fiber_main() {
+  BlockRun* r = run;
+  r->body(r->ctx);
+  Fiber* f = r->running;
+  f->done = true;
+  WarpState& w = r->warps[f->t.warp];
+  w.exited |= 1u << f->t.lane;
+  for (const WarpBarrier& b : w.barriers) {
+    if (b.arrived != 0 && (b.mask & (1u << f->t.lane)))
+      device_fail((std::string(b.what) + ": a lane named in the mask exited while others wait for it").c_str());
+  }
+  --r->live;
+  if (r->block_arrived != 0 && r->block_arrived == r->live) {
+    ++r->block_gen;
+    r->block_arrived = 0;
+  }
+  // returning resumes uc_link (the scheduler)
+}
+
+void run_block(BlockRun& r) {
+  const dim3 bd = r.block.block_dim;
+  const unsigned n = bd.x * bd.y * bd.z;
+  while (stacks.size() < n) stacks.emplace_back(new char[kStackBytes]);
+  r.fibers.assign(n, Fiber{});
+  r.warps.assign((n + 31) / 32, WarpState{});
+  r.live = n;
+  for (unsigned i = 0; i < n; ++i) {
+    Fiber& f = r.fibers[i];
+    f.t.thread_idx = {i % bd.x, (i / bd.x) % bd.y, i / (bd.x * bd.y)};
+    f.t.lane = i % 32;
+    f.t.warp = i / 32;
+    r.warps[f.t.warp].present |= 1u << f.t.lane;
+    f.stack = stacks[i].get();
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = &r.sched;
+    makecontext(&f.ctx, fiber_main, 0);
+  }
+  current_block = &r.block;
+  while (r.live > 0) {
+    bool progressed = false;
+    for (Fiber& f : r.fibers) {
+      if (f.done || (f.wait_on != nullptr && *f.wait_on == f.wait_value)) continue;
+      r.running = &f;
+      current_thread = &f.t;
+      swapcontext(&r.sched, &f.ctx);
+      if (!r.error.empty()) TORCH_CHECK(false, "CUDA emulator: ", r.error);
+      progressed = true;
+    }
+    if (!progressed) {
+      TORCH_CHECK(false, "CUDA emulator: deadlock in block (", r.block.block_idx.x, ",", r.block.block_idx.y, ",",
+                  r.block.block_idx.z, "): ", r.live,
+                  " threads wait at synchronization points the others never reach");
+    }
+  }
+}
+
+bool valid_config(const LaunchConfig& c) {
+  const dim3 g = c.grid, b = c.block;
+  if (g.x < 1 || g.x > 2147483647u || g.y < 1 || g.y > 65535 || g.z < 1 || g.z > 65535) return false;
+  if (b.x < 1 || b.y < 1 || b.z < 1 || b.x > 1024 || b.y > 1024 || b.z > 64) return false;
+  if (static_cast<uint64_t>(b.x) * b.y * b.z > kMaxThreads) return false;
+  return c.shmem <= 48 * 1024;
+}
+
+}  // namespace
+
+void device_fail(const char* what) {
+  run->error = std::string(what) + where();
+  swapcontext(&run->running->ctx, &run->sched);
+  __builtin_unreachable();  // never resumed
+}
+
+void misaligned(const void* p, size_t align) {
+  const std::string what = "misaligned address: a " + std::to_string(align) + "-byte access at an address = " +
+                           std::to_string(reinterpret_cast<uintptr_t>(p) % 16) + " (mod 16)";
+  if (run == nullptr || run->running == nullptr) TORCH_CHECK(false, "CUDA emulator: ", what, " (host code)");
+  device_fail(what.c_str());
+}
+
+uint64_t warp_exchange(uint64_t value, int src_lane, unsigned mask, const char* what) {
+  WarpState& w = run->warps[run->running->t.warp];
+  if (src_lane < 0 || src_lane > 31 || !(mask & (1u << src_lane)))
+    device_fail((std::string(what) + ": the source lane is not in the mask").c_str());
+  w.slots[run->running->t.lane] = value;
+  warp_barrier(mask, what);  // every lane has written its slot
+  const uint64_t out = w.slots[src_lane];
+  warp_barrier(mask, what);  // every lane has read before any slot is written again
+  return out;
+}
+
+void warp_sync(unsigned mask) { warp_barrier(mask, "__syncwarp"); }
+
+void block_sync() {
+  BlockRun& r = *run;
+  ++r.block_arrived;
+  if (r.block_arrived == r.live) {
+    ++r.block_gen;
+    r.block_arrived = 0;
+    return;
+  }
+  wait_for_change(&r.block_gen);
+}
+
+void run_grid(const LaunchConfig& cfg, void (*body)(void*), void* ctx) {
+  ++launch_count;
+  if (!valid_config(cfg)) {
+    last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  BlockRun r;
+  r.body = body;
+  r.ctx = ctx;
+  r.block.block_dim = cfg.block;
+  r.block.grid_dim = cfg.grid;
+  BlockRun* outer = run;
+  run = &r;
+  try {
+    for (unsigned z = 0; z < cfg.grid.z; ++z)
+      for (unsigned y = 0; y < cfg.grid.y; ++y)
+        for (unsigned x = 0; x < cfg.grid.x; ++x) {
+          r.block.block_idx = {x, y, z};
+          r.error.clear();
+          run_block(r);
+        }
+  } catch (...) {
+    run = outer;
+    current_thread = nullptr;
+    current_block = nullptr;
+    throw;
+  }
+  run = outer;
+  current_thread = nullptr;
+  current_block = nullptr;
+}
+
+int device_index() { return current_device_index; }
+
+}  // namespace emu
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device < 0 || device >= static_cast<int>(sizeof(emu::kSms) / sizeof(int))) return cudaErrorInvalidValue;
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = emu::kSms[device]; return cudaSuccess;
+    case cudaDevAttrMaxThreadsPerBlock: *value = 1024; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t e = emu::last_error;
+  emu::last_error = cudaSuccess;
+  return e;
+}
+
+const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+  }
+  return "unknown error";
+}
+
+namespace {
+
+void set_device(int64_t d) {
+  TORCH_CHECK(d >= 0 && d < static_cast<int64_t>(sizeof(emu::kSms) / sizeof(int)), "no emulated device ", d);
+  emu::current_device_index = static_cast<int>(d);
+}
+
+int64_t launches() { return emu::launch_count; }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(eventful_emu, m) {
+  m.def("_set_device(int device) -> ()", &set_device);
+  m.def("_launches() -> int", &launches);
+}

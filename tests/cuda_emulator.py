@@ -1,0 +1,152 @@
+"""The C++ CUDA kernels of csrc/cuda, run on the CPU by an emulator of the CUDA execution model (tests/cuda_emu).
+
+No GPU is needed: each ``csrc/cuda/*.cu`` is compiled as C++ with ``tests/cuda_emu/emu.h`` force-included (the CUDA
+built-ins as CPU code, every thread of a block a fiber that switches only at warp shuffles and barriers) and its
+``k<<<grid, block, shmem, stream>>>(args)`` launches rewritten into ``emu::launch``. The op files
+(``csrc/cuda/*_ops.cpp``: argument checks, index checks, workspace, torch ops between the kernels) compile unchanged
+except that they register into ``torch.ops.eventful_emu`` for CPU tensors instead of ``torch.ops.eventful`` for CUDA
+tensors; ``tests/cuda_emu/shim`` stands in for the CUDA runtime and ``c10/cuda`` headers. What runs is therefore the
+kernels' own index arithmetic, vector-width choices, grid-stride loops, reductions and launch sizing, on CPU tensors.
+
+Emulated devices (``torch.ops.eventful_emu._set_device(d)``): their SM counts set the grid sizes; device 0 has an
+H200's 132 SMs, the others 1, 2 (the default), 3 and 7, so grid-stride loops take one or many turns.
+
+What it cannot show: speed, memory-access races between threads (threads run one at a time between synchronization
+points), and misaligned vector accesses (the CPU allows them; tests check the alignment rules separately).
+
+``load()`` builds once per build directory (ninja, incremental) and returns the ops module, or raises.
+"""
+from __future__ import annotations
+
+import os
+import re
+import types
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMU = os.path.join(ROOT, "tests", "cuda_emu")
+CUDA_SRC = os.path.join(ROOT, "csrc", "cuda")
+BUILD = os.path.join(ROOT, "build", "cuda_emu")
+
+# kernel<targs><<<cfg>>>(  ->  ::emu::launch(::emu::LaunchConfig{cfg}, kernel<targs>,
+_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:\s*<[^<>;(){}]*>)?)\s*<<<(.*?)>>>\s*\(\s*(\)?)", re.S)
+_IMPL = re.compile(r"TORCH_LIBRARY_IMPL\(\s*eventful\s*,\s*CUDA\s*,")
+_OP_NAMES = re.compile(r'm\.impl\(\s*"(\w+)"')
+
+
+def rewrite_kernels(source: str) -> str:
+    """A .cu source as C++ for the emulator: launches become calls of its launcher (a kernel without arguments gets
+    none) and reinterpret_casts its alignment-checked cast."""
+    def repl(m):
+        head = f"::emu::launch(::emu::LaunchConfig{{{m.group(2)}}}, {m.group(1)}"
+        return head + ")" if m.group(3) else head + ", "
+    out = _LAUNCH.sub(repl, source)
+    if "<<<" in out:
+        raise ValueError("a kernel launch the emulator's rewrite does not understand is left")
+    return re.sub(r"\breinterpret_cast<", "::emu::reinterpret<", out)
+
+
+def rewrite_registration(source: str) -> str:
+    out = _IMPL.sub("TORCH_LIBRARY_IMPL(eventful_emu, CPU,", source)
+    if "TORCH_LIBRARY_IMPL(eventful," in out.replace(" ", ""):
+        raise ValueError("a registration the emulator's rewrite does not understand is left")
+    return out
+
+
+def op_names() -> list:
+    """The ops the C++ CUDA backend implements (its registrations in csrc/cuda/*_ops.cpp)."""
+    names = []
+    for f in sorted(os.listdir(CUDA_SRC)):
+        if f.endswith("_ops.cpp"):
+            with open(os.path.join(CUDA_SRC, f)) as fh:
+                names += _OP_NAMES.findall(fh.read())
+    return names
+
+
+def _schemas_source(names) -> str:
+    import eventful_kernels  # noqa: F401  (torch.ops.eventful: the schemas to copy)
+
+    lines = ["#include <torch/library.h>", "", "TORCH_LIBRARY_FRAGMENT(eventful_emu, m) {"]
+    for n in names:
+        schema = str(getattr(torch.ops.eventful, n).default._schema)
+        lines.append(f'  m.def("{schema.split("::", 1)[1]}");')
+    return "\n".join(lines + ["}", ""])
+
+
+def _write(path: str, text: str) -> str:
+    """Write ``text`` unless the file already holds it (so ninja rebuilds only what changed)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return path
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def sources(build: str = BUILD) -> list:
+    src = os.path.join(build, "src")
+    os.makedirs(src, exist_ok=True)
+    out = [os.path.join(EMU, "runtime.cpp")]
+    files = [os.path.join(CUDA_SRC, f) for f in sorted(os.listdir(CUDA_SRC))] + [os.path.join(EMU, "selftest.cu")]
+    for path in files:
+        f = os.path.basename(path)
+        with open(path) as fh:
+            text = fh.read()
+        if f.endswith(".cu"):
+            out.append(_write(os.path.join(src, f[:-3] + "_kernels.cpp"), rewrite_kernels(text)))
+        elif f.endswith("_ops.cpp"):
+            out.append(_write(os.path.join(src, f), rewrite_registration(text)))
+    out.append(_write(os.path.join(src, "schemas.cpp"), _schemas_source(op_names())))
+    return out
+
+
+_loaded = None
+
+
+def load(build: str = BUILD, verbose: bool = False):
+    """Build (if needed) and load the emulated kernels; returns ``torch.ops.eventful_emu``."""
+    global _loaded
+    if _loaded is None:
+        from torch.utils import cpp_extension
+
+        os.makedirs(build, exist_ok=True)
+        cpp_extension.load(
+            name="eventful_cuda_emu",
+            sources=sources(build),
+            extra_include_paths=[os.path.join(EMU, "shim"), EMU, CUDA_SRC, os.path.join(ROOT, "csrc", "include")],
+            extra_cflags=["-include", os.path.join(EMU, "emu.h"), "-O1", "-fno-strict-aliasing"],
+            build_directory=build,
+            is_python_module=False,
+            verbose=verbose,
+        )
+        _loaded = torch.ops.eventful_emu
+    return _loaded
+
+
+def ops_module(emu) -> types.SimpleNamespace:
+    """The emulated ops with the signatures of eventful_kernels.ops (in-place ops return their destination)."""
+    def gather_rows(x, index, *, check_index=True):
+        return emu.gather_rows(x, index, check_index=check_index)
+
+    def scatter_rows_(dst, index, src, *, check_index=True):
+        emu.scatter_rows_(dst, index, src, check_index=check_index)
+        return dst
+
+    def gather_cols(x, index, *, check_index=True):
+        return emu.gather_cols(x, index, check_index=check_index)
+
+    def scatter_cols_(dst, index, src, *, check_index=True):
+        emu.scatter_cols_(dst, index, src, check_index=check_index)
+        return dst
+
+    def token_gate(c, ref, k):
+        return emu.token_gate(c, ref, k)
+
+    fns = dict(gather_rows=gather_rows, scatter_rows_=scatter_rows_, gather_cols=gather_cols,
+               scatter_cols_=scatter_cols_, token_gate=token_gate)
+    missing = set(op_names()) - set(fns)
+    if missing:
+        raise ValueError(f"ops_module lacks wrappers for the C++ CUDA ops {sorted(missing)}")
+    return types.SimpleNamespace(**fns)

@@ -1,0 +1,114 @@
+"""The CUDA emulator (tests/cuda_emulator.py) that runs the C++ CUDA kernels of csrc/cuda on the CPU.
+
+Its semantics (shuffles, barriers, shared memory, atomics), the misuse it refuses (exited or diverged lanes,
+deadlocks, misaligned vector accesses, bad launch configurations), the source rewrite, and what the kernels do on
+every emulated device (grid sizes from one SM to an H200's 132). The ops themselves are tested against the reference
+on the ``cuda_emu`` backend of the op tests (tests/op_support.py).
+"""
+import pytest
+import torch
+
+import cuda_emulator
+from eventful_kernels import reference as R
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the C++ CUDA kernels for real")
+
+
+@pytest.fixture(scope="module")
+def emu():
+    e = cuda_emulator.load()
+    yield e
+    e._set_device(2)
+
+
+def test_warp_shuffles_and_block_barriers(emu):
+    assert emu._selftest("xor_sum").tolist() == [496] * 64
+    want = [100 + (lane + 3 if lane % 8 + 3 < 8 else lane) for lane in range(32)]
+    assert emu._selftest("down_width8").tolist() == want
+    assert emu._selftest("block_sum").tolist() == [sum(range(256)) * b for b in (1, 2, 3)]
+    assert emu._selftest("atomic").tolist() == [1000, 999]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("exited_lane", "__shfl_xor_sync: a lane named in the mask exited while others wait for it"),
+    ("split_sync", "lanes of one warp wait at different synchronization points"),
+    ("deadlock", "deadlock in block (0,0,0)"),
+    ("misaligned", "misaligned address: a 16-byte access at an address = 4 (mod 16)"),
+    ("too_many_threads", "CUDA error: invalid configuration argument"),
+    ("empty_grid", "CUDA error: invalid configuration argument"),
+])
+def test_misuse_raises(emu, case, message):
+    with pytest.raises(RuntimeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        emu._selftest(case)
+
+
+def test_rewrite_of_launches_and_casts():
+    src = ("k<T, 4><<<grid, dim3(32, 8), 0, stream>>>(a, b);\n"
+           "noop<<<1, 32>>>();\n"
+           "auto* p = reinterpret_cast<const vec_t*>(q);\n")
+    out = cuda_emulator.rewrite_kernels(src)
+    assert "::emu::launch(::emu::LaunchConfig{grid, dim3(32, 8), 0, stream}, k<T, 4>, a, b);" in out
+    assert "::emu::launch(::emu::LaunchConfig{1, 32}, noop);" in out
+    assert "::emu::reinterpret<const vec_t*>(q)" in out and "<<<" not in out
+    with pytest.raises(ValueError, match="kernel launch"):
+        cuda_emulator.rewrite_kernels("k<<<(1), 2>>> (x);\nbroken<<<1 2>>\n")
+    assert "TORCH_LIBRARY_IMPL(eventful_emu, CPU, m)" in cuda_emulator.rewrite_registration(
+        "TORCH_LIBRARY_IMPL(eventful, CUDA, m) {}")
+
+
+def test_every_cuda_op_has_a_wrapper():
+    names = cuda_emulator.op_names()
+    assert {"gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "token_gate"} <= set(names)
+    assert set(vars(cuda_emulator.ops_module(cuda_emulator.load()))) == set(names)
+
+
+def _ops_case(dtype, g):
+    """One call of every C++ CUDA op on shapes that need many blocks (several grid-stride turns on small devices)."""
+    x = torch.randn(2, 3, 300, 72, generator=g).to(dtype)
+    idx = torch.stack([torch.randperm(300, generator=g)[:130] for _ in range(2)])
+    src_rows = torch.randn(2, 3, 130, 72, generator=g).to(dtype)
+    c = torch.randn(3, 400, 40, generator=g).to(dtype)
+    ref = torch.randn(3, 400, 40, generator=g).to(dtype)
+    return x, idx, src_rows, c, ref
+
+
+def _run_ops(ops, case):
+    x, idx, src_rows, c, ref = (t.clone() for t in case)
+    xt = x.transpose(-1, -2).contiguous()
+    out = [ops.gather_rows(x, idx), ops.gather_cols(xt, idx)]
+    out.append(ops.scatter_rows_(x.clone(), idx, src_rows))
+    out.append(ops.scatter_cols_(xt.clone(), idx, src_rows.transpose(-1, -2)))
+    index, c_sel = ops.token_gate(c, ref, 97)
+    return out + [index, c_sel, ref]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("device", range(5))
+def test_every_grid_size_matches_the_reference(emu, device, dtype):
+    emu._set_device(device)
+    case = _ops_case(dtype, torch.Generator().manual_seed(device))
+    got = _run_ops(cuda_emulator.ops_module(emu), case)
+    want = _run_ops(R, case)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_one_kernel_launch_per_unchecked_op(emu):
+    """Unchecked ops launch one kernel (the gate two: scores, then the row copy; top-k and sort are torch ops);
+    a checked index adds the one validation kernel."""
+    ops = cuda_emulator.ops_module(emu)
+    x = torch.randn(2, 50, 16)
+    idx = torch.tensor([[3, 1, -1], [0, 49, 7]])
+
+    def launches(fn):
+        before = emu._launches()
+        fn()
+        return emu._launches() - before
+
+    assert launches(lambda: ops.gather_rows(x, idx, check_index=False)) == 1
+    assert launches(lambda: ops.gather_rows(x, idx)) == 2
+    assert launches(lambda: ops.scatter_rows_(x, idx, torch.randn(2, 3, 16), check_index=False)) == 1
+    assert launches(lambda: ops.gather_cols(x, idx[:, :2] % 16, check_index=False)) == 1
+    assert launches(lambda: ops.scatter_cols_(x, idx[:, :2] % 16, torch.randn(2, 50, 2), check_index=False)) == 1
+    assert launches(lambda: ops.token_gate(x, torch.zeros_like(x), 5)) == 2
+    assert launches(lambda: ops.token_gate(x, torch.zeros_like(x), 50)) == 1  # k = N: every token, no scores
