@@ -11,8 +11,11 @@ kernels' own index arithmetic, vector-width choices, grid-stride loops, reductio
 Emulated devices (``torch.ops.eventful_emu._set_device(d)``): their SM counts set the grid sizes; device 0 has an
 H200's 132 SMs, the others 1, 2 (the default), 3 and 7, so grid-stride loops take one or many turns.
 
-What it cannot show: speed, memory-access races between threads (threads run one at a time between synchronization
-points), and misaligned vector accesses (the CPU allows them; tests check the alignment rules separately).
+Checked as a GPU would: warp shuffles and barriers (a lane that exited or diverged raises, a deadlock raises), the
+alignment of every pointer a kernel casts to a wider type (``reinterpret_cast`` is rewritten into a checked cast: a
+misaligned 16-byte access faults on a GPU while a CPU allows it), launch configurations. Not checked: speed, races
+between threads (they run one at a time between synchronization points), and out-of-bounds addresses (a stray access
+may crash the test process or go unseen; the op tests' guard buffers catch stray writes next to the tensors).
 
 ``load()`` builds once per build directory (ninja, incremental) and returns the ops module, or raises.
 """
