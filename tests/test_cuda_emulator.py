@@ -110,5 +110,36 @@ def test_one_kernel_launch_per_unchecked_op(emu):
     assert launches(lambda: ops.scatter_rows_(x, idx, torch.randn(2, 3, 16), check_index=False)) == 1
     assert launches(lambda: ops.gather_cols(x, idx[:, :2] % 16, check_index=False)) == 1
     assert launches(lambda: ops.scatter_cols_(x, idx[:, :2] % 16, torch.randn(2, 50, 2), check_index=False)) == 1
-    assert launches(lambda: ops.token_gate(x, torch.zeros_like(x), 5)) == 2
+    assert launches(lambda: ops.token_gate(x, torch.zeros_like(x), 5)) == 3  # scores, selection, row copy
     assert launches(lambda: ops.token_gate(x, torch.zeros_like(x), 50)) == 1  # k = N: every token, no scores
+    wide = torch.randn(1, 4097, 2)  # beyond the one-block selection: at::topk and at::sort pick the ids
+    assert launches(lambda: ops.token_gate(wide, torch.zeros_like(wide), 5)) == 2
+
+
+def _same(a, b):
+    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
+
+
+@pytest.mark.parametrize("n", [2, 33, 197, 1025, 4096, 4097])
+@pytest.mark.parametrize("scores", ["distinct", "ties", "nan"])
+def test_gate_selection_across_token_counts(emu, n, scores):
+    """The one-block radix selection (N <= 4096) and the top-k fallback (N > 4096) pick exactly the reference's
+    tokens: k largest scores, equal scores to the lower id, NaN above +inf, ids ascending."""
+    g = torch.Generator().manual_seed(n)
+    ops = cuda_emulator.ops_module(emu)
+    for k in sorted({1, 2, n // 3, n - 1} - {0}):
+        c = torch.randn(3, n, 8, generator=g)
+        ref = torch.zeros(3, n, 8)
+        if scores == "ties":  # two thirds of the tokens score exactly 0, the rest few distinct values
+            c = (c * 2).round() / 2
+            ref = c.clone()
+            ref[:, ::3] = 0
+        elif scores == "nan":
+            c[0, n // 2] = float("nan")
+            c[1, n - 1] = float("inf")
+            c[2] = 1.0  # one row where every score is equal
+        got_ref, want_ref = ref.clone(), ref.clone()
+        index, c_sel = ops.token_gate(c, got_ref, k)
+        want_index, want_sel = R.token_gate(c, want_ref, k)
+        assert torch.equal(index, want_index), (n, k)
+        assert _same(c_sel, want_sel) and _same(got_ref, want_ref)

@@ -37,6 +37,11 @@ void index_check_cuda(const at::TensorBase& index, int64_t n, bool unique, const
 // keys[b, n] (int64, contiguous [B, N]) = gate key of ||c[b, n] - ref[b, n]||_2 (float32), see gate_key().
 void gate_keys_cuda(const at::TensorBase& c, const at::TensorBase& ref, const at::TensorBase& keys);
 
+// index [B, k] (int64, contiguous) = the k largest keys of each row of keys [B, N] (int64, contiguous; gate_keys_cuda)
+// in ascending token order, for N <= kSelectMaxN and 1 <= k < N. One block per batch row, no sort.
+constexpr int64_t kSelectMaxN = 4096;
+void gate_select_cuda(const at::TensorBase& keys, int64_t k, const at::TensorBase& index);
+
 // Range (and uniqueness) check of a CUDA index with one device-to-host read of a 16-byte flag; on an error the
 // index is copied to the host and check_index_values_cpu raises. Defined in gather_scatter_ops.cpp; ops call it only
 // when check_index is true.

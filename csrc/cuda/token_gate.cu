@@ -104,7 +104,125 @@ void launch_keys(const at::TensorBase& c, const at::TensorBase& ref, const at::T
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Top-k selection of one batch row per block (N <= kSelectMaxN), straight from the keys: a radix select on the
+// score bits (the keys' high words; four passes of 8-bit digits, each a shared-memory histogram scanned by one warp)
+// finds the k-th largest score S and how many tokens scoring S to take; a block-wide scan in token order then writes
+// every token above S and the first `need` tokens at S, i.e. the k largest keys (ties -> lower id) in ascending id
+// order, with no sort.
+
+constexpr int kSelectThreads = 1024;
+constexpr int kSelectPer = kSelectMaxN / kSelectThreads;  // tokens per thread at most
+
+// Exclusive scan of `v` over the block (blockDim.x a multiple of 32); `warp_sums` holds blockDim.x / 32 entries.
+// Returns the sum over lower threads; `total` gets the block's sum.
+__device__ __forceinline__ unsigned block_exclusive_scan(unsigned v, unsigned* warp_sums, unsigned* total) {
+  const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  unsigned incl = v;
+  for (int o = 1; o < 32; o <<= 1) {
+    const unsigned up = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= static_cast<unsigned>(o)) incl += up;
+  }
+  __syncthreads();  // warp_sums may still be read by a previous scan
+  if (lane == 31) warp_sums[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    unsigned w = lane < warps ? warp_sums[lane] : 0u;
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned up = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= static_cast<unsigned>(o)) w += up;
+    }
+    if (lane < warps) warp_sums[lane] = w;  // inclusive sums of the warp totals
+  }
+  __syncthreads();
+  *total = warp_sums[warps - 1];
+  return (warp > 0 ? warp_sums[warp - 1] : 0u) + incl - v;
+}
+
+__global__ void __launch_bounds__(kSelectThreads)
+    gate_select_kernel(const int64_t* __restrict__ keys, int64_t N, int64_t k, int64_t* __restrict__ index) {
+  __shared__ unsigned hist[256];
+  __shared__ unsigned warp_sums[kSelectThreads / 32];
+  __shared__ unsigned chosen_digit, chosen_remaining;
+  const int64_t b = blockIdx.x;
+  const unsigned per = static_cast<unsigned>((N + blockDim.x - 1) / blockDim.x);
+  const int64_t first = static_cast<int64_t>(threadIdx.x) * per;  // this thread's tokens: [first, first + per)
+  uint32_t score[kSelectPer];
+  bool valid[kSelectPer];
+#pragma unroll
+  for (int i = 0; i < kSelectPer; ++i) {
+    const int64_t n = first + i;
+    valid[i] = static_cast<unsigned>(i) < per && n < N;
+    score[i] = valid[i] ? static_cast<uint32_t>(static_cast<uint64_t>(keys[b * N + n]) >> 32) : 0u;
+  }
+  // radix select: the `remaining`-th largest score among those matching `prefix` on the bits of `mask`
+  uint32_t prefix = 0, mask = 0;
+  unsigned remaining = static_cast<unsigned>(k);
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (unsigned j = threadIdx.x; j < 256; j += blockDim.x) hist[j] = 0;
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kSelectPer; ++i) {
+      if (valid[i] && (score[i] & mask) == prefix) atomicAdd(&hist[(score[i] >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      // lane l owns digits 255 - 8l down to 248 - 8l; scan the lanes' totals from the top digit down
+      const unsigned lane = threadIdx.x;
+      unsigned own = 0;
+      for (int j = 0; j < 8; ++j) own += hist[255 - 8 * lane - j];
+      unsigned incl = own;
+      for (int o = 1; o < 32; o <<= 1) {
+        const unsigned up = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= static_cast<unsigned>(o)) incl += up;
+      }
+      const unsigned hit = __ballot_sync(0xffffffffu, incl >= remaining);  // the counts cover `remaining`
+      const unsigned owner = static_cast<unsigned>(__ffs(static_cast<int>(hit)) - 1);
+      if (lane == owner) {
+        unsigned above = incl - own;  // scores with a larger digit
+        int d = 255 - 8 * static_cast<int>(lane);
+        for (int j = 0; j < 7 && above + hist[d] < remaining; ++j, --d) above += hist[d];
+        chosen_digit = static_cast<unsigned>(d);
+        chosen_remaining = remaining - above;
+      }
+    }
+    __syncthreads();
+    prefix |= chosen_digit << shift;
+    mask |= 255u << shift;
+    remaining = chosen_remaining;
+  }
+  // prefix is the k-th largest score S; `remaining` tokens scoring S are taken, the lowest ids first
+  unsigned ties = 0;
+#pragma unroll
+  for (int i = 0; i < kSelectPer; ++i) ties += valid[i] && score[i] == prefix;
+  unsigned total;
+  unsigned tie_rank = block_exclusive_scan(ties, warp_sums, &total);
+  bool take[kSelectPer];
+  unsigned taken = 0;
+#pragma unroll
+  for (int i = 0; i < kSelectPer; ++i) {
+    take[i] = valid[i] && (score[i] > prefix || (score[i] == prefix && tie_rank++ < remaining));
+    taken += take[i];
+  }
+  unsigned slot = block_exclusive_scan(taken, warp_sums, &total);
+#pragma unroll
+  for (int i = 0; i < kSelectPer; ++i) {
+    if (take[i]) index[b * k + slot++] = first + i;
+  }
+}
+
 }  // namespace
+
+void gate_select_cuda(const at::TensorBase& keys, int64_t k, const at::TensorBase& index) {
+  const int64_t B = keys.size(0), N = keys.size(1);
+  TORCH_INTERNAL_ASSERT(N <= kSelectMaxN && k >= 1 && k < N);
+  if (B == 0) return;
+  const c10::cuda::CUDAGuard guard(keys.device());
+  const int threads = static_cast<int>(std::min<int64_t>(kSelectThreads, ceil_div(N, 32) * 32));
+  gate_select_kernel<<<static_cast<unsigned>(B), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      keys.const_data_ptr<int64_t>(), N, k, index.mutable_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 void gate_keys_cuda(const at::TensorBase& c, const at::TensorBase& ref, const at::TensorBase& keys) {
   if (c.size(0) * c.size(1) == 0) return;

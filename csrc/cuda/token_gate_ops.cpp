@@ -1,7 +1,8 @@
 // CUDA token_gate (semantics: eventful_kernels/reference.py): one kernel computes every token's selection key from
-// c and ref (float32 ||c - ref||_2, no N x D temporary), at::topk on the [B, N] int64 keys picks the k best
-// (unique keys, so equal scores go to the lower id exactly as the reference's stable sort), at::sort puts the ids
-// in ascending order, and one kernel copies the selected rows of c into c_sel and into ref. No host sync.
+// c and ref (float32 ||c - ref||_2, no N x D temporary; unique keys, equal scores rank the lower id first); for
+// N <= kSelectMaxN one block per batch row selects the k largest keys in ascending id order (radix select, no
+// sort), beyond it at::topk picks them and at::sort orders the ids; one kernel then copies the selected rows of c
+// into c_sel and into ref. No host sync; three launches up to kSelectMaxN tokens.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -24,6 +25,11 @@ at::Tensor select_topk(const at::Tensor& c, const at::Tensor& ref, int64_t k) {
   if (k == N) return at::arange(N, long_opts).expand({B, N}).contiguous();  // every token; scores not needed
   const at::Tensor keys = at::empty({B, N}, long_opts);
   gate_keys_cuda(c, ref, keys);
+  if (N <= kSelectMaxN) {
+    at::Tensor index = at::empty({B, k}, long_opts);
+    gate_select_cuda(keys, k, index);
+    return index;
+  }
   const at::Tensor picked = std::get<1>(at::topk(keys, k, /*dim=*/1, /*largest=*/true, /*sorted=*/false));
   return std::get<0>(at::sort(picked, /*dim=*/1));
 }

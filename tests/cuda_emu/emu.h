@@ -65,6 +65,7 @@ extern thread_local Block* current_block;
 
 // Synchronization points (runtime.cpp). A shuffle passes 8 raw bytes per lane.
 uint64_t warp_exchange(uint64_t value, int src_lane, unsigned mask, const char* what);
+unsigned warp_ballot(unsigned mask, bool predicate);  // bit l: lane l's predicate, for the lanes of mask
 void warp_sync(unsigned mask);
 void block_sync();
 [[noreturn]] void device_fail(const char* what);
@@ -161,6 +162,9 @@ inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   const int pick = src >= (lane & ~(width - 1)) ? src : lane;
   return ::emu::from_bits<T>(::emu::warp_exchange(::emu::to_bits(v), pick, mask, "__shfl_up_sync"));
 }
+inline unsigned __ballot_sync(unsigned mask, int predicate) { return ::emu::warp_ballot(mask, predicate != 0); }
+inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
+inline int __all_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) == mask; }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { ::emu::warp_sync(mask); }
 inline void __syncthreads() { ::emu::block_sync(); }
 

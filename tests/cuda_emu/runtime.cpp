@@ -207,6 +207,17 @@ uint64_t warp_exchange(uint64_t value, int src_lane, unsigned mask, const char* 
   return out;
 }
 
+unsigned warp_ballot(unsigned mask, bool predicate) {
+  WarpState& w = run->warps[run->running->t.warp];
+  w.slots[run->running->t.lane] = predicate;
+  warp_barrier(mask, "__ballot_sync");
+  unsigned out = 0;
+  for (int l = 0; l < 32; ++l)
+    if ((mask >> l & 1u) && w.slots[l]) out |= 1u << l;
+  warp_barrier(mask, "__ballot_sync");
+  return out;
+}
+
 void warp_sync(unsigned mask) { warp_barrier(mask, "__syncwarp"); }
 
 void block_sync() {
