@@ -12,6 +12,8 @@ output too, an in-place op against a copy into a preallocated tensor.
 
 Shapes (ViT-B): tokens D = 768, attention H = 12 heads of d = 64, B = 1, int64 index of K distinct sorted ids.
 ``fused_unchecked`` (GPU only) passes ``check_index=False``: no index value check, hence no host sync.
+``triton`` (GPU only, for the ops the dispatcher sends to a C++ CUDA kernel): the Triton kernel of the same op,
+called as ``fused_unchecked`` (as ``fused`` for the gates), so the two GPU implementations are measured side by side.
 """
 from __future__ import annotations
 
@@ -99,9 +101,23 @@ class Case:
         impls = {"fused": lambda: fused(*self.args), "composition": lambda: composition(*self.args)}
         if device != "cpu" and self.op in TAKES_INDEX:
             impls["fused_unchecked"] = lambda: fused(*self.args, check_index=False)
+        name = FUNCTION.get(self.op, self.op)
+        if device != "cpu" and name not in _triton_served():
+            import eventful_kernels.triton as T
+
+            kernel = getattr(T, name)
+            impls["triton"] = ((lambda: kernel(*self.args, check_index=False)) if self.op in TAKES_INDEX
+                               else (lambda: kernel(*self.args)))
         if self.copy is not None:
             impls["copy"] = self.copy
         return impls
+
+
+def _triton_served() -> set:
+    """The ops Triton serves through the dispatcher on CUDA (all of them when triton is missing: no column)."""
+    import eventful_kernels.triton as T
+
+    return set(T.registered_ops()) if T.AVAILABLE else set(OPS) | set(FUNCTION.values())
 
 
 def _sync(device: str) -> None:

@@ -33,6 +33,33 @@ def test_harness_writes_every_case_with_like_for_like_yardsticks(tmp_path):
     assert data["threads"] == 1 and data["kind"] == "ops" and data["dtype"] == "fp32"
 
 
+def test_gpu_cases_measure_the_triton_kernel_of_ops_served_by_cpp_cuda(monkeypatch):
+    """On a GPU, an op the dispatcher sends to a C++ CUDA kernel is also timed on its Triton kernel (run here on CPU
+    tensors under the Triton interpreter); an op Triton already serves gets no duplicate column."""
+    import torch
+    import eventful_kernels.triton as T
+
+    if not T.AVAILABLE:
+        pytest.skip("triton not installed")
+    monkeypatch.setattr(bench_ops, "_triton_served", lambda: {"qk_update_", "token_gate_threshold"})
+    gate = bench_ops.Case("token_gate", 16, 4, torch.float32, "cpu")
+    impls = gate.implementations("cuda")
+    assert set(impls) == {"fused", "composition", "triton"}
+    c = gate.args[0]
+    index, c_sel = impls["triton"]()  # the Triton gate on the case's own tensors
+    assert torch.equal(gate.args[1][0, index[0]], c[0, index[0]]) and c_sel.shape == (1, 4, c.shape[-1])
+    rows = bench_ops.Case("gather_rows", 16, 4, torch.float32, "cpu").implementations("cuda")
+    assert set(rows) == {"fused", "composition", "fused_unchecked", "triton", "copy"}
+    assert torch.equal(rows["triton"](), rows["fused_unchecked"]())
+    assert "triton" not in bench_ops.Case("qk_update_", 16, 4, torch.float32, "cpu").implementations("cuda")
+    data = {"date": "d", "device_type": "cuda", "device": "GPU", "threads": 1, "torch": "t", "dtype": "fp16",
+            "command": "c", "results": [{"op": "token_gate", "n": 16, "k": 4, "bytes": 1, "times": {
+                name: {"median_ms": 1.0, "min_ms": 0.5} for name in ("fused", "composition", "triton")}}]}
+    table = render.ops_table(data)
+    assert "| Triton kernel |" in table and "| token_gate | 16 | 4 | 1.000 (0.500) | 1.000 (0.500) | 1.00x | " \
+        "1.000 (0.500) |" in table
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(SystemExit):
         bench_ops.main(["--ops", "gather_rowz"])
