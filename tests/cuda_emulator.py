@@ -15,7 +15,12 @@ Checked as a GPU would: warp shuffles and barriers (a lane that exited or diverg
 alignment of every pointer a kernel casts to a wider type (``reinterpret_cast`` is rewritten into a checked cast: a
 misaligned 16-byte access faults on a GPU while a CPU allows it), launch configurations. Not checked: speed, races
 between threads (they run one at a time between synchronization points), and out-of-bounds addresses (a stray access
-may crash the test process or go unseen; the op tests' guard buffers catch stray writes next to the tensors).
+may crash the test process or go unseen, unless AddressSanitizer is on: see below).
+
+Out-of-bounds accesses are caught by AddressSanitizer: with ``EVENTFUL_CUDA_EMU_ASAN=1`` the emulated kernels are
+built instrumented (a separate build) and the process must run with libasan preloaded, as
+``test_cuda_emulator.py::test_op_tests_under_address_sanitizer`` does for the op tests (``asan_env()``): every read or
+write outside a tensor's allocation then stops the run with a report naming the kernel.
 
 ``load()`` builds once per build directory (ninja, incremental) and returns the ops module, or raises.
 """
@@ -88,7 +93,7 @@ def _write(path: str, text: str) -> str:
     return path
 
 
-def sources(build: str = BUILD) -> list:
+def sources(build: str) -> list:
     src = os.path.join(build, "src")
     os.makedirs(src, exist_ok=True)
     out = [os.path.join(EMU, "runtime.cpp")]
@@ -106,20 +111,51 @@ def sources(build: str = BUILD) -> list:
 
 
 _loaded = None
+ASAN = os.environ.get("EVENTFUL_CUDA_EMU_ASAN", "") == "1"
+_ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer"]
 
 
-def load(build: str = BUILD, verbose: bool = False):
+def _compiler_file(name: str) -> str:
+    import subprocess
+
+    try:
+        path = subprocess.run([os.environ.get("CXX", "g++"), f"-print-file-name={name}"], capture_output=True,
+                              text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return os.path.realpath(path) if os.path.isabs(path) and os.path.exists(path) else ""
+
+
+def libasan() -> str:
+    """Path of the compiler's AddressSanitizer runtime ('' when the compiler has none)."""
+    return _compiler_file("libasan.so")
+
+
+def asan_env(log_dir: str) -> dict:
+    """Environment of a process that loads the instrumented build: libasan preloaded with the C++ runtime (Python
+    does not link libstdc++, and ASan must find its __cxa_throw at start-up or every C++ exception aborts), leaks not
+    reported (Python keeps objects alive at exit), the first error fatal, reports written to ``log_dir``/asan.*
+    (pytest's capture would swallow them)."""
+    preload = " ".join(p for p in (libasan(), _compiler_file("libstdc++.so.6")) if p)
+    return dict(os.environ, EVENTFUL_CUDA_EMU_ASAN="1", LD_PRELOAD=preload,
+                ASAN_OPTIONS=f"detect_leaks=0:halt_on_error=1:log_path={os.path.join(log_dir, 'asan')}")
+
+
+def load(build: str = None, verbose: bool = False):
     """Build (if needed) and load the emulated kernels; returns ``torch.ops.eventful_emu``."""
     global _loaded
     if _loaded is None:
         from torch.utils import cpp_extension
 
+        build = build or (BUILD + "_asan" if ASAN else BUILD)
         os.makedirs(build, exist_ok=True)
         cpp_extension.load(
-            name="eventful_cuda_emu",
+            name="eventful_cuda_emu" + ("_asan" if ASAN else ""),
             sources=sources(build),
             extra_include_paths=[os.path.join(EMU, "shim"), EMU, CUDA_SRC, os.path.join(ROOT, "csrc", "include")],
-            extra_cflags=["-include", os.path.join(EMU, "emu.h"), "-O1", "-fno-strict-aliasing"],
+            extra_cflags=["-include", os.path.join(EMU, "emu.h"), "-O1", "-fno-strict-aliasing"]
+            + (_ASAN_FLAGS if ASAN else []),
+            extra_ldflags=_ASAN_FLAGS if ASAN else [],
             build_directory=build,
             is_python_module=False,
             verbose=verbose,

@@ -5,6 +5,10 @@ deadlocks, misaligned vector accesses, bad launch configurations), the source re
 every emulated device (grid sizes from one SM to an H200's 132). The ops themselves are tested against the reference
 on the ``cuda_emu`` backend of the op tests (tests/op_support.py).
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -143,3 +147,24 @@ def test_gate_selection_across_token_counts(emu, n, scores):
         want_index, want_sel = R.token_gate(c, want_ref, k)
         assert torch.equal(index, want_index), (n, k)
         assert _same(c_sel, want_sel) and _same(got_ref, want_ref)
+
+
+@pytest.mark.slow
+def test_op_tests_under_address_sanitizer(tmp_path):
+    """The op tests of the C++ CUDA kernels (backend cuda_emu) and this file's kernel cases again, with the kernels
+    built under AddressSanitizer: no access outside any tensor's allocation (an illegal address on a GPU)."""
+    if cuda_emulator.ASAN:
+        pytest.skip("already running under AddressSanitizer")
+    if not cuda_emulator.libasan():
+        pytest.skip("the compiler has no AddressSanitizer runtime")
+    root = cuda_emulator.ROOT
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+           os.path.join(root, "tests", "test_gather_scatter.py"), os.path.join(root, "tests", "test_token_gate.py"),
+           os.path.join(root, "tests", "test_cuda_emulator.py"), "-k", "cuda_emu or grid_size or selection"]
+    proc = subprocess.run(cmd, cwd=root, env=cuda_emulator.asan_env(str(tmp_path)), capture_output=True, text=True,
+                          timeout=2400)
+    reports = "".join(p.read_text() for p in sorted(tmp_path.glob("asan*")))
+    errors = [line for line in reports.splitlines() if "AddressSanitizer" in line and "swapcontext" not in line]
+    assert not errors, reports[-6000:]
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-3000:]
