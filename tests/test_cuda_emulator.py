@@ -168,3 +168,29 @@ def test_op_tests_under_address_sanitizer(tmp_path):
     assert not errors, reports[-6000:]
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-3000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_aligned_rows_move_as_16_byte_vectors(emu, dtype):
+    """Row copies and the gate's score pass load and store 16 bytes at a time when rows allow it (unit feature
+    stride, row bytes and strides multiples of 16, aligned base), and fall back to the widest unit that fits."""
+    ops = cuda_emulator.ops_module(emu)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 40, 64, generator=g).to(dtype)
+    idx = torch.stack([torch.randperm(40, generator=g)[:9] for _ in range(2)])
+    emu._launch_log()
+    ops.gather_rows(x, idx, check_index=False)
+    ops.scatter_rows_(x, idx, torch.randn(2, 3, 9, 64, generator=g).to(dtype), check_index=False)
+    ops.gather_cols(x, idx, check_index=False)  # columns: element-wise by design
+    c, ref = x[:, 0], torch.zeros(2, 40, 64, dtype=dtype)
+    ops.token_gate(c, ref, 7)  # scores, selection, row copy into c_sel and ref
+    assert emu._launch_log() == [16, 16, 0, 16, 0, 16]
+    esize = x.element_size()
+    odd = torch.randn(2, 1, 40, 66, generator=g).to(dtype)[..., 1:65]  # base one element in, rows of 66 elements
+    ops.gather_rows(odd, idx, check_index=False)
+    want = 4 if esize == 4 else 2  # 66-element rows of 2-byte elements: 4-byte units would need an even offset
+    assert emu._launch_log() == [want]
+    narrow = torch.randn(2, 40, 3, generator=g).to(dtype)  # 3-element rows: element-wise
+    ops.gather_rows(narrow, idx, check_index=False)
+    ops.token_gate(narrow, torch.zeros_like(narrow), 5)
+    assert emu._launch_log() == [esize, 0, 0, esize]

@@ -98,6 +98,7 @@ void launch(const LaunchConfig& cfg, void (*kernel)(P...), A&&... args) {
 }
 
 [[noreturn]] void misaligned(const void* p, size_t align);
+void note_access_width(size_t bytes);  // the widest pointer cast of the running launch (runtime.cpp)
 
 // reinterpret_cast in the emulated sources (the loader rewrites it): a pointer cast to a type the GPU must access
 // aligned is checked, as an unaligned vector access faults on a GPU while a CPU allows it.
@@ -107,6 +108,7 @@ inline To reinterpret(From p) {
     using E = std::remove_cv_t<std::remove_pointer_t<To>>;
     if constexpr (!std::is_void_v<E>) {
       if (reinterpret_cast<uintptr_t>(p) % alignof(E) != 0) misaligned(static_cast<const void*>(p), alignof(E));
+      note_access_width(sizeof(E));
     }
   }
   return reinterpret_cast<To>(p);

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstring>
 #include <deque>
 #include <memory>
@@ -27,6 +28,7 @@ constexpr unsigned kMaxThreads = 1024;
 constexpr int kSms[] = {132, 1, 2, 3, 7};
 int current_device_index = 2;
 int64_t launch_count = 0;
+std::vector<int64_t> launch_widths;  // per launch since the last _launch_log(): its widest cast access in bytes
 cudaError_t last_error = cudaSuccess;
 
 struct Fiber {
@@ -231,8 +233,14 @@ void block_sync() {
   wait_for_change(&r.block_gen);
 }
 
+void note_access_width(size_t bytes) {
+  if (run == nullptr || launch_widths.empty()) return;  // host code
+  launch_widths.back() = std::max<int64_t>(launch_widths.back(), static_cast<int64_t>(bytes));
+}
+
 void run_grid(const LaunchConfig& cfg, void (*body)(void*), void* ctx) {
   ++launch_count;
+  launch_widths.push_back(0);
   if (!valid_config(cfg)) {
     last_error = cudaErrorInvalidConfiguration;
     return;
@@ -300,9 +308,18 @@ void set_device(int64_t d) {
 
 int64_t launches() { return emu::launch_count; }
 
+// The widest access (bytes) each kernel launched since the previous call made through a cast pointer (0: none,
+// element-wise access only), in launch order; clears the log.
+std::vector<int64_t> launch_log() {
+  std::vector<int64_t> out;
+  out.swap(emu::launch_widths);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(eventful_emu, m) {
   m.def("_set_device(int device) -> ()", &set_device);
   m.def("_launches() -> int", &launches);
+  m.def("_launch_log() -> int[]", &launch_log);
 }
