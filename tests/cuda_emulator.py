@@ -183,8 +183,11 @@ def ops_module(emu) -> types.SimpleNamespace:
     def token_gate(c, ref, k):
         return emu.token_gate(c, ref, k)
 
+    def token_gate_threshold(c, ref, threshold, capacity):
+        return emu.token_gate_threshold(c, ref, threshold, capacity)
+
     fns = dict(gather_rows=gather_rows, scatter_rows_=scatter_rows_, gather_cols=gather_cols,
-               scatter_cols_=scatter_cols_, token_gate=token_gate)
+               scatter_cols_=scatter_cols_, token_gate=token_gate, token_gate_threshold=token_gate_threshold)
     missing = set(op_names()) - set(fns)
     if missing:
         raise ValueError(f"ops_module lacks wrappers for the C++ CUDA ops {sorted(missing)}")

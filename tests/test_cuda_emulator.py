@@ -62,7 +62,8 @@ def test_rewrite_of_launches_and_casts():
 
 def test_every_cuda_op_has_a_wrapper():
     names = cuda_emulator.op_names()
-    assert {"gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "token_gate"} <= set(names)
+    assert {"gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "token_gate",
+            "token_gate_threshold"} <= set(names)
     assert set(vars(cuda_emulator.ops_module(cuda_emulator.load()))) == set(names)
 
 
@@ -116,8 +117,9 @@ def test_one_kernel_launch_per_unchecked_op(emu):
     assert launches(lambda: ops.scatter_cols_(x, idx[:, :2] % 16, torch.randn(2, 50, 2), check_index=False)) == 1
     assert launches(lambda: ops.token_gate(x, torch.zeros_like(x), 5)) == 3  # scores, selection, row copy
     assert launches(lambda: ops.token_gate(x, torch.zeros_like(x), 50)) == 1  # k = N: every token, no scores
-    wide = torch.randn(1, 4097, 2)  # beyond the one-block selection: at::topk and at::sort pick the ids
-    assert launches(lambda: ops.token_gate(wide, torch.zeros_like(wide), 5)) == 2
+    wide = torch.randn(1, 4097, 2)
+    assert launches(lambda: ops.token_gate(wide, torch.zeros_like(wide), 5)) == 3
+    assert launches(lambda: ops.token_gate_threshold(wide, torch.zeros_like(wide), 0.5, 40)) == 3
 
 
 def _same(a, b):
@@ -127,8 +129,9 @@ def _same(a, b):
 @pytest.mark.parametrize("n", [2, 33, 197, 1025, 4096, 4097])
 @pytest.mark.parametrize("scores", ["distinct", "ties", "nan"])
 def test_gate_selection_across_token_counts(emu, n, scores):
-    """The one-block radix selection (N <= 4096) and the top-k fallback (N > 4096) pick exactly the reference's
-    tokens: k largest scores, equal scores to the lower id, NaN above +inf, ids ascending."""
+    """The per-row radix selection picks exactly the reference's tokens for any N (one or several rounds of the
+    block): k largest scores, equal scores to the lower id, NaN above +inf, ids ascending; the threshold gate the
+    same among the tokens above the threshold (never NaN), then -1."""
     g = torch.Generator().manual_seed(n)
     ops = cuda_emulator.ops_module(emu)
     for k in sorted({1, 2, n // 3, n - 1} - {0}):
@@ -147,6 +150,12 @@ def test_gate_selection_across_token_counts(emu, n, scores):
         want_index, want_sel = R.token_gate(c, want_ref, k)
         assert torch.equal(index, want_index), (n, k)
         assert _same(c_sel, want_sel) and _same(got_ref, want_ref)
+        for threshold in (-1e300, 0.0, 0.5, 1e300):  # +-1e300: +-inf in float32
+            got_ref, want_ref = ref.clone(), ref.clone()
+            got = ops.token_gate_threshold(c, got_ref, threshold, k)
+            want = R.token_gate_threshold(c, want_ref, threshold, k)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (n, k, threshold)
+            assert _same(got[2], want[2]) and _same(got_ref, want_ref)
 
 
 @pytest.mark.slow

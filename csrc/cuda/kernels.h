@@ -37,10 +37,14 @@ void index_check_cuda(const at::TensorBase& index, int64_t n, bool unique, const
 // keys[b, n] (int64, contiguous [B, N]) = gate key of ||c[b, n] - ref[b, n]||_2 (float32), see gate_key().
 void gate_keys_cuda(const at::TensorBase& c, const at::TensorBase& ref, const at::TensorBase& keys);
 
-// index [B, k] (int64, contiguous) = the k largest keys of each row of keys [B, N] (int64, contiguous; gate_keys_cuda)
-// in ascending token order, for N <= kSelectMaxN and 1 <= k < N. One block per batch row, no sort.
-constexpr int64_t kSelectMaxN = 4096;
-void gate_select_cuda(const at::TensorBase& keys, int64_t k, const at::TensorBase& index);
+// Selection from keys [B, N] (int64, contiguous; gate_keys_cuda), one block per batch row, in ascending token order,
+// no sort, no host sync:
+//   topk: index [B, k] = the k largest keys (1 <= k <= N);
+//   threshold: index [B, capacity] = the tokens scoring > threshold (never NaN), the capacity largest if more
+//   qualify, then -1; count [B] (int64) = how many were selected.
+void gate_select_topk_cuda(const at::TensorBase& keys, int64_t k, const at::TensorBase& index);
+void gate_select_threshold_cuda(const at::TensorBase& keys, float threshold, const at::TensorBase& index,
+                                const at::TensorBase& count);
 
 // Range (and uniqueness) check of a CUDA index with one device-to-host read of a 16-byte flag; on an error the
 // index is copied to the host and check_index_values_cpu raises. Defined in gather_scatter_ops.cpp; ops call it only

@@ -6,7 +6,9 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "kernels.h"
 #include "launch.cuh"
@@ -105,14 +107,25 @@ void launch_keys(const at::TensorBase& c, const at::TensorBase& ref, const at::T
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Top-k selection of one batch row per block (N <= kSelectMaxN), straight from the keys: a radix select on the
-// score bits (the keys' high words; four passes of 8-bit digits, each a shared-memory histogram scanned by one warp)
-// finds the k-th largest score S and how many tokens scoring S to take; a block-wide scan in token order then writes
-// every token above S and the first `need` tokens at S, i.e. the k largest keys (ties -> lower id) in ascending id
-// order, with no sort.
+// Selection of one batch row per block, straight from the keys. The candidates are every token (top-k) or the
+// tokens scoring above a threshold; when there are more than the budget k, a radix select on the score bits (the
+// keys' high words; four passes of 8-bit digits, each a shared-memory histogram scanned by one warp) finds the k-th
+// largest score S and how many candidates scoring S to take. Block-wide scans in token order then write every
+// candidate above S and the first `need` at S, i.e. the k largest keys (ties -> lower id) in ascending id order,
+// with no sort; slots past the selection get -1. The keys are read again by each pass (a row is a few KB, in L2).
 
 constexpr int kSelectThreads = 1024;
-constexpr int kSelectPer = kSelectMaxN / kSelectThreads;  // tokens per thread at most
+constexpr uint32_t kInfBits = 0x7f800000u;  // score bits above it are the canonical NaN
+
+struct SelectArgs {
+  const int64_t* keys;  // [B, N] contiguous
+  int64_t N, k;         // budget: at most k tokens per row
+  int64_t floor;        // threshold mode: candidates score bits > floor (-1: every non-NaN score); top-k: unused
+  bool threshold;
+  int64_t* index;  // [B, width] contiguous
+  int64_t width;
+  int64_t* count;  // [B] or nullptr
+};
 
 // Exclusive scan of `v` over the block (blockDim.x a multiple of 32); `warp_sums` holds blockDim.x / 32 entries.
 // Returns the sum over lower threads; `total` gets the block's sum.
@@ -139,31 +152,35 @@ __device__ __forceinline__ unsigned block_exclusive_scan(unsigned v, unsigned* w
   return (warp > 0 ? warp_sums[warp - 1] : 0u) + incl - v;
 }
 
-__global__ void __launch_bounds__(kSelectThreads)
-    gate_select_kernel(const int64_t* __restrict__ keys, int64_t N, int64_t k, int64_t* __restrict__ index) {
+__device__ __forceinline__ bool is_candidate(const SelectArgs& a, uint32_t score) {
+  return !a.threshold || (score <= kInfBits && static_cast<int64_t>(score) > a.floor);
+}
+
+__global__ void __launch_bounds__(kSelectThreads) gate_select_kernel(SelectArgs a) {
   __shared__ unsigned hist[256];
   __shared__ unsigned warp_sums[kSelectThreads / 32];
   __shared__ unsigned chosen_digit, chosen_remaining;
   const int64_t b = blockIdx.x;
-  const unsigned per = static_cast<unsigned>((N + blockDim.x - 1) / blockDim.x);
-  const int64_t first = static_cast<int64_t>(threadIdx.x) * per;  // this thread's tokens: [first, first + per)
-  uint32_t score[kSelectPer];
-  bool valid[kSelectPer];
-#pragma unroll
-  for (int i = 0; i < kSelectPer; ++i) {
-    const int64_t n = first + i;
-    valid[i] = static_cast<unsigned>(i) < per && n < N;
-    score[i] = valid[i] ? static_cast<uint32_t>(static_cast<uint64_t>(keys[b * N + n]) >> 32) : 0u;
-  }
-  // radix select: the `remaining`-th largest score among those matching `prefix` on the bits of `mask`
+  const int64_t* row = a.keys + b * a.N;
+  const unsigned nt = blockDim.x;
+  auto score_at = [&](int64_t n) { return static_cast<uint32_t>(static_cast<uint64_t>(row[n]) >> 32); };
+
+  unsigned mine = 0;
+  for (int64_t n = threadIdx.x; n < a.N; n += nt) mine += is_candidate(a, score_at(n));
+  unsigned candidates;
+  block_exclusive_scan(mine, warp_sums, &candidates);
+  const unsigned budget = static_cast<unsigned>(std::min<int64_t>(a.k, candidates));
+  const bool take_all = budget == candidates;
+
+  // radix select: the `remaining`-th largest score among the candidates matching `prefix` on the bits of `mask`
   uint32_t prefix = 0, mask = 0;
-  unsigned remaining = static_cast<unsigned>(k);
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (unsigned j = threadIdx.x; j < 256; j += blockDim.x) hist[j] = 0;
+  unsigned remaining = budget;
+  for (int shift = 24; shift >= 0 && !take_all; shift -= 8) {
+    for (unsigned j = threadIdx.x; j < 256; j += nt) hist[j] = 0;
     __syncthreads();
-#pragma unroll
-    for (int i = 0; i < kSelectPer; ++i) {
-      if (valid[i] && (score[i] & mask) == prefix) atomicAdd(&hist[(score[i] >> shift) & 255u], 1u);
+    for (int64_t n = threadIdx.x; n < a.N; n += nt) {
+      const uint32_t s = score_at(n);
+      if (is_candidate(a, s) && (s & mask) == prefix) atomicAdd(&hist[(s >> shift) & 255u], 1u);
     }
     __syncthreads();
     if (threadIdx.x < 32) {
@@ -191,37 +208,70 @@ __global__ void __launch_bounds__(kSelectThreads)
     mask |= 255u << shift;
     remaining = chosen_remaining;
   }
-  // prefix is the k-th largest score S; `remaining` tokens scoring S are taken, the lowest ids first
-  unsigned ties = 0;
-#pragma unroll
-  for (int i = 0; i < kSelectPer; ++i) ties += valid[i] && score[i] == prefix;
-  unsigned total;
-  unsigned tie_rank = block_exclusive_scan(ties, warp_sums, &total);
-  bool take[kSelectPer];
-  unsigned taken = 0;
-#pragma unroll
-  for (int i = 0; i < kSelectPer; ++i) {
-    take[i] = valid[i] && (score[i] > prefix || (score[i] == prefix && tie_rank++ < remaining));
-    taken += take[i];
+
+  // prefix is the budget-th largest score S (unless every candidate is taken); `remaining` candidates scoring S
+  // are taken, the lowest ids first. One round per blockDim.x consecutive tokens keeps the output in token order.
+  unsigned ties_before = 0, written = 0;
+  for (int64_t n0 = 0; n0 < a.N && written < budget; n0 += nt) {
+    const int64_t n = n0 + threadIdx.x;
+    const uint32_t s = n < a.N ? score_at(n) : 0u;
+    const bool cand = n < a.N && is_candidate(a, s);
+    const bool tie = cand && !take_all && s == prefix;
+    unsigned round_ties, round_taken;
+    const unsigned tie_rank = ties_before + block_exclusive_scan(tie, warp_sums, &round_ties);
+    const bool take = cand && (take_all || s > prefix || (tie && tie_rank < remaining));
+    const unsigned slot = written + block_exclusive_scan(take, warp_sums, &round_taken);
+    if (take) a.index[b * a.width + slot] = n;
+    ties_before += round_ties;
+    written += round_taken;
   }
-  unsigned slot = block_exclusive_scan(taken, warp_sums, &total);
-#pragma unroll
-  for (int i = 0; i < kSelectPer; ++i) {
-    if (take[i]) index[b * k + slot++] = first + i;
-  }
+  for (int64_t j = budget + threadIdx.x; j < a.width; j += nt) a.index[b * a.width + j] = -1;
+  if (a.count != nullptr && threadIdx.x == 0) a.count[b] = budget;
+}
+
+void launch_select(const SelectArgs& a, int64_t B) {
+  const int threads = static_cast<int>(std::min<int64_t>(kSelectThreads, std::max<int64_t>(32, ceil_div(a.N, 32) * 32)));
+  gate_select_kernel<<<static_cast<unsigned>(B), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+SelectArgs select_args(const at::TensorBase& keys, int64_t k, const at::TensorBase& index) {
+  SelectArgs a{};
+  a.keys = keys.const_data_ptr<int64_t>();
+  a.N = keys.size(1);
+  a.k = k;
+  a.index = index.mutable_data_ptr<int64_t>();
+  a.width = index.size(1);
+  return a;
 }
 
 }  // namespace
 
-void gate_select_cuda(const at::TensorBase& keys, int64_t k, const at::TensorBase& index) {
-  const int64_t B = keys.size(0), N = keys.size(1);
-  TORCH_INTERNAL_ASSERT(N <= kSelectMaxN && k >= 1 && k < N);
+void gate_select_topk_cuda(const at::TensorBase& keys, int64_t k, const at::TensorBase& index) {
+  const int64_t B = keys.size(0);
+  if (B == 0 || k == 0) return;
+  const c10::cuda::CUDAGuard guard(keys.device());
+  launch_select(select_args(keys, k, index), B);
+}
+
+void gate_select_threshold_cuda(const at::TensorBase& keys, float threshold, const at::TensorBase& index,
+                                const at::TensorBase& count) {
+  const int64_t B = keys.size(0);
   if (B == 0) return;
   const c10::cuda::CUDAGuard guard(keys.device());
-  const int threads = static_cast<int>(std::min<int64_t>(kSelectThreads, ceil_div(N, 32) * 32));
-  gate_select_kernel<<<static_cast<unsigned>(B), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      keys.const_data_ptr<int64_t>(), N, k, index.mutable_data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  SelectArgs a = select_args(keys, index.size(1), index);
+  a.threshold = true;
+  // score > threshold on float32 scores >= 0 is a comparison of their bits; a negative threshold admits every
+  // score but NaN, +inf admits none (as no score exceeds it)
+  a.floor = threshold < 0.f ? -1 : static_cast<int64_t>(float_bits(std::fabs(threshold)));
+  a.count = count.mutable_data_ptr<int64_t>();
+  launch_select(a, B);
 }
 
 void gate_keys_cuda(const at::TensorBase& c, const at::TensorBase& ref, const at::TensorBase& keys) {

@@ -1,11 +1,11 @@
-// CUDA token_gate (semantics: eventful_kernels/reference.py): one kernel computes every token's selection key from
-// c and ref (float32 ||c - ref||_2, no N x D temporary; unique keys, equal scores rank the lower id first); for
-// N <= kSelectMaxN one block per batch row selects the k largest keys in ascending id order (radix select, no
-// sort), beyond it at::topk picks them and at::sort orders the ids; one kernel then copies the selected rows of c
-// into c_sel and into ref. No host sync; three launches up to kSelectMaxN tokens.
+// CUDA token_gate and token_gate_threshold (semantics: eventful_kernels/reference.py): one kernel computes every
+// token's selection key from c and ref (float32 ||c - ref||_2, no N x D temporary; unique keys, equal scores rank
+// the lower id first), one kernel per batch row selects in ascending id order (radix select, no sort), and one kernel
+// copies the selected rows of c into c_sel and into ref (zero rows at -1 slots). Three launches, no host sync.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -25,19 +25,14 @@ at::Tensor select_topk(const at::Tensor& c, const at::Tensor& ref, int64_t k) {
   if (k == N) return at::arange(N, long_opts).expand({B, N}).contiguous();  // every token; scores not needed
   const at::Tensor keys = at::empty({B, N}, long_opts);
   gate_keys_cuda(c, ref, keys);
-  if (N <= kSelectMaxN) {
-    at::Tensor index = at::empty({B, k}, long_opts);
-    gate_select_cuda(keys, k, index);
-    return index;
-  }
-  const at::Tensor picked = std::get<1>(at::topk(keys, k, /*dim=*/1, /*largest=*/true, /*sorted=*/false));
-  return std::get<0>(at::sort(picked, /*dim=*/1));
+  at::Tensor index = at::empty({B, k}, long_opts);
+  gate_select_topk_cuda(keys, k, index);
+  return index;
 }
 
-std::tuple<at::Tensor, at::Tensor> token_gate_cuda(const at::Tensor& c, const at::Tensor& ref, int64_t k) {
-  check_token_gate(c, ref, k);
-  const at::Tensor index = select_topk(c, ref, k);
-  at::Tensor c_sel = at::empty({c.size(0), k, c.size(2)}, c.options());
+// c_sel [B, K, D] = c[index] (zero rows at -1 slots) and ref[index] = c_sel.
+at::Tensor move_selected(const at::Tensor& c, const at::Tensor& ref, const at::Tensor& index) {
+  at::Tensor c_sel = at::empty({c.size(0), index.size(1), c.size(2)}, c.options());
   const at::Tensor c4 = c.unsqueeze(1), r4 = ref.unsqueeze(1), s4 = c_sel.unsqueeze(1);
   const bool same = c.data_ptr() == ref.data_ptr() && c.strides() == ref.strides();
   if (c.is_alias_of(ref) && !same) {
@@ -48,12 +43,44 @@ std::tuple<at::Tensor, at::Tensor> token_gate_cuda(const at::Tensor& c, const at
     // Each element is read from c and written to c_sel and ref by the same thread (safe even if c is ref).
     copy_rows_cuda(c4, s4, index, RowMode::kGate, r4);
   }
-  return {index, c_sel};
+  return c_sel;
+}
+
+std::tuple<at::Tensor, at::Tensor> token_gate_cuda(const at::Tensor& c, const at::Tensor& ref, int64_t k) {
+  check_token_gate(c, ref, k);
+  const at::Tensor index = select_topk(c, ref, k);
+  return {index, move_selected(c, ref, index)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_gate_threshold_cuda(const at::Tensor& c, const at::Tensor& ref,
+                                                                         double threshold, int64_t capacity) {
+  check_token_gate_threshold(c, ref, threshold, capacity);
+  // float32 scores against the threshold in float32, as the reference (torch type promotion); beyond the float
+  // range it is +-inf (an out-of-range double -> float conversion is undefined in C++)
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const float thr = std::abs(threshold) <= std::numeric_limits<float>::max() ? static_cast<float>(threshold)
+                    : threshold > 0                                           ? kInf
+                                                                              : -kInf;
+  const int64_t B = c.size(0), N = c.size(1);
+  const auto long_opts = c.options().dtype(at::kLong);
+  at::Tensor index = at::empty({B, capacity}, long_opts);
+  at::Tensor count = at::empty({B}, long_opts);
+  if (N > 0) {
+    const at::Tensor keys = at::empty({B, N}, long_opts);
+    gate_keys_cuda(c, ref, keys);
+    gate_select_threshold_cuda(keys, thr, index, count);
+  } else {
+    count.zero_();
+  }
+  return {index, count, move_selected(c, ref, index)};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(eventful, CUDA, m) { m.impl("token_gate", &token_gate_cuda); }
+TORCH_LIBRARY_IMPL(eventful, CUDA, m) {
+  m.impl("token_gate", &token_gate_cuda);
+  m.impl("token_gate_threshold", &token_gate_threshold_cuda);
+}
 
 }  // namespace cuda
 }  // namespace eventful
