@@ -186,8 +186,12 @@ def ops_module(emu) -> types.SimpleNamespace:
     def token_gate_threshold(c, ref, threshold, capacity):
         return emu.token_gate_threshold(c, ref, threshold, capacity)
 
+    def token_delta_gate(c, ref, k=-1, index=None, *, check_index=True):
+        return emu.token_delta_gate(c, ref, k, index, check_index=check_index)
+
     fns = dict(gather_rows=gather_rows, scatter_rows_=scatter_rows_, gather_cols=gather_cols,
-               scatter_cols_=scatter_cols_, token_gate=token_gate, token_gate_threshold=token_gate_threshold)
+               scatter_cols_=scatter_cols_, token_gate=token_gate, token_gate_threshold=token_gate_threshold,
+               token_delta_gate=token_delta_gate)
     missing = set(op_names()) - set(fns)
     if missing:
         raise ValueError(f"ops_module lacks wrappers for the C++ CUDA ops {sorted(missing)}")

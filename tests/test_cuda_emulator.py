@@ -63,7 +63,7 @@ def test_rewrite_of_launches_and_casts():
 def test_every_cuda_op_has_a_wrapper():
     names = cuda_emulator.op_names()
     assert {"gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "token_gate",
-            "token_gate_threshold"} <= set(names)
+            "token_gate_threshold", "token_delta_gate"} <= set(names)
     assert set(vars(cuda_emulator.ops_module(cuda_emulator.load()))) == set(names)
 
 
@@ -120,6 +120,11 @@ def test_one_kernel_launch_per_unchecked_op(emu):
     wide = torch.randn(1, 4097, 2)
     assert launches(lambda: ops.token_gate(wide, torch.zeros_like(wide), 5)) == 3
     assert launches(lambda: ops.token_gate_threshold(wide, torch.zeros_like(wide), 0.5, 40)) == 3
+    assert launches(lambda: ops.token_delta_gate(x, torch.zeros_like(x), 5)) == 3  # scores, selection, delta rows
+    given = torch.tensor([[4, 1, -1], [0, 2, 3]])
+    assert launches(lambda: ops.token_delta_gate(x, torch.zeros_like(x), -1, given)) == 2  # index check, delta
+    # unchecked ids may repeat: the delta rows read every old ref row before one scatter refreshes them
+    assert launches(lambda: ops.token_delta_gate(x, torch.zeros_like(x), -1, given, check_index=False)) == 2
 
 
 def _same(a, b):
@@ -193,7 +198,8 @@ def test_aligned_rows_move_as_16_byte_vectors(emu, dtype):
     ops.gather_cols(x, idx, check_index=False)  # columns: element-wise by design
     c, ref = x[:, 0], torch.zeros(2, 40, 64, dtype=dtype)
     ops.token_gate(c, ref, 7)  # scores, selection, row copy into c_sel and ref
-    assert emu._launch_log() == [16, 16, 0, 16, 0, 16]
+    ops.token_delta_gate(c, ref, 7)  # scores, selection, delta rows
+    assert emu._launch_log() == [16, 16, 0, 16, 0, 16, 16, 0, 16]
     esize = x.element_size()
     odd = torch.randn(2, 1, 40, 66, generator=g).to(dtype)[..., 1:65]  # base one element in, rows of 66 elements
     ops.gather_rows(odd, idx, check_index=False)
@@ -202,4 +208,5 @@ def test_aligned_rows_move_as_16_byte_vectors(emu, dtype):
     narrow = torch.randn(2, 40, 3, generator=g).to(dtype)  # 3-element rows: element-wise
     ops.gather_rows(narrow, idx, check_index=False)
     ops.token_gate(narrow, torch.zeros_like(narrow), 5)
-    assert emu._launch_log() == [esize, 0, 0, esize]
+    ops.token_delta_gate(narrow, torch.zeros_like(narrow), 5)
+    assert emu._launch_log() == [esize, 0, 0, esize, 0, 0, esize]

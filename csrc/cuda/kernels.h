@@ -46,6 +46,11 @@ void gate_select_topk_cuda(const at::TensorBase& keys, int64_t k, const at::Tens
 void gate_select_threshold_cuda(const at::TensorBase& keys, float threshold, const at::TensorBase& index,
                                 const at::TensorBase& count);
 
+// Delta gate rows: c_sel / e_sel [B, K, D] (contiguous) = c[index] / c[index] - ref[index] (float32, rounded), and
+// with write_ref ref[index] = c[index]; index [B, K] int64 (contiguous); ids outside [0, N) give zero rows.
+void delta_rows_cuda(const at::TensorBase& c, const at::TensorBase& ref, const at::TensorBase& index,
+                     const at::TensorBase& c_sel, const at::TensorBase& e_sel, bool write_ref);
+
 // Range (and uniqueness) check of a CUDA index with one device-to-host read of a 16-byte flag; on an error the
 // index is copied to the host and check_index_values_cpu raises. Defined in gather_scatter_ops.cpp; ops call it only
 // when check_index is true.

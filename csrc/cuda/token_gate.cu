@@ -251,7 +251,104 @@ SelectArgs select_args(const at::TensorBase& keys, int64_t k, const at::TensorBa
   return a;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Delta gate rows: per slot (b, k) and token t = index[b, k], c_sel = c[t], e_sel = c[t] - ref[t] (in float32, then
+// rounded) and, with write_ref, ref[t] = c[t]; empty slots give zero rows and touch neither c nor ref. One thread per
+// VEC-element unit of a row; each ref element is read before the same thread writes it (safe when c is ref).
+
+struct DeltaArgs {
+  int64_t cs0, cs1, cs2, rs0, rs1, rs2;  // element strides of c and ref [B, N, D]
+  int64_t K, N, D, units, total;         // slots per batch row, tokens, features, units per row, B * K * units
+  bool write_ref;
+};
+
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kBlockThreads)
+    delta_rows_kernel(DeltaArgs a, const scalar_t* __restrict__ c, scalar_t* ref, const int64_t* __restrict__ index,
+                      scalar_t* __restrict__ sel, scalar_t* __restrict__ e) {
+  using vec_t = AlignedVec<scalar_t, VEC>;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.total; i += step) {
+    const int64_t u = i % a.units, r = i / a.units, b = r / a.K;
+    const int64_t tok = index[r];
+    vec_t cv, dv;
+    if (tok < 0 || tok >= a.N) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) cv.v[j] = dv.v[j] = scalar_t(0);
+    } else {
+      const scalar_t* cp = c + b * a.cs0 + tok * a.cs1;
+      scalar_t* rp = ref + b * a.rs0 + tok * a.rs1;
+      vec_t rv;
+      if constexpr (VEC == 1) {
+        cv.v[0] = cp[u * a.cs2];
+        rv.v[0] = rp[u * a.rs2];
+      } else {
+        cv = *reinterpret_cast<const vec_t*>(cp + u * VEC);
+        rv = *reinterpret_cast<const vec_t*>(rp + u * VEC);
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        dv.v[j] = static_cast<scalar_t>(static_cast<float>(cv.v[j]) - static_cast<float>(rv.v[j]));
+      }
+      if (a.write_ref) {
+        if constexpr (VEC == 1) {
+          rp[u * a.rs2] = cv.v[0];
+        } else {
+          *reinterpret_cast<vec_t*>(rp + u * VEC) = cv;
+        }
+      }
+    }
+    *reinterpret_cast<vec_t*>(sel + r * a.D + u * VEC) = cv;
+    *reinterpret_cast<vec_t*>(e + r * a.D + u * VEC) = dv;
+  }
+}
+
+template <typename scalar_t>
+void launch_delta(const at::TensorBase& c, const at::TensorBase& ref, const at::TensorBase& index,
+                  const at::TensorBase& c_sel, const at::TensorBase& e_sel, bool write_ref) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const int64_t B = index.size(0), K = index.size(1), D = c.size(2);
+  const bool vec = vec_ok(c, kVec) && vec_ok(ref, kVec) && vec_ok(c_sel, kVec) && vec_ok(e_sel, kVec);
+  DeltaArgs a;
+  a.cs0 = c.stride(0);
+  a.cs1 = c.stride(1);
+  a.cs2 = c.stride(2);
+  a.rs0 = ref.stride(0);
+  a.rs1 = ref.stride(1);
+  a.rs2 = ref.stride(2);
+  a.K = K;
+  a.N = c.size(1);
+  a.D = D;
+  a.units = vec ? D / kVec : D;
+  a.total = B * K * a.units;
+  a.write_ref = write_ref;
+  const dim3 grid(grid_size(ceil_div(a.total, kBlockThreads)));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto* cp = static_cast<const scalar_t*>(c.const_data_ptr());
+  auto* rp = static_cast<scalar_t*>(ref.mutable_data_ptr());
+  const auto* ip = index.const_data_ptr<int64_t>();
+  auto* sp = static_cast<scalar_t*>(c_sel.mutable_data_ptr());
+  auto* ep = static_cast<scalar_t*>(e_sel.mutable_data_ptr());
+  if (vec) {
+    delta_rows_kernel<scalar_t, kVec><<<grid, kBlockThreads, 0, stream>>>(a, cp, rp, ip, sp, ep);
+  } else {
+    delta_rows_kernel<scalar_t, 1><<<grid, kBlockThreads, 0, stream>>>(a, cp, rp, ip, sp, ep);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
+
+void delta_rows_cuda(const at::TensorBase& c, const at::TensorBase& ref, const at::TensorBase& index,
+                     const at::TensorBase& c_sel, const at::TensorBase& e_sel, bool write_ref) {
+  if (c_sel.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(c.device());
+  switch (c.scalar_type()) {
+    case at::kHalf: launch_delta<c10::Half>(c, ref, index, c_sel, e_sel, write_ref); break;
+    case at::kBFloat16: launch_delta<c10::BFloat16>(c, ref, index, c_sel, e_sel, write_ref); break;
+    default: launch_delta<float>(c, ref, index, c_sel, e_sel, write_ref); break;
+  }
+}
 
 void gate_select_topk_cuda(const at::TensorBase& keys, int64_t k, const at::TensorBase& index) {
   const int64_t B = keys.size(0);

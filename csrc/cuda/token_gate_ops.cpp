@@ -1,13 +1,15 @@
-// CUDA token_gate and token_gate_threshold (semantics: eventful_kernels/reference.py): one kernel computes every
-// token's selection key from c and ref (float32 ||c - ref||_2, no N x D temporary; unique keys, equal scores rank
-// the lower id first), one kernel per batch row selects in ascending id order (radix select, no sort), and one kernel
-// copies the selected rows of c into c_sel and into ref (zero rows at -1 slots). Three launches, no host sync.
+// CUDA token_gate, token_gate_threshold and token_delta_gate (semantics: eventful_kernels/reference.py): one kernel
+// computes every token's selection key from c and ref (float32 ||c - ref||_2, no N x D temporary; unique keys, equal
+// scores rank the lower id first), one kernel per batch row selects in ascending id order (radix select, no sort),
+// and one kernel moves the selected rows: c_sel (and e_sel) out, ref refreshed, zero rows at -1 slots. Three
+// launches, no host sync (a forced, checked index of token_delta_gate: one read of the check's flag).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "eventful/checks.h"
@@ -15,6 +17,10 @@
 
 namespace eventful {
 namespace cuda {
+
+// The device-side index value check (gather_scatter_ops.cpp).
+void check_index_values_all(std::initializer_list<IndexValues> checks);
+
 namespace {
 
 // index [B, k] int64, ascending: the k tokens with the largest scores (ties -> lower id).
@@ -75,11 +81,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_gate_threshold_cuda(const a
   return {index, count, move_selected(c, ref, index)};
 }
 
+// As token_gate, also returning e_sel = c_sel - ref_old[index]; a given index [B, K] (int32/int64, distinct ids or
+// -1) forces the selection and is returned as int64 in its own order (checked on the device when check_index).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_delta_gate_cuda(const at::Tensor& c, const at::Tensor& ref,
+                                                                     int64_t k,
+                                                                     const std::optional<at::Tensor>& index_opt,
+                                                                     bool check_index) {
+  check_token_delta_gate(c, ref, k, index_opt, check_index, check_index_values_all);
+  at::Tensor index;
+  const bool forced = index_opt.has_value() && index_opt->defined();
+  if (forced) {
+    index = at::empty(index_opt->sizes(), index_opt->options().dtype(at::kLong));
+    index.copy_(*index_opt);
+  } else {
+    index = select_topk(c, ref, k);
+  }
+  at::Tensor c_sel = at::empty({c.size(0), index.size(1), c.size(2)}, c.options());
+  at::Tensor e_sel = at::empty_like(c_sel);
+  // One pass refreshes ref as it goes when every id is distinct (selected or checked) and c and ref do not overlap
+  // differently; otherwise every read of ref (e_sel of a repeated id uses the old row) comes before the first write.
+  const bool same = c.data_ptr() == ref.data_ptr() && c.strides() == ref.strides();
+  const bool one_pass = (!forced || check_index) && (!c.is_alias_of(ref) || same);
+  delta_rows_cuda(c, ref, index, c_sel, e_sel, /*write_ref=*/one_pass);
+  if (!one_pass) copy_rows_cuda(c_sel.unsqueeze(1), ref.unsqueeze(1), index, RowMode::kScatter);
+  return {index, c_sel, e_sel};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(eventful, CUDA, m) {
   m.impl("token_gate", &token_gate_cuda);
   m.impl("token_gate_threshold", &token_gate_threshold_cuda);
+  m.impl("token_delta_gate", &token_delta_gate_cuda);
 }
 
 }  // namespace cuda
