@@ -10,7 +10,6 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
-#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -291,12 +290,7 @@ std::tuple<at::Tensor, at::Tensor> token_gate_cpu(const at::Tensor& c, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_gate_threshold_cpu(const at::Tensor& c, const at::Tensor& ref,
                                                                         double threshold, int64_t capacity) {
   check_token_gate_threshold(c, ref, threshold, capacity);
-  // The reference compares float32 scores with the threshold in float32 (torch type promotion); beyond the float
-  // range it becomes +-inf (spelled out: an out-of-range double -> float conversion is undefined in C++).
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-  const float thr = std::abs(threshold) <= std::numeric_limits<float>::max() ? static_cast<float>(threshold)
-                    : threshold > 0                                           ? kInf
-                                                                              : -kInf;
+  const float thr = threshold_as_float(threshold);
   std::vector<uint64_t> keys = scores_of(c, ref);
   auto sel = select_threshold(keys, c.size(0), c.size(1), thr, capacity, c.options());
   auto moved = move_selected(c, ref, std::get<0>(sel), /*want_e=*/false);

@@ -17,11 +17,20 @@ namespace eventful {
 namespace cuda {
 namespace {
 
+// Element strides of c and ref [B, N, D].
+struct PairStrides {
+  int64_t cs0, cs1, cs2, rs0, rs1, rs2;
+};
+
+PairStrides pair_strides(const at::TensorBase& c, const at::TensorBase& ref) {
+  return {c.stride(0), c.stride(1), c.stride(2), ref.stride(0), ref.stride(1), ref.stride(2)};
+}
+
 struct GateArgs {
-  int64_t cs0, cs1, cs2, rs0, rs1, rs2;  // element strides of c and ref [B, N, D]
-  int64_t N, units;                      // tokens per batch row, loads per token row (of VEC elements)
-  int64_t total;                         // B * N tokens
-  int tpt;                               // threads per token: a power of two <= 32
+  PairStrides s;
+  int64_t N, units;  // tokens per batch row, loads per token row (of VEC elements)
+  int64_t total;     // B * N tokens
+  int tpt;           // threads per token: a power of two <= 32
 };
 
 // Each token is reduced by a group of `tpt` lanes of one warp (32 / tpt tokens per warp and iteration). The loop
@@ -41,12 +50,12 @@ __global__ void __launch_bounds__(kBlockThreads)
     float acc = 0.f;
     if (t < a.total) {
       const int64_t b = t / a.N, n = t % a.N;
-      const scalar_t* cr = c + b * a.cs0 + n * a.cs1;
-      const scalar_t* rr = ref + b * a.rs0 + n * a.rs1;
+      const scalar_t* cr = c + b * a.s.cs0 + n * a.s.cs1;
+      const scalar_t* rr = ref + b * a.s.rs0 + n * a.s.rs1;
 #pragma unroll 4
       for (int64_t j = sub; j < a.units; j += a.tpt) {
         if constexpr (VEC == 1) {
-          const float d = static_cast<float>(cr[j * a.cs2]) - static_cast<float>(rr[j * a.rs2]);
+          const float d = static_cast<float>(cr[j * a.s.cs2]) - static_cast<float>(rr[j * a.s.rs2]);
           acc += d * d;
         } else {
           const vec_t x = *reinterpret_cast<const vec_t*>(cr + j * VEC);
@@ -82,12 +91,7 @@ void launch_keys(const at::TensorBase& c, const at::TensorBase& ref, const at::T
   const int64_t B = c.size(0), N = c.size(1), D = c.size(2);
   const bool vec = vec_ok(c, kVec) && vec_ok(ref, kVec);
   GateArgs a;
-  a.cs0 = c.stride(0);
-  a.cs1 = c.stride(1);
-  a.cs2 = c.stride(2);
-  a.rs0 = ref.stride(0);
-  a.rs1 = ref.stride(1);
-  a.rs2 = ref.stride(2);
+  a.s = pair_strides(c, ref);
   a.N = N;
   a.units = vec ? D / kVec : D;
   a.total = B * N;
@@ -257,7 +261,7 @@ SelectArgs select_args(const at::TensorBase& keys, int64_t k, const at::TensorBa
 // VEC-element unit of a row; each ref element is read before the same thread writes it (safe when c is ref).
 
 struct DeltaArgs {
-  int64_t cs0, cs1, cs2, rs0, rs1, rs2;  // element strides of c and ref [B, N, D]
+  PairStrides s;
   int64_t K, N, D, units, total;         // slots per batch row, tokens, features, units per row, B * K * units
   bool write_ref;
 };
@@ -276,12 +280,12 @@ __global__ void __launch_bounds__(kBlockThreads)
 #pragma unroll
       for (int j = 0; j < VEC; ++j) cv.v[j] = dv.v[j] = scalar_t(0);
     } else {
-      const scalar_t* cp = c + b * a.cs0 + tok * a.cs1;
-      scalar_t* rp = ref + b * a.rs0 + tok * a.rs1;
+      const scalar_t* cp = c + b * a.s.cs0 + tok * a.s.cs1;
+      scalar_t* rp = ref + b * a.s.rs0 + tok * a.s.rs1;
       vec_t rv;
       if constexpr (VEC == 1) {
-        cv.v[0] = cp[u * a.cs2];
-        rv.v[0] = rp[u * a.rs2];
+        cv.v[0] = cp[u * a.s.cs2];
+        rv.v[0] = rp[u * a.s.rs2];
       } else {
         cv = *reinterpret_cast<const vec_t*>(cp + u * VEC);
         rv = *reinterpret_cast<const vec_t*>(rp + u * VEC);
@@ -292,7 +296,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       }
       if (a.write_ref) {
         if constexpr (VEC == 1) {
-          rp[u * a.rs2] = cv.v[0];
+          rp[u * a.s.rs2] = cv.v[0];
         } else {
           *reinterpret_cast<vec_t*>(rp + u * VEC) = cv;
         }
@@ -310,12 +314,7 @@ void launch_delta(const at::TensorBase& c, const at::TensorBase& ref, const at::
   const int64_t B = index.size(0), K = index.size(1), D = c.size(2);
   const bool vec = vec_ok(c, kVec) && vec_ok(ref, kVec) && vec_ok(c_sel, kVec) && vec_ok(e_sel, kVec);
   DeltaArgs a;
-  a.cs0 = c.stride(0);
-  a.cs1 = c.stride(1);
-  a.cs2 = c.stride(2);
-  a.rs0 = ref.stride(0);
-  a.rs1 = ref.stride(1);
-  a.rs2 = ref.stride(2);
+  a.s = pair_strides(c, ref);
   a.K = K;
   a.N = c.size(1);
   a.D = D;

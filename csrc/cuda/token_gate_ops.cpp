@@ -6,9 +6,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdint>
-#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -61,12 +59,7 @@ std::tuple<at::Tensor, at::Tensor> token_gate_cuda(const at::Tensor& c, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_gate_threshold_cuda(const at::Tensor& c, const at::Tensor& ref,
                                                                          double threshold, int64_t capacity) {
   check_token_gate_threshold(c, ref, threshold, capacity);
-  // float32 scores against the threshold in float32, as the reference (torch type promotion); beyond the float
-  // range it is +-inf (an out-of-range double -> float conversion is undefined in C++)
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-  const float thr = std::abs(threshold) <= std::numeric_limits<float>::max() ? static_cast<float>(threshold)
-                    : threshold > 0                                           ? kInf
-                                                                              : -kInf;
+  const float thr = threshold_as_float(threshold);
   const int64_t B = c.size(0), N = c.size(1);
   const auto long_opts = c.options().dtype(at::kLong);
   at::Tensor index = at::empty({B, capacity}, long_opts);

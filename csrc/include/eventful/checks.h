@@ -165,6 +165,14 @@ inline void check_threshold(double threshold) {
   TORCH_CHECK_VALUE(std::isfinite(threshold), "eventful: argument 'threshold' must be finite, got ", threshold);
 }
 
+// The threshold as the gates compare it: float32 scores against a float32 threshold (the reference's torch type
+// promotion), +-inf beyond the float range (spelled out: an out-of-range double -> float conversion is undefined).
+inline float threshold_as_float(double threshold) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  if (std::abs(threshold) <= std::numeric_limits<float>::max()) return static_cast<float>(threshold);
+  return threshold > 0 ? kInf : -kInf;
+}
+
 // Rows view: [B, N, D] -> [B, 1, N, D]; [B, H, N, D] unchanged. Always a view.
 inline at::Tensor as_4d(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(1) : t; }
 
