@@ -115,8 +115,8 @@ void launch_keys(const at::TensorBase& c, const at::TensorBase& ref, const at::T
 // tokens scoring above a threshold; when there are more than the budget k, a radix select on the score bits (the
 // keys' high words; four passes of 8-bit digits, each a shared-memory histogram scanned by one warp) finds the k-th
 // largest score S and how many candidates scoring S to take. Block-wide scans in token order then write every
-// candidate above S and the first `need` at S, i.e. the k largest keys (ties -> lower id) in ascending id order,
-// with no sort; slots past the selection get -1. The keys are read again by each pass (a row is a few KB, in L2).
+// candidate above S and that many at S (the lowest ids), i.e. the k largest keys (ties -> lower id) in ascending id
+// order, with no sort; slots past the selection get -1. Each pass reads the keys again (a row is a few KB, in L2).
 
 constexpr int kSelectThreads = 1024;
 constexpr uint32_t kInfBits = 0x7f800000u;  // score bits above it are the canonical NaN
