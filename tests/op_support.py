@@ -63,8 +63,10 @@ def _move(t, device, storages):
 class Backend:
     """One implementation of every op: ``impl.gather_rows(...)`` etc. (see the module docstring)."""
 
-    def __init__(self, name: str, device: str, module, exact_gates: bool, fast: bool, dispatcher: bool):
+    def __init__(self, name: str, device: str, module, exact_gates: bool, fast: bool, dispatcher: bool,
+                 missing: str = ""):
         self.name, self.device, self._module = name, device, module
+        self.missing = missing  # why an op the module lacks is skipped ("": every op is expected)
         self.exact_gates = exact_gates  # gate scores summed in the reference's order: bit-exact selections
         self.fast = fast  # large shapes and property-based tests are affordable (not the interpreter)
         self.dispatcher = dispatcher  # calls go through the dispatcher (a meta argument selects a fake kernel)
@@ -82,8 +84,8 @@ class Backend:
     def __getattr__(self, op: str):
         if op.startswith("_"):
             raise AttributeError(op)
-        if self.name == "cuda_emu" and op in ops.__all__ and op not in vars(self.module):
-            pytest.skip(f"no C++ CUDA kernel for {op} (Triton serves it on a GPU)")
+        if self.missing and op in ops.__all__ and op not in vars(self.module):
+            pytest.skip(f"{self.missing}: {op}")
         fn = getattr(self.module, op)
         if self.device == "cpu":
             return fn
@@ -123,7 +125,7 @@ BACKENDS = {
     "triton": Backend("triton", "cuda", T, exact_gates=False, fast=True, dispatcher=False),
     "interpreter": Backend("interpreter", "cpu", T, exact_gates=True, fast=False, dispatcher=False),
     "cuda_emu": Backend("cuda_emu", "cpu", lambda: cuda_emulator.ops_module(cuda_emulator.load()), exact_gates=False,
-                        fast=True, dispatcher=True),
+                        fast=True, dispatcher=True, missing="no C++ CUDA kernel (Triton serves it on a GPU)"),
 }
 _SKIP = {
     "cpu": None,
