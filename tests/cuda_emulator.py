@@ -26,6 +26,7 @@ write outside a tensor's allocation then stops the run with a report naming the 
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import types
@@ -165,34 +166,19 @@ def load(build: str = None, verbose: bool = False):
 
 
 def ops_module(emu) -> types.SimpleNamespace:
-    """The emulated ops with the signatures of eventful_kernels.ops (in-place ops return their destination)."""
-    def gather_rows(x, index, *, check_index=True):
-        return emu.gather_rows(x, index, check_index=check_index)
+    """The emulated ops with the signatures (and defaults) of eventful_kernels.ops: arguments are bound to the
+    wrapper's signature and passed on in schema order; in-place ops return their first argument, as the wrappers do."""
+    from eventful_kernels import ops
 
-    def scatter_rows_(dst, index, src, *, check_index=True):
-        emu.scatter_rows_(dst, index, src, check_index=check_index)
-        return dst
+    def wrap(name):
+        op, sig = getattr(emu, name), inspect.signature(getattr(ops, name))
 
-    def gather_cols(x, index, *, check_index=True):
-        return emu.gather_cols(x, index, check_index=check_index)
+        def call(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            out = op(*bound.args, **bound.kwargs)
+            return bound.args[0] if name.endswith("_") else out
 
-    def scatter_cols_(dst, index, src, *, check_index=True):
-        emu.scatter_cols_(dst, index, src, check_index=check_index)
-        return dst
+        return call
 
-    def token_gate(c, ref, k):
-        return emu.token_gate(c, ref, k)
-
-    def token_gate_threshold(c, ref, threshold, capacity):
-        return emu.token_gate_threshold(c, ref, threshold, capacity)
-
-    def token_delta_gate(c, ref, k=-1, index=None, *, check_index=True):
-        return emu.token_delta_gate(c, ref, k, index, check_index=check_index)
-
-    fns = dict(gather_rows=gather_rows, scatter_rows_=scatter_rows_, gather_cols=gather_cols,
-               scatter_cols_=scatter_cols_, token_gate=token_gate, token_gate_threshold=token_gate_threshold,
-               token_delta_gate=token_delta_gate)
-    missing = set(op_names()) - set(fns)
-    if missing:
-        raise ValueError(f"ops_module lacks wrappers for the C++ CUDA ops {sorted(missing)}")
-    return types.SimpleNamespace(**fns)
+    return types.SimpleNamespace(**{name: wrap(name) for name in op_names()})

@@ -34,12 +34,16 @@ at::Tensor select_topk(const at::Tensor& c, const at::Tensor& ref, int64_t k) {
   return index;
 }
 
+// c and ref share memory other than as one tensor: every read must come before the first write of ref.
+bool overlap_differently(const at::Tensor& c, const at::Tensor& ref) {
+  return c.is_alias_of(ref) && !(c.data_ptr() == ref.data_ptr() && c.strides() == ref.strides());
+}
+
 // c_sel [B, K, D] = c[index] (zero rows at -1 slots) and ref[index] = c_sel.
 at::Tensor move_selected(const at::Tensor& c, const at::Tensor& ref, const at::Tensor& index) {
   at::Tensor c_sel = at::empty({c.size(0), index.size(1), c.size(2)}, c.options());
   const at::Tensor c4 = c.unsqueeze(1), r4 = ref.unsqueeze(1), s4 = c_sel.unsqueeze(1);
-  const bool same = c.data_ptr() == ref.data_ptr() && c.strides() == ref.strides();
-  if (c.is_alias_of(ref) && !same) {
+  if (overlap_differently(c, ref)) {
     // c and ref share memory differently: gather everything before writing ref (as the reference does).
     copy_rows_cuda(c4, s4, index, RowMode::kGather);
     copy_rows_cuda(s4, r4, index, RowMode::kScatter);
@@ -93,8 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_delta_gate_cuda(const at::T
   at::Tensor e_sel = at::empty_like(c_sel);
   // One pass refreshes ref as it goes when every id is distinct (selected or checked) and c and ref do not overlap
   // differently; otherwise every read of ref (e_sel of a repeated id uses the old row) comes before the first write.
-  const bool same = c.data_ptr() == ref.data_ptr() && c.strides() == ref.strides();
-  const bool one_pass = (!forced || check_index) && (!c.is_alias_of(ref) || same);
+  const bool one_pass = (!forced || check_index) && !overlap_differently(c, ref);
   delta_rows_cuda(c, ref, index, c_sel, e_sel, /*write_ref=*/one_pass);
   if (!one_pass) copy_rows_cuda(c_sel.unsqueeze(1), ref.unsqueeze(1), index, RowMode::kScatter);
   return {index, c_sel, e_sel};

@@ -250,25 +250,22 @@ void run_grid(const LaunchConfig& cfg, void (*body)(void*), void* ctx) {
   r.ctx = ctx;
   r.block.block_dim = cfg.block;
   r.block.grid_dim = cfg.grid;
-  BlockRun* outer = run;
+  struct Restore {  // back to host code however the grid ends (a device error raises out of run_block)
+    BlockRun* outer = run;
+    ~Restore() {
+      run = outer;
+      current_thread = nullptr;
+      current_block = nullptr;
+    }
+  } restore;
   run = &r;
-  try {
-    for (unsigned z = 0; z < cfg.grid.z; ++z)
-      for (unsigned y = 0; y < cfg.grid.y; ++y)
-        for (unsigned x = 0; x < cfg.grid.x; ++x) {
-          r.block.block_idx = {x, y, z};
-          r.error.clear();
-          run_block(r);
-        }
-  } catch (...) {
-    run = outer;
-    current_thread = nullptr;
-    current_block = nullptr;
-    throw;
-  }
-  run = outer;
-  current_thread = nullptr;
-  current_block = nullptr;
+  for (unsigned z = 0; z < cfg.grid.z; ++z)
+    for (unsigned y = 0; y < cfg.grid.y; ++y)
+      for (unsigned x = 0; x < cfg.grid.x; ++x) {
+        r.block.block_idx = {x, y, z};
+        r.error.clear();
+        run_block(r);
+      }
 }
 
 int device_index() { return current_device_index; }
