@@ -46,13 +46,15 @@ _OP_NAMES = re.compile(r'm\.impl\(\s*"(\w+)"')
 
 def rewrite_kernels(source: str) -> str:
     """A .cu source as C++ for the emulator: launches become calls of its launcher (a kernel without arguments gets
-    none) and reinterpret_casts its alignment-checked cast."""
+    none), reinterpret_casts its alignment-checked cast, and the members ``gridDim`` / ``blockDim`` of a launch
+    configuration (``cudaLaunchConfig_t``) are renamed, as those names are the emulator's built-ins."""
     def repl(m):
         head = f"::emu::launch(::emu::LaunchConfig{{{m.group(2)}}}, {m.group(1)}"
         return head + ")" if m.group(3) else head + ", "
     out = _LAUNCH.sub(repl, source)
     if "<<<" in out:
         raise ValueError("a kernel launch the emulator's rewrite does not understand is left")
+    out = re.sub(r"(\.|->)(\s*)(gridDim|blockDim)\b", r"\1\2emu_\3", out)
     return re.sub(r"\breinterpret_cast<", "::emu::reinterpret<", out)
 
 

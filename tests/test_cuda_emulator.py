@@ -47,6 +47,27 @@ def test_misuse_raises(emu, case, message):
         emu._selftest(case)
 
 
+def test_thread_block_clusters(emu):
+    """Blocks of a cluster see each other's global writes after cluster.sync() and keep their own shared memory;
+    a block that exits without the barrier, a cluster larger than the portable 8 blocks or than the device can host
+    at once, a grid that is not a whole number of clusters, and clusters on a device before sm_90 are refused."""
+    got = emu._selftest("cluster_6_3").tolist()
+    assert got == [6 + 1000 * r + 300000 for r in range(3)] + [15 + 1000 * r + 300000 for r in range(3)]
+    assert emu._selftest("cluster_4_1").tolist() == [b + 1 + 100000 for b in range(4)]
+    with pytest.raises(RuntimeError, match="another block of the cluster failed or exited without it"):
+        emu._selftest("cluster_4_2_exit1")
+    emu._set_device(0)  # 132 SMs
+    assert emu._selftest("cluster_16_8").tolist()[-1] == sum(range(9, 17)) + 7000 + 800000
+    for name in ("cluster_32_16", "cluster_6_4"):
+        with pytest.raises(RuntimeError, match="invalid cluster size"):
+            emu._selftest(name)
+    emu._set_device(1)  # before sm_90
+    with pytest.raises(RuntimeError, match="operation not supported"):
+        emu._selftest("cluster_2_2")
+    emu._set_device(2)  # 2 SMs host at most 2 * 2048 threads at once: 64 blocks of 64, 8 by the portable limit
+    assert emu._selftest("cluster_8_8").tolist()[0] == 36 + 800000
+
+
 def test_rewrite_of_launches_and_casts():
     src = ("k<T, 4><<<grid, dim3(32, 8), 0, stream>>>(a, b);\n"
            "noop<<<1, 32>>>();\n"
@@ -99,10 +120,12 @@ def test_every_grid_size_matches_the_reference(emu, device, dtype):
         assert torch.equal(g, w)
 
 
-def test_one_kernel_launch_per_unchecked_op(emu):
-    """Unchecked ops launch one kernel (the gate two: scores, then the row copy; top-k and sort are torch ops);
-    a checked index adds the one validation kernel."""
+def test_one_kernel_launch_per_unchecked_op(emu, monkeypatch):
+    """Unchecked ops launch one kernel, a checked index adds the one validation kernel. The gates are one launch
+    (a thread block cluster per batch row) for rows of up to 4096 tokens on sm_90; three (scores, selection, rows)
+    past 4096 tokens, before sm_90, where the device cannot host the cluster, or with EVENTFUL_CUDA_GATE=split."""
     ops = cuda_emulator.ops_module(emu)
+    emu._set_device(2)
     x = torch.randn(2, 50, 16)
     idx = torch.tensor([[3, 1, -1], [0, 49, 7]])
 
@@ -116,12 +139,27 @@ def test_one_kernel_launch_per_unchecked_op(emu):
     assert launches(lambda: ops.scatter_rows_(x, idx, torch.randn(2, 3, 16), check_index=False)) == 1
     assert launches(lambda: ops.gather_cols(x, idx[:, :2] % 16, check_index=False)) == 1
     assert launches(lambda: ops.scatter_cols_(x, idx[:, :2] % 16, torch.randn(2, 50, 2), check_index=False)) == 1
-    assert launches(lambda: ops.token_gate(x, torch.zeros_like(x), 5)) == 3  # scores, selection, row copy
-    assert launches(lambda: ops.token_gate(x, torch.zeros_like(x), 50)) == 1  # k = N: every token, no scores
+    gates = {
+        "top-k": lambda t: ops.token_gate(t, torch.zeros_like(t), 5),
+        "top-k, k = N": lambda t: ops.token_gate(t, torch.zeros_like(t), t.size(1)),
+        "threshold": lambda t: ops.token_gate_threshold(t, torch.zeros_like(t), 0.5, 40),
+        "delta": lambda t: ops.token_delta_gate(t, torch.zeros_like(t), 5),
+    }
     wide = torch.randn(1, 4097, 2)
-    assert launches(lambda: ops.token_gate(wide, torch.zeros_like(wide), 5)) == 3
-    assert launches(lambda: ops.token_gate_threshold(wide, torch.zeros_like(wide), 0.5, 40)) == 3
-    assert launches(lambda: ops.token_delta_gate(x, torch.zeros_like(x), 5)) == 3  # scores, selection, delta rows
+    for name, gate in gates.items():
+        assert launches(lambda: gate(x)) == 1, name
+        split = 1 if name == "top-k, k = N" else 3  # k = N: every token, no scores
+        assert launches(lambda: gate(wide)) == split, name
+        full = torch.randn(1, 4096, 64)  # clusters of 8 blocks of 1024 threads: too many for 2 SMs at once
+        assert launches(lambda: gate(full)) == 1 + split, name  # refused, then the three launches
+        emu._set_device(0)
+        assert launches(lambda: gate(full)) == 1, name
+        emu._set_device(1)  # before sm_90: no clusters
+        assert launches(lambda: gate(x)) == split, name
+        emu._set_device(2)
+        monkeypatch.setenv("EVENTFUL_CUDA_GATE", "split")
+        assert launches(lambda: gate(x)) == split, name
+        monkeypatch.delenv("EVENTFUL_CUDA_GATE")
     given = torch.tensor([[4, 1, -1], [0, 2, 3]])
     assert launches(lambda: ops.token_delta_gate(x, torch.zeros_like(x), -1, given)) == 2  # index check, delta
     # unchecked ids may repeat: the delta rows read every old ref row before one scatter refreshes them
@@ -183,11 +221,16 @@ def test_op_tests_under_address_sanitizer(tmp_path):
     assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-3000:]
 
 
+@pytest.mark.parametrize("gate_path", ["fused", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_aligned_rows_move_as_16_byte_vectors(emu, dtype):
-    """Row copies and the gate's score pass load and store 16 bytes at a time when rows allow it (unit feature
-    stride, row bytes and strides multiples of 16, aligned base), and fall back to the widest unit that fits."""
+def test_aligned_rows_move_as_16_byte_vectors(emu, dtype, gate_path, monkeypatch):
+    """Row copies and the gates' score passes and row moves load and store 16 bytes at a time when rows allow it
+    (unit feature stride, row bytes and strides multiples of 16, aligned base), and fall back to the widest unit
+    that fits."""
+    if gate_path == "split":
+        monkeypatch.setenv("EVENTFUL_CUDA_GATE", "split")
     ops = cuda_emulator.ops_module(emu)
+    emu._set_device(2)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 40, 64, generator=g).to(dtype)
     idx = torch.stack([torch.randperm(40, generator=g)[:9] for _ in range(2)])
@@ -196,16 +239,18 @@ def test_aligned_rows_move_as_16_byte_vectors(emu, dtype):
     ops.scatter_rows_(x, idx, torch.randn(2, 3, 9, 64, generator=g).to(dtype), check_index=False)
     ops.gather_cols(x, idx, check_index=False)  # columns: element-wise by design
     c, ref = x[:, 0], torch.zeros(2, 40, 64, dtype=dtype)
-    ops.token_gate(c, ref, 7)  # scores, selection, row copy into c_sel and ref
-    ops.token_delta_gate(c, ref, 7)  # scores, selection, delta rows
-    assert emu._launch_log() == [16, 16, 0, 16, 0, 16, 16, 0, 16]
+    ops.token_gate(c, ref, 7)  # split: scores, selection, row copy into c_sel and ref
+    ops.token_delta_gate(c, ref, 7)  # split: scores, selection, delta rows
+    gates = [16, 16] if gate_path == "fused" else [16, 0, 16, 16, 0, 16]
+    assert emu._launch_log() == [16, 16, 0] + gates
     esize = x.element_size()
     odd = torch.randn(2, 1, 40, 66, generator=g).to(dtype)[..., 1:65]  # base one element in, rows of 66 elements
     ops.gather_rows(odd, idx, check_index=False)
     want = 4 if esize == 4 else 2  # 66-element rows of 2-byte elements: 4-byte units would need an even offset
     assert emu._launch_log() == [want]
-    narrow = torch.randn(2, 40, 3, generator=g).to(dtype)  # 3-element rows: element-wise
+    narrow = torch.randn(2, 40, 3, generator=g).to(dtype)  # 3-element rows: element by element
     ops.gather_rows(narrow, idx, check_index=False)
     ops.token_gate(narrow, torch.zeros_like(narrow), 5)
     ops.token_delta_gate(narrow, torch.zeros_like(narrow), 5)
-    assert emu._launch_log() == [esize, 0, 0, esize, 0, 0, esize]
+    gates = [esize, esize] if gate_path == "fused" else [0, 0, esize, 0, 0, esize]
+    assert emu._launch_log() == [esize] + gates

@@ -18,7 +18,7 @@ constexpr int kBlockThreads = 256;     // block size of the kernels (the rows ke
 constexpr int kSmThreads = 2048;       // resident threads per SM (sm_80 / sm_90)
 constexpr int kBlocksPerSm = kSmThreads / kBlockThreads;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+C10_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline int pow2_ceil(int64_t v) {
   int p = 1;

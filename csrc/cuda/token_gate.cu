@@ -1,11 +1,14 @@
-// CUDA gate scores: one pass over c and ref computing, per token, the selection key of ||c - ref||_2 (float32).
+// CUDA gate kernels: the selection keys of ||c - ref||_2 (float32), the selection of a row, the delta rows, and
+// the three fused in one launch (sm_90).
 #include <ATen/core/TensorBase.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <cooperative_groups.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -119,6 +122,8 @@ void launch_keys(const at::TensorBase& c, const at::TensorBase& ref, const at::T
 // order, with no sort; slots past the selection get -1. Each pass reads the keys again (a row is a few KB, in L2).
 
 constexpr int kSelectThreads = 1024;
+constexpr int64_t kFusedMaxTokens = 4096;  // tokens per batch row the fused gate serves (its selection in shared memory)
+constexpr int kMaxCluster = 8;             // blocks per cluster CUDA guarantees (the portable cluster size)
 constexpr uint32_t kInfBits = 0x7f800000u;  // score bits above it are the canonical NaN
 
 struct SelectArgs {
@@ -160,11 +165,17 @@ __device__ __forceinline__ bool is_candidate(const SelectArgs& a, uint32_t score
   return !a.threshold || (score <= kInfBits && static_cast<int64_t>(score) > a.floor);
 }
 
-__global__ void __launch_bounds__(kSelectThreads) gate_select_kernel(SelectArgs a) {
-  __shared__ unsigned hist[256];
-  __shared__ unsigned warp_sums[kSelectThreads / 32];
-  __shared__ unsigned chosen_digit, chosen_remaining;
-  const int64_t b = blockIdx.x;
+// Shared memory of one row's selection.
+struct SelectShared {
+  unsigned hist[256];
+  unsigned warp_sums[kSelectThreads / 32];
+  unsigned chosen_digit, chosen_remaining;
+};
+
+// Selects in batch row b (every thread of the block calls it): emit(slot, n) is called, by one thread each, for the
+// slots 0 .. budget - 1 in ascending token order; returns the budget (how many were selected).
+template <typename Emit>
+__device__ __forceinline__ unsigned select_row(const SelectArgs& a, int64_t b, SelectShared& sh, Emit emit) {
   const int64_t* row = a.keys + b * a.N;
   const unsigned nt = blockDim.x;
   auto score_at = [&](int64_t n) { return static_cast<uint32_t>(static_cast<uint64_t>(row[n]) >> 32); };
@@ -172,7 +183,7 @@ __global__ void __launch_bounds__(kSelectThreads) gate_select_kernel(SelectArgs 
   unsigned mine = 0;
   for (int64_t n = threadIdx.x; n < a.N; n += nt) mine += is_candidate(a, score_at(n));
   unsigned candidates;
-  block_exclusive_scan(mine, warp_sums, &candidates);
+  block_exclusive_scan(mine, sh.warp_sums, &candidates);
   const unsigned budget = static_cast<unsigned>(std::min<int64_t>(a.k, candidates));
   const bool take_all = budget == candidates;
 
@@ -180,18 +191,18 @@ __global__ void __launch_bounds__(kSelectThreads) gate_select_kernel(SelectArgs 
   uint32_t prefix = 0, mask = 0;
   unsigned remaining = budget;
   for (int shift = 24; shift >= 0 && !take_all; shift -= 8) {
-    for (unsigned j = threadIdx.x; j < 256; j += nt) hist[j] = 0;
+    for (unsigned j = threadIdx.x; j < 256; j += nt) sh.hist[j] = 0;
     __syncthreads();
     for (int64_t n = threadIdx.x; n < a.N; n += nt) {
       const uint32_t s = score_at(n);
-      if (is_candidate(a, s) && (s & mask) == prefix) atomicAdd(&hist[(s >> shift) & 255u], 1u);
+      if (is_candidate(a, s) && (s & mask) == prefix) atomicAdd(&sh.hist[(s >> shift) & 255u], 1u);
     }
     __syncthreads();
     if (threadIdx.x < 32) {
       // lane l owns digits 255 - 8l down to 248 - 8l; scan the lanes' totals from the top digit down
       const unsigned lane = threadIdx.x;
       unsigned own = 0;
-      for (int j = 0; j < 8; ++j) own += hist[255 - 8 * lane - j];
+      for (int j = 0; j < 8; ++j) own += sh.hist[255 - 8 * lane - j];
       unsigned incl = own;
       for (int o = 1; o < 32; o <<= 1) {
         const unsigned up = __shfl_up_sync(0xffffffffu, incl, o);
@@ -202,15 +213,15 @@ __global__ void __launch_bounds__(kSelectThreads) gate_select_kernel(SelectArgs 
       if (lane == owner) {
         unsigned above = incl - own;  // scores with a larger digit
         int d = 255 - 8 * static_cast<int>(lane);
-        for (int j = 0; j < 7 && above + hist[d] < remaining; ++j, --d) above += hist[d];
-        chosen_digit = static_cast<unsigned>(d);
-        chosen_remaining = remaining - above;
+        for (int j = 0; j < 7 && above + sh.hist[d] < remaining; ++j, --d) above += sh.hist[d];
+        sh.chosen_digit = static_cast<unsigned>(d);
+        sh.chosen_remaining = remaining - above;
       }
     }
     __syncthreads();
-    prefix |= chosen_digit << shift;
+    prefix |= sh.chosen_digit << shift;
     mask |= 255u << shift;
-    remaining = chosen_remaining;
+    remaining = sh.chosen_remaining;
   }
 
   // prefix is the budget-th largest score S (unless every candidate is taken); `remaining` candidates scoring S
@@ -222,15 +233,27 @@ __global__ void __launch_bounds__(kSelectThreads) gate_select_kernel(SelectArgs 
     const bool cand = n < a.N && is_candidate(a, s);
     const bool tie = cand && !take_all && s == prefix;
     unsigned round_ties, round_taken;
-    const unsigned tie_rank = ties_before + block_exclusive_scan(tie, warp_sums, &round_ties);
+    const unsigned tie_rank = ties_before + block_exclusive_scan(tie, sh.warp_sums, &round_ties);
     const bool take = cand && (take_all || s > prefix || (tie && tie_rank < remaining));
-    const unsigned slot = written + block_exclusive_scan(take, warp_sums, &round_taken);
-    if (take) a.index[b * a.width + slot] = n;
+    const unsigned slot = written + block_exclusive_scan(take, sh.warp_sums, &round_taken);
+    if (take) emit(slot, n);
     ties_before += round_ties;
     written += round_taken;
   }
-  for (int64_t j = budget + threadIdx.x; j < a.width; j += nt) a.index[b * a.width + j] = -1;
+  return budget;
+}
+
+// Slots past the budget get -1; count[b] = budget (threshold mode).
+__device__ __forceinline__ void finish_row(const SelectArgs& a, int64_t b, unsigned budget) {
+  for (int64_t j = budget + threadIdx.x; j < a.width; j += blockDim.x) a.index[b * a.width + j] = -1;
   if (a.count != nullptr && threadIdx.x == 0) a.count[b] = budget;
+}
+
+__global__ void __launch_bounds__(kSelectThreads) gate_select_kernel(SelectArgs a) {
+  __shared__ SelectShared sh;
+  const int64_t b = blockIdx.x;
+  const unsigned budget = select_row(a, b, sh, [&](unsigned slot, int64_t n) { a.index[b * a.width + slot] = n; });
+  finish_row(a, b, budget);
 }
 
 void launch_select(const SelectArgs& a, int64_t B) {
@@ -243,6 +266,12 @@ uint32_t float_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   return u;
+}
+
+// score > threshold on float32 scores >= 0 is a comparison of their bits; a negative threshold admits every score
+// but NaN, +inf admits none (as no score exceeds it)
+int64_t threshold_floor(float threshold) {
+  return threshold < 0.f ? -1 : static_cast<int64_t>(float_bits(std::fabs(threshold)));
 }
 
 SelectArgs select_args(const at::TensorBase& keys, int64_t k, const at::TensorBase& index) {
@@ -336,6 +365,182 @@ void launch_delta(const at::TensorBase& c, const at::TensorBase& ref, const at::
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Fused gate, one launch (sm_90: thread block clusters). A cluster of C blocks serves one batch row: each block
+// writes the keys of its share of the N tokens, the cluster synchronizes (a hardware barrier; blocks of a cluster
+// run at the same time), every block selects from the row's keys (the same selection, kept in shared memory, so no
+// second barrier; block 0 writes the index), then the cluster's warps move the selected rows, one row per warp:
+// c_sel out, ref refreshed, with kDelta also e_sel = c - ref_old (float32, rounded). Each element of ref is read
+// and written by the same thread, after every block's last read of the row's keys.
+
+constexpr int kFusedThreads = kSelectThreads;
+
+struct FusedArgs {
+  PairStrides s;
+  SelectArgs sel;
+  int64_t N, D, units;  // tokens, features, loads per row (of VEC elements)
+  int tpt;              // threads per token in the key pass: a power of two <= 32
+  unsigned cluster;     // blocks per batch row
+};
+
+template <typename scalar_t, int VEC, bool kDelta>
+__global__ void __launch_bounds__(kFusedThreads)
+    gate_fused_kernel(FusedArgs a, const scalar_t* c, scalar_t* ref, int64_t* keys, scalar_t* __restrict__ c_sel,
+                      scalar_t* __restrict__ e_sel) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // launched only where the binary supports clusters (gate_fusion_supported)
+#else
+  using vec_t = AlignedVec<scalar_t, VEC>;
+  __shared__ SelectShared sh;
+  __shared__ int32_t chosen[kFusedMaxTokens];
+  const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  const unsigned rank = cluster.block_rank();
+  const int64_t b = blockIdx.x / a.cluster;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+
+  // 1. keys of this block's tokens [n0, n1) of row b (as gate_keys_kernel: `tpt` lanes per token)
+  const int64_t chunk = ceil_div(a.N, a.cluster), n0 = rank * chunk, n1 = std::min<int64_t>(a.N, n0 + chunk);
+  const int groups = 32 / a.tpt, g = lane / a.tpt, sub = lane % a.tpt;
+  for (int64_t base = n0 + static_cast<int64_t>(warp) * groups; base < n1; base += static_cast<int64_t>(warps) * groups) {
+    const int64_t n = base + g;
+    float acc = 0.f;
+    if (n < n1) {
+      const scalar_t* cr = c + b * a.s.cs0 + n * a.s.cs1;
+      const scalar_t* rr = ref + b * a.s.rs0 + n * a.s.rs1;
+#pragma unroll 4
+      for (int64_t j = sub; j < a.units; j += a.tpt) {
+        if constexpr (VEC == 1) {
+          const float d = static_cast<float>(cr[j * a.s.cs2]) - static_cast<float>(rr[j * a.s.rs2]);
+          acc += d * d;
+        } else {
+          const vec_t x = *reinterpret_cast<const vec_t*>(cr + j * VEC);
+          const vec_t y = *reinterpret_cast<const vec_t*>(rr + j * VEC);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) {
+            const float d = static_cast<float>(x.v[i]) - static_cast<float>(y.v[i]);
+            acc += d * d;
+          }
+        }
+      }
+    }
+    for (int o = a.tpt >> 1; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (n < n1 && sub == 0) keys[b * a.N + n] = gate_key(__fsqrt_rn(acc), n);
+  }
+  __threadfence();
+  cluster.sync();  // release/acquire at cluster scope: every key of the row is visible to every block
+
+  // 2. the selection, in every block alike
+  const unsigned budget = select_row(a.sel, b, sh, [&](unsigned slot, int64_t n) {
+    chosen[slot] = static_cast<int32_t>(n);
+    if (rank == 0) a.sel.index[b * a.sel.width + slot] = n;
+  });
+  if (rank == 0) finish_row(a.sel, b, budget);
+  __syncthreads();
+
+  // 3. the rows: slot j is moved by warp j mod (C * warps) of the cluster; zero rows at slots past the budget
+  const int64_t width = a.sel.width;
+  for (int64_t j = static_cast<int64_t>(rank) * warps + warp; j < width; j += static_cast<int64_t>(a.cluster) * warps) {
+    const int64_t tok = j < budget ? chosen[j] : -1;
+    scalar_t* so = c_sel + (b * width + j) * a.D;
+    scalar_t* eo = kDelta ? e_sel + (b * width + j) * a.D : nullptr;
+    const scalar_t* cr = tok >= 0 ? c + b * a.s.cs0 + tok * a.s.cs1 : nullptr;
+    scalar_t* rr = tok >= 0 ? ref + b * a.s.rs0 + tok * a.s.rs1 : nullptr;
+    for (int64_t u = lane; u < a.units; u += 32) {
+      vec_t cv, dv;
+      if (tok < 0) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) cv.v[i] = dv.v[i] = scalar_t(0);
+      } else {
+        vec_t rv;
+        if constexpr (VEC == 1) {
+          cv.v[0] = cr[u * a.s.cs2];
+          if constexpr (kDelta) rv.v[0] = rr[u * a.s.rs2];
+          rr[u * a.s.rs2] = cv.v[0];
+        } else {
+          cv = *reinterpret_cast<const vec_t*>(cr + u * VEC);
+          if constexpr (kDelta) rv = *reinterpret_cast<const vec_t*>(rr + u * VEC);
+          *reinterpret_cast<vec_t*>(rr + u * VEC) = cv;
+        }
+        if constexpr (kDelta) {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i)
+            dv.v[i] = static_cast<scalar_t>(static_cast<float>(cv.v[i]) - static_cast<float>(rv.v[i]));
+        }
+      }
+      *reinterpret_cast<vec_t*>(so + u * VEC) = cv;
+      if constexpr (kDelta) *reinterpret_cast<vec_t*>(eo + u * VEC) = dv;
+    }
+  }
+#endif
+}
+
+// Launches the fused gate; false if the launch was refused (the caller then runs the three-launch path).
+template <typename scalar_t>
+bool launch_fused(const at::TensorBase& c, const at::TensorBase& ref, const SelectArgs& sel,
+                  const at::TensorBase& keys, const at::TensorBase& c_sel, const at::TensorBase* e_sel) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const int64_t B = c.size(0), N = c.size(1), D = c.size(2);
+  bool vec = vec_ok(c, kVec) && vec_ok(ref, kVec) && vec_ok(c_sel, kVec);
+  if (e_sel != nullptr) vec = vec && vec_ok(*e_sel, kVec);
+  FusedArgs a;
+  a.s = pair_strides(c, ref);
+  a.sel = sel;
+  a.N = N;
+  a.D = D;
+  a.units = vec ? D / kVec : D;
+  a.tpt = std::min(32, pow2_ceil(std::max<int64_t>(a.units, 1)));
+  // about four loads per thread in the key pass: blocks per row up to the portable cluster size, whole warps
+  a.cluster = static_cast<unsigned>(std::clamp<int64_t>(ceil_div(N * a.units, 4 * kFusedThreads), 1, kMaxCluster));
+  const int64_t loads = ceil_div(N, a.cluster) * a.units;
+  const int threads = static_cast<int>(std::clamp<int64_t>(ceil_div(loads, 4 * 32) * 32, 128, kFusedThreads));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(B * a.cluster));
+  cfg.blockDim = dim3(threads);
+  cfg.stream = c10::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = a.cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  const auto* cp = static_cast<const scalar_t*>(c.const_data_ptr());
+  auto* rp = static_cast<scalar_t*>(ref.mutable_data_ptr());
+  auto* kp = static_cast<int64_t*>(keys.mutable_data_ptr());
+  auto* sp = static_cast<scalar_t*>(c_sel.mutable_data_ptr());
+  auto* ep = e_sel != nullptr ? static_cast<scalar_t*>(e_sel->mutable_data_ptr()) : nullptr;
+  cudaError_t err;
+  if (vec) {
+    err = e_sel != nullptr ? cudaLaunchKernelEx(&cfg, gate_fused_kernel<scalar_t, kVec, true>, a, cp, rp, kp, sp, ep)
+                           : cudaLaunchKernelEx(&cfg, gate_fused_kernel<scalar_t, kVec, false>, a, cp, rp, kp, sp, ep);
+  } else {
+    err = e_sel != nullptr ? cudaLaunchKernelEx(&cfg, gate_fused_kernel<scalar_t, 1, true>, a, cp, rp, kp, sp, ep)
+                           : cudaLaunchKernelEx(&cfg, gate_fused_kernel<scalar_t, 1, false>, a, cp, rp, kp, sp, ep);
+  }
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // a refused launch leaves no sticky error; clear it for the fallback
+    return false;
+  }
+  return true;
+}
+
+// Whether the device runs clusters and this build's fused kernel was compiled for them (queried once per device).
+bool gate_fusion_supported() {
+  static std::atomic<int> cache[256];  // 0: unknown, 1: yes, 2: no
+  const int dev = c10::cuda::current_device();
+  int v = cache[dev].load(std::memory_order_relaxed);
+  if (v == 0) {
+    int major = 0;
+    cudaFuncAttributes fa = {};
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                    cudaFuncGetAttributes(&fa, gate_fused_kernel<float, 1, false>) == cudaSuccess;
+    (void)cudaGetLastError();
+    v = ok && major >= 9 && fa.binaryVersion >= 90 ? 1 : 2;
+    cache[dev].store(v, std::memory_order_relaxed);
+  }
+  return v == 1;
+}
+
 }  // namespace
 
 void delta_rows_cuda(const at::TensorBase& c, const at::TensorBase& ref, const at::TensorBase& index,
@@ -363,9 +568,7 @@ void gate_select_threshold_cuda(const at::TensorBase& keys, float threshold, con
   const c10::cuda::CUDAGuard guard(keys.device());
   SelectArgs a = select_args(keys, index.size(1), index);
   a.threshold = true;
-  // score > threshold on float32 scores >= 0 is a comparison of their bits; a negative threshold admits every
-  // score but NaN, +inf admits none (as no score exceeds it)
-  a.floor = threshold < 0.f ? -1 : static_cast<int64_t>(float_bits(std::fabs(threshold)));
+  a.floor = threshold_floor(threshold);
   a.count = count.mutable_data_ptr<int64_t>();
   launch_select(a, B);
 }
@@ -377,6 +580,26 @@ void gate_keys_cuda(const at::TensorBase& c, const at::TensorBase& ref, const at
     case at::kHalf: launch_keys<c10::Half>(c, ref, keys); break;
     case at::kBFloat16: launch_keys<c10::BFloat16>(c, ref, keys); break;
     default: launch_keys<float>(c, ref, keys); break;
+  }
+}
+
+bool gate_fused_cuda(const at::TensorBase& c, const at::TensorBase& ref, int64_t k, const float* threshold,
+                     const at::TensorBase& keys, const at::TensorBase& index, const at::TensorBase* count,
+                     const at::TensorBase& c_sel, const at::TensorBase* e_sel) {
+  const int64_t B = c.size(0), N = c.size(1);
+  if (B == 0 || N == 0 || N > kFusedMaxTokens || B * kMaxCluster > 2147483647) return false;
+  const c10::cuda::CUDAGuard guard(c.device());
+  if (!gate_fusion_supported()) return false;
+  SelectArgs sel = select_args(keys, k, index);
+  if (threshold != nullptr) {
+    sel.threshold = true;
+    sel.floor = threshold_floor(*threshold);
+    sel.count = count->mutable_data_ptr<int64_t>();
+  }
+  switch (c.scalar_type()) {
+    case at::kHalf: return launch_fused<c10::Half>(c, ref, sel, keys, c_sel, e_sel);
+    case at::kBFloat16: return launch_fused<c10::BFloat16>(c, ref, sel, keys, c_sel, e_sel);
+    default: return launch_fused<float>(c, ref, sel, keys, c_sel, e_sel);
   }
 }
 

@@ -1,12 +1,16 @@
-// CUDA token_gate, token_gate_threshold and token_delta_gate (semantics: eventful_kernels/reference.py): one kernel
-// computes every token's selection key from c and ref (float32 ||c - ref||_2, no N x D temporary; unique keys, equal
-// scores rank the lower id first), one kernel per batch row selects in ascending id order (radix select, no sort),
-// and one kernel moves the selected rows: c_sel (and e_sel) out, ref refreshed, zero rows at -1 slots. Three
-// launches, no host sync (a forced, checked index of token_delta_gate: one read of the check's flag).
+// CUDA token_gate, token_gate_threshold and token_delta_gate (semantics: eventful_kernels/reference.py): every
+// token's selection key from c and ref (float32 ||c - ref||_2, no N x D temporary; unique keys, equal scores rank the
+// lower id first), per batch row a selection in ascending id order (radix select, no sort), and the move of the
+// selected rows: c_sel (and e_sel) out, ref refreshed, zero rows at -1 slots. One launch for rows of up to 4096
+// tokens on sm_90 and later (a thread block cluster per row, gate_fused_cuda); otherwise, or with the environment
+// variable EVENTFUL_CUDA_GATE=split, three: keys, selection, rows. No host sync (a forced, checked index of
+// token_delta_gate: one read of the check's flag).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -20,6 +24,12 @@ namespace cuda {
 void check_index_values_all(std::initializer_list<IndexValues> checks);
 
 namespace {
+
+// The fused one-launch gate unless EVENTFUL_CUDA_GATE=split (read at every call, so a benchmark can compare both).
+bool fusion_wanted() {
+  const char* v = std::getenv("EVENTFUL_CUDA_GATE");
+  return v == nullptr || std::strcmp(v, "split") != 0;
+}
 
 // index [B, k] int64, ascending: the k tokens with the largest scores (ties -> lower id).
 at::Tensor select_topk(const at::Tensor& c, const at::Tensor& ref, int64_t k) {
@@ -54,8 +64,28 @@ at::Tensor move_selected(const at::Tensor& c, const at::Tensor& ref, const at::T
   return c_sel;
 }
 
+// The fused gate where it applies: outputs (index, count or undefined, c_sel, e_sel or undefined), or nullopt.
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> fused_gate(
+    const at::Tensor& c, const at::Tensor& ref, int64_t width, const float* threshold, bool delta) {
+  if (!fusion_wanted() || overlap_differently(c, ref)) return std::nullopt;
+  const int64_t B = c.size(0), N = c.size(1);
+  const auto long_opts = c.options().dtype(at::kLong);
+  const at::Tensor keys = at::empty({B, N}, long_opts);
+  at::Tensor index = at::empty({B, width}, long_opts);
+  at::Tensor count = threshold != nullptr ? at::empty({B}, long_opts) : at::Tensor();
+  at::Tensor c_sel = at::empty({B, width, c.size(2)}, c.options());
+  at::Tensor e_sel = delta ? at::empty_like(c_sel) : at::Tensor();
+  if (!gate_fused_cuda(c, ref, width, threshold, keys, index, threshold != nullptr ? &count : nullptr, c_sel,
+                       delta ? &e_sel : nullptr))
+    return std::nullopt;
+  return std::make_tuple(index, count, c_sel, e_sel);
+}
+
 std::tuple<at::Tensor, at::Tensor> token_gate_cuda(const at::Tensor& c, const at::Tensor& ref, int64_t k) {
   check_token_gate(c, ref, k);
+  if (k > 0) {
+    if (auto f = fused_gate(c, ref, k, nullptr, false)) return {std::get<0>(*f), std::get<2>(*f)};
+  }
   const at::Tensor index = select_topk(c, ref, k);
   return {index, move_selected(c, ref, index)};
 }
@@ -64,6 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_gate_threshold_cuda(const a
                                                                          double threshold, int64_t capacity) {
   check_token_gate_threshold(c, ref, threshold, capacity);
   const float thr = threshold_as_float(threshold);
+  if (auto f = fused_gate(c, ref, capacity, &thr, false)) return {std::get<0>(*f), std::get<1>(*f), std::get<2>(*f)};
   const int64_t B = c.size(0), N = c.size(1);
   const auto long_opts = c.options().dtype(at::kLong);
   at::Tensor index = at::empty({B, capacity}, long_opts);
@@ -91,6 +122,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_delta_gate_cuda(const at::T
     index = at::empty(index_opt->sizes(), index_opt->options().dtype(at::kLong));
     index.copy_(*index_opt);
   } else {
+    if (k > 0) {
+      if (auto f = fused_gate(c, ref, k, nullptr, true)) return {std::get<0>(*f), std::get<2>(*f), std::get<3>(*f)};
+    }
     index = select_topk(c, ref, k);
   }
   at::Tensor c_sel = at::empty({c.size(0), index.size(1), c.size(2)}, c.options());

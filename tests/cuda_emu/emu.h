@@ -38,8 +38,18 @@ struct alignas(16) float4 {
   float x, y, z, w;
 };
 using cudaStream_t = struct CUstream_st*;
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
-enum cudaDeviceAttr { cudaDevAttrMaxThreadsPerBlock = 1, cudaDevAttrMultiProcessorCount = 16 };
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorNotSupported = 801,
+  cudaErrorInvalidClusterSize = 912
+};
+enum cudaDeviceAttr {
+  cudaDevAttrMaxThreadsPerBlock = 1,
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75
+};
 
 #define __global__
 #define __device__
@@ -75,7 +85,15 @@ struct LaunchConfig {
   dim3 grid, block;
   size_t shmem = 0;
   cudaStream_t stream = nullptr;
+  bool clustered = false;  // launched with a cluster dimension (cudaLaunchKernelEx)
+  dim3 cluster;
 };
+
+// Thread block clusters: the blocks of a cluster run at the same time, each on a thread of its own (so each has its
+// own __shared__), one at a time (atomics stay atomic), handing over at cluster barriers.
+void cluster_sync();
+unsigned cluster_block_rank();
+unsigned cluster_num_blocks();
 void run_grid(const LaunchConfig& cfg, void (*body)(void*), void* ctx);
 
 template <typename K, typename Tuple>
@@ -169,6 +187,8 @@ inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask,
 inline int __all_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) == mask; }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { ::emu::warp_sync(mask); }
 inline void __syncthreads() { ::emu::block_sync(); }
+inline void __threadfence() {}  // threads run one at a time: every write is visible to the next one
+[[noreturn]] inline void __trap() { ::emu::device_fail("__trap()"); }
 
 // Threads switch only at synchronization points, so a read-modify-write is atomic by construction.
 template <typename T, typename U>

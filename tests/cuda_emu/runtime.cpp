@@ -1,15 +1,21 @@
-// The emulator's scheduler (see emu.h): blocks run one after another; the threads of a block are fibers switched
-// only at synchronization points. Also the emulated device queries, launch checks and the test hooks registered
+// The emulator's scheduler (see emu.h): blocks run one after another (the blocks of a cluster on threads of their
+// own, one at a time, handing over at cluster barriers); the threads of a block are fibers switched only at
+// synchronization points. Also the emulated device queries, launch checks and the test hooks registered
 // as torch.ops.eventful_emu._set_device / _launches.
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 #include <ucontext.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <exception>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cuda_runtime.h"
@@ -24,8 +30,11 @@ namespace {
 constexpr size_t kStackBytes = 64 * 1024;
 constexpr unsigned kMaxThreads = 1024;
 
-// Emulated devices: their SM counts (device 0: an H200's 132 SMs; the others give other grid sizes).
+// Emulated devices: their SM counts (device 0: an H200's 132 SMs; the others give other grid sizes) and compute
+// capabilities (device 1 predates clusters).
 constexpr int kSms[] = {132, 1, 2, 3, 7};
+constexpr int kMajor[] = {9, 8, 9, 9, 9};
+constexpr unsigned kMaxClusterBlocks = 8;  // the portable cluster size
 int current_device_index = 2;
 int64_t launch_count = 0;
 std::vector<int64_t> launch_widths;  // per launch since the last _launch_log(): its widest cast access in bytes
@@ -56,8 +65,8 @@ struct BlockRun {
   Block block;
   std::vector<Fiber> fibers;
   std::vector<WarpState> warps;
-  unsigned live = 0, block_arrived = 0;
-  uint64_t block_gen = 0;
+  unsigned live = 0, block_arrived = 0, cluster_arrived = 0;
+  uint64_t block_gen = 0, cluster_gen = 0;
   ucontext_t sched;
   void (*body)(void*) = nullptr;
   void* ctx = nullptr;
@@ -66,6 +75,22 @@ struct BlockRun {
 };
 
 thread_local BlockRun* run = nullptr;
+
+// The blocks of one cluster: each runs on a pool thread holding `baton` while it runs, so one runs at a time.
+struct ClusterRun {
+  std::mutex baton;
+  std::condition_variable changed;
+  unsigned size = 1, arrived = 0, finished = 0;
+  uint64_t gen = 0;
+  bool failed = false;
+};
+
+struct ClusterSeat {
+  ClusterRun* cluster = nullptr;
+  std::unique_lock<std::mutex>* baton = nullptr;
+  unsigned rank = 0;
+};
+thread_local ClusterSeat seat;
 thread_local std::vector<std::unique_ptr<char[]>> stacks;
 
 void yield_to_scheduler() { swapcontext(&run->running->ctx, &run->sched); }
@@ -120,6 +145,7 @@ void warp_barrier(unsigned mask, const char* what) {
 void fiber_main() {
   BlockRun* r = run;
   r->body(r->ctx);
+  if (r->cluster_arrived != 0) device_fail("a thread exited while others of its block wait at cluster.sync()");
   Fiber* f = r->running;
   f->done = true;
   WarpState& w = r->warps[f->t.warp];
@@ -175,12 +201,63 @@ void run_block(BlockRun& r) {
   }
 }
 
-bool valid_config(const LaunchConfig& c) {
+cudaError_t check_config(const LaunchConfig& c) {
   const dim3 g = c.grid, b = c.block;
-  if (g.x < 1 || g.x > 2147483647u || g.y < 1 || g.y > 65535 || g.z < 1 || g.z > 65535) return false;
-  if (b.x < 1 || b.y < 1 || b.z < 1 || b.x > 1024 || b.y > 1024 || b.z > 64) return false;
-  if (static_cast<uint64_t>(b.x) * b.y * b.z > kMaxThreads) return false;
-  return c.shmem <= 48 * 1024;
+  if (g.x < 1 || g.x > 2147483647u || g.y < 1 || g.y > 65535 || g.z < 1 || g.z > 65535)
+    return cudaErrorInvalidConfiguration;
+  if (b.x < 1 || b.y < 1 || b.z < 1 || b.x > 1024 || b.y > 1024 || b.z > 64) return cudaErrorInvalidConfiguration;
+  const uint64_t threads = static_cast<uint64_t>(b.x) * b.y * b.z;
+  if (threads > kMaxThreads || c.shmem > 48 * 1024) return cudaErrorInvalidConfiguration;
+  if (!c.clustered) return cudaSuccess;
+  if (kMajor[current_device_index] < 9) return cudaErrorNotSupported;
+  const dim3 k = c.cluster;
+  const uint64_t blocks = static_cast<uint64_t>(k.x) * k.y * k.z;
+  // a cluster must fit the device at once: at most 2048 threads per SM
+  const uint64_t fit = static_cast<uint64_t>(kSms[current_device_index]) * (2048 / threads);
+  if (blocks < 1 || blocks > kMaxClusterBlocks || blocks > fit || g.x % k.x || g.y % k.y || g.z % k.z)
+    return cudaErrorInvalidClusterSize;
+  return cudaSuccess;
+}
+
+// Threads that run the blocks of a cluster (thread_local __shared__ and fiber stacks per thread, kept for reuse).
+class Pool {
+ public:
+  // Runs every task at the same time, each on a thread of its own; returns when all have returned.
+  void run_all(std::vector<std::function<void()>>& tasks) {
+    std::unique_lock<std::mutex> lk(m_);
+    while (threads_ < tasks.size()) {
+      std::thread([this] { work(); }).detach();  // idle threads live as long as the process
+      ++threads_;
+    }
+    for (auto& t : tasks) queue_.push_back(&t);
+    pending_ = tasks.size();
+    wake_.notify_all();
+    done_.wait(lk, [&] { return pending_ == 0; });
+  }
+
+ private:
+  void work() {
+    std::unique_lock<std::mutex> lk(m_);
+    for (;;) {
+      wake_.wait(lk, [&] { return !queue_.empty(); });
+      std::function<void()>* task = queue_.front();
+      queue_.pop_front();
+      lk.unlock();
+      (*task)();
+      lk.lock();
+      if (--pending_ == 0) done_.notify_all();
+    }
+  }
+
+  std::mutex m_;
+  std::condition_variable wake_, done_;
+  std::deque<std::function<void()>*> queue_;
+  size_t threads_ = 0, pending_ = 0;
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: its threads wait for work until the process ends
+  return *p;
 }
 
 }  // namespace
@@ -222,6 +299,34 @@ unsigned warp_ballot(unsigned mask, bool predicate) {
 
 void warp_sync(unsigned mask) { warp_barrier(mask, "__syncwarp"); }
 
+void cluster_sync() {
+  BlockRun& r = *run;
+  ++r.cluster_arrived;
+  if (r.cluster_arrived != r.live) {
+    wait_for_change(&r.cluster_gen);
+    return;
+  }
+  // the block's last thread waits for the other blocks of the cluster, then releases its own
+  if (seat.cluster != nullptr) {
+    ClusterRun& c = *seat.cluster;
+    if (c.failed) device_fail("cluster.sync(): another block of the cluster failed");
+    const uint64_t gen = c.gen;
+    if (++c.arrived == c.size) {
+      c.arrived = 0;
+      ++c.gen;
+      c.changed.notify_all();
+    } else {
+      c.changed.wait(*seat.baton, [&] { return c.gen != gen || c.failed || c.finished > 0; });
+      if (c.gen == gen) device_fail("cluster.sync(): another block of the cluster failed or exited without it");
+    }
+  }
+  ++r.cluster_gen;
+  r.cluster_arrived = 0;
+}
+
+unsigned cluster_block_rank() { return seat.rank; }
+unsigned cluster_num_blocks() { return seat.cluster != nullptr ? seat.cluster->size : 1u; }
+
 void block_sync() {
   BlockRun& r = *run;
   ++r.block_arrived;
@@ -238,11 +343,71 @@ void note_access_width(size_t bytes) {
   launch_widths.back() = std::max<int64_t>(launch_widths.back(), static_cast<int64_t>(bytes));
 }
 
+namespace {
+
+// Every cluster of the grid in turn; the blocks of one cluster together, on pool threads.
+void run_clusters(const LaunchConfig& cfg, void (*body)(void*), void* ctx) {
+  const dim3 k = cfg.cluster;
+  const unsigned size = k.x * k.y * k.z;
+  for (unsigned cz = 0; cz < cfg.grid.z; cz += k.z)
+    for (unsigned cy = 0; cy < cfg.grid.y; cy += k.y)
+      for (unsigned cx = 0; cx < cfg.grid.x; cx += k.x) {
+        ClusterRun cluster;
+        cluster.size = size;
+        std::vector<std::exception_ptr> errors(size);
+        std::vector<std::function<void()>> tasks;
+        for (unsigned rank = 0; rank < size; ++rank) {
+          tasks.emplace_back([&, rank] {
+            std::unique_lock<std::mutex> baton(cluster.baton);
+            seat = {&cluster, &baton, rank};
+            try {
+              BlockRun r;
+              r.body = body;
+              r.ctx = ctx;
+              r.block.block_dim = cfg.block;
+              r.block.grid_dim = cfg.grid;
+              r.block.block_idx = {cx + rank % k.x, cy + rank / k.x % k.y, cz + rank / (k.x * k.y)};
+              run = &r;
+              run_block(r);
+            } catch (...) {
+              errors[rank] = std::current_exception();
+              cluster.failed = true;
+            }
+            run = nullptr;
+            current_thread = nullptr;
+            current_block = nullptr;
+            seat = {};
+            ++cluster.finished;
+            cluster.changed.notify_all();
+          });
+        }
+        pool().run_all(tasks);
+        // report the block that failed first, not the others' "another block failed"
+        std::exception_ptr first;
+        for (auto& e : errors) {
+          if (!e) continue;
+          try {
+            std::rethrow_exception(e);
+          } catch (const std::exception& x) {
+            if (!first || std::string(x.what()).find("another block") == std::string::npos) first = e;
+            if (std::string(x.what()).find("another block") == std::string::npos) break;
+          }
+        }
+        if (first) std::rethrow_exception(first);
+      }
+}
+
+}  // namespace
+
 void run_grid(const LaunchConfig& cfg, void (*body)(void*), void* ctx) {
   ++launch_count;
   launch_widths.push_back(0);
-  if (!valid_config(cfg)) {
-    last_error = cudaErrorInvalidConfiguration;
+  if (const cudaError_t err = check_config(cfg); err != cudaSuccess) {
+    last_error = err;
+    return;
+  }
+  if (cfg.clustered) {
+    run_clusters(cfg, body, ctx);
     return;
   }
   BlockRun r;
@@ -277,6 +442,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: *value = emu::kSms[device]; return cudaSuccess;
     case cudaDevAttrMaxThreadsPerBlock: *value = 1024; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = emu::kMajor[device]; return cudaSuccess;
   }
   return cudaErrorInvalidValue;
 }
@@ -292,6 +458,8 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaSuccess: return "no error";
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorNotSupported: return "operation not supported";
+    case cudaErrorInvalidClusterSize: return "invalid cluster size";
   }
   return "unknown error";
 }

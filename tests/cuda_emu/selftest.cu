@@ -4,6 +4,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
+#include <cooperative_groups.h>
+
+#include <cstdio>
 #include <string>
 
 namespace {
@@ -76,6 +79,40 @@ __global__ void misaligned_kernel(float* p) {
 
 __global__ void noop_kernel(int*) {}
 
+// Clusters: every block writes (blockIdx.x + 1) to in[blockIdx.x] and its rank to its own shared memory; after
+// cluster.sync() each block sums the values of its cluster's blocks (visible to all) into out[blockIdx.x] and adds
+// 1000 * (rank still in its shared memory) + 100000 * cluster size. With `exit_rank` >= 0 that block returns early.
+__global__ void cluster_sum_kernel(int* in, int* out, int exit_rank) {
+  __shared__ int mine;
+  const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  const unsigned rank = cluster.block_rank(), size = cluster.num_blocks();
+  if (static_cast<int>(rank) == exit_rank) return;
+  if (threadIdx.x == 0) {
+    in[blockIdx.x] = static_cast<int>(blockIdx.x) + 1;
+    mine = static_cast<int>(rank);
+  }
+  cluster.sync();
+  if (threadIdx.x == 0) {
+    int sum = 0;
+    for (unsigned j = 0; j < size; ++j) sum += in[blockIdx.x - rank + j];
+    out[blockIdx.x] = sum + 1000 * mine + 100000 * static_cast<int>(size);
+  }
+}
+
+cudaError_t launch_cluster_sum(int* in, int* out, unsigned grid, unsigned cluster, int exit_rank) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(64);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, cluster_sum_kernel, in, out, exit_rank);
+}
+
 at::Tensor selftest(const std::string& name) {
   const auto ints = at::TensorOptions().dtype(at::kInt);
   if (name == "xor_sum") {
@@ -116,6 +153,14 @@ at::Tensor selftest(const std::string& name) {
     if (name == "too_many_threads") noop_kernel<<<1, 2048>>>(out.data_ptr<int>());
     if (name == "empty_grid") noop_kernel<<<0, 32>>>(out.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
+  if (name.rfind("cluster", 0) == 0) {  // cluster_<grid>_<cluster size>[_exit<rank>]
+    unsigned grid = 0, size = 0;
+    int exit_rank = -1;
+    std::sscanf(name.c_str(), "cluster_%u_%u_exit%d", &grid, &size, &exit_rank);
+    at::Tensor in = at::zeros({static_cast<int64_t>(grid)}, ints), out = at::zeros({static_cast<int64_t>(grid)}, ints);
+    C10_CUDA_CHECK(launch_cluster_sum(in.data_ptr<int>(), out.data_ptr<int>(), grid, size, exit_rank));
     return out;
   }
   TORCH_CHECK(false, "no emulator self-test named ", name);
