@@ -14,6 +14,8 @@ Shapes (ViT-B): tokens D = 768, attention H = 12 heads of d = 64, B = 1, int64 i
 ``fused_unchecked`` (GPU only) passes ``check_index=False``: no index value check, hence no host sync.
 ``triton`` (GPU only, for the ops the dispatcher sends to a C++ CUDA kernel): the Triton kernel of the same op,
 called as ``fused_unchecked`` (as ``fused`` for the gates), so the two GPU implementations are measured side by side.
+``split`` (GPU only, gates served by C++ CUDA): the gate in three launches (keys, selection, rows;
+``EVENTFUL_CUDA_GATE=split``, set outside the timed call) beside ``fused``, which is one launch where it applies.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ D, H, HD = 768, 12, 64
 OPS = ["gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "token_gate", "token_gate_threshold",
        "token_delta_gate", "qk_update_", "qk_update_relpos_", "av_delta_update_"]
 FUNCTION = {"qk_update_relpos_": "qk_update_"}  # case -> op name
+GATES = {"token_gate", "token_gate_threshold", "token_delta_gate"}
 TAKES_INDEX = {"gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "qk_update_", "qk_update_relpos_",
                "av_delta_update_"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -108,9 +111,35 @@ class Case:
             kernel = getattr(T, name)
             impls["triton"] = ((lambda: kernel(*self.args, check_index=False)) if self.op in TAKES_INDEX
                                else (lambda: kernel(*self.args)))
+        if device != "cpu" and name in GATES and name not in _triton_served():
+            impls["split"] = WithEnv(lambda: fused(*self.args), "EVENTFUL_CUDA_GATE", "split")
         if self.copy is not None:
             impls["copy"] = self.copy
         return impls
+
+
+class WithEnv:
+    """A call timed with an environment variable set; ``enter``/``exit`` run outside the timed interval."""
+
+    def __init__(self, fn: Callable, name: str, value: str):
+        self.fn, self.name, self.value, self.saved = fn, name, value, None
+
+    def enter(self) -> None:
+        self.saved = os.environ.get(self.name)
+        os.environ[self.name] = self.value
+
+    def exit(self) -> None:
+        if self.saved is None:
+            os.environ.pop(self.name, None)
+        else:
+            os.environ[self.name] = self.saved
+
+    def __call__(self):
+        self.enter()
+        try:
+            return self.fn()
+        finally:
+            self.exit()
 
 
 def _triton_served() -> set:
@@ -136,11 +165,16 @@ def time_interleaved(impls: Dict[str, Callable], device: str, rounds: int, budge
     start = time.perf_counter()
     for r in range(rounds):
         for name, fn in impls.items():
+            call = fn.fn if isinstance(fn, WithEnv) else fn
+            if call is not fn:
+                fn.enter()
             _sync(device)
             t0 = time.perf_counter()
-            fn()
+            call()
             _sync(device)
             times[name].append((time.perf_counter() - t0) * 1e3)
+            if call is not fn:
+                fn.exit()
         if r >= 2 and time.perf_counter() - start > budget_s:
             break
     return {name: {"median_ms": statistics.median(t), "min_ms": min(t),

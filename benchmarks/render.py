@@ -23,18 +23,21 @@ RESULTS = os.path.join(HERE, "results")
 
 def ops_table(data: dict) -> str:
     """One row per (op, N, K): fused and composition medians (min in brackets), speedup of the medians, on a GPU the
-    unchecked call and the Triton kernel of an op served by C++ CUDA, the copy yardstick and the fused op's share of
-    copy bandwidth where the op moves data."""
+    unchecked call, the Triton kernel of an op served by C++ CUDA and a C++ CUDA gate in three launches, the copy
+    yardstick and the fused op's share of copy bandwidth where the op moves data."""
     head = (f"{data['date']}, {data['device_type'].upper()} ({data['device']}), {data['threads']} threads, "
             f"torch {data['torch']}, {data['dtype']}; `{data['command']}`. Times in ms: median (min) of "
             f"interleaved rounds.")
     unchecked = any("fused_unchecked" in r["times"] for r in data["results"])
     triton = any("triton" in r["times"] for r in data["results"])
+    split = any("split" in r["times"] for r in data["results"])
     cols = ["op", "N", "K", "fused", "composition", "speedup"]
     if unchecked:
         cols += ["fused, no index check"]
     if triton:
         cols += ["Triton kernel"]
+    if split:
+        cols += ["gate in three launches"]
     cols += ["copy", "copy / fused bandwidth"]
     out = [head, "", "| " + " | ".join(cols) + " |", "| --- | ---: | ---: |" + " ---: |" * (len(cols) - 3)]
     for r in data["results"]:
@@ -49,6 +52,8 @@ def ops_table(data: dict) -> str:
             row.append(cell("fused_unchecked"))
         if triton:
             row.append(cell("triton"))
+        if split:
+            row.append(cell("split"))
         row.append(cell("copy"))
         row.append(f"{t['copy']['median_ms'] / f:.0%}" if "copy" in t else "–")
         out.append("| " + " | ".join(row) + " |")

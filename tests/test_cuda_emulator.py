@@ -166,12 +166,19 @@ def test_one_kernel_launch_per_unchecked_op(emu, monkeypatch):
     assert launches(lambda: ops.token_delta_gate(x, torch.zeros_like(x), -1, given, check_index=False)) == 2
 
 
+@pytest.mark.parametrize("gate_path", ["fused", "split"])
 @pytest.mark.parametrize("n", [2, 33, 197, 1025, 4096, 4097])
 @pytest.mark.parametrize("scores", ["distinct", "ties", "nan"])
-def test_gate_selection_across_token_counts(emu, n, scores):
+def test_gate_selection_across_token_counts(emu, n, scores, gate_path, monkeypatch):
     """The per-row radix selection picks exactly the reference's tokens for any N (one or several rounds of the
     block): k largest scores, equal scores to the lower id, NaN above +inf, ids ascending; the threshold gate the
-    same among the tokens above the threshold (never NaN), then -1."""
+    same among the tokens above the threshold (never NaN), then -1. In the fused gate (one cluster per row, on the
+    132-SM device so that every N up to 4096 runs fused) and in the three-launch path."""
+    if gate_path == "split":
+        monkeypatch.setenv("EVENTFUL_CUDA_GATE", "split")
+    elif n > 4096:
+        pytest.skip("past 4096 tokens the fused gate hands over to the three launches (the split case)")
+    emu._set_device(0 if gate_path == "fused" else 2)
     g = torch.Generator().manual_seed(n)
     ops = cuda_emulator.ops_module(emu)
     for k in sorted({1, 2, n // 3, n - 1} - {0}):
@@ -198,6 +205,39 @@ def test_gate_selection_across_token_counts(emu, n, scores):
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (n, k, threshold)
             assert_same(got[2], want[2])
             assert_same(got_ref, want_ref)
+
+
+def test_gpu_gate_check_passes_and_catches_a_broken_path(emu):
+    """tools/check_gates.py (run on a GPU before the end-to-end table) passes on the emulated kernels, both paths,
+    and names the path that breaks."""
+    sys.path.insert(0, os.path.join(cuda_emulator.ROOT, "tools"))
+    import check_gates
+
+    emu._set_device(2)
+    ops = cuda_emulator.ops_module(emu)
+    small = {"shapes": [(2, 197, 64, 49), (1, 300, 8, 100)], "dtypes": [torch.float32, torch.bfloat16]}
+    lines = []
+    assert check_gates.run_paths(ops, "cpu", log=lines.append, **small) == 0
+    assert lines == ["gates [fused]: passed", "gates [split]: passed"]
+
+    class Broken:  # the delta gate's e_sel off by one on one path
+        def __init__(self, path):
+            self.path = path
+
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        def token_delta_gate(self, c, ref, k):
+            index, c_sel, e_sel = ops.token_delta_gate(c, ref, k)
+            split = os.environ.get(check_gates.ENV) == "split"
+            return index, c_sel, e_sel + 1 if split == (self.path == "split") else e_sel
+
+    for path, status in (("fused", 1), ("split", 2)):
+        lines = []
+        assert check_gates.run_paths(Broken(path), "cpu", log=lines.append, **small) == status
+        assert f"FAIL [{path}] token_delta_gate B=2 N=197 D=64 k=49 torch.float32: outputs [2] differ from the " \
+            "reference" in lines
+        assert os.environ.get(check_gates.ENV) is None
 
 
 @pytest.mark.slow

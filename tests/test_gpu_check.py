@@ -28,7 +28,7 @@ def test_named_test_files_exist_and_limits_fit():
     assert specs, "no test specs found"
     for file, _, _ in specs:
         assert os.path.exists(os.path.join(ROOT, "tests", file)), file
-    steps = [int(s) for s in re.findall(r"_TIMEOUT:-(\d+)", text)]  # build, end-to-end, ops
-    assert len(steps) == 3
+    steps = [int(s) for s in re.findall(r"_TIMEOUT:-(\d+)", text)]  # build, gate check, end-to-end, ops
+    assert len(steps) == 4
     total = sum(steps) + sum(int(limit) for _, limit, _ in specs)
     assert total <= 8 * 60, f"step limits add up to {total} s"

@@ -2,8 +2,10 @@
 # GPU checks, in order of value, each writing its results into $OUT as soon as it finishes (a run cut short keeps
 # what finished; at most 7 files):
 #   1. build the extension with its CUDA kernels                         -> env.txt (+ build.log on failure)
+#      and check the gates against the reference, fused and in three launches (tools/check_gates.py) -> env.txt
 #   2. the end-to-end table: dense timm vs eventful, interleaved frames  -> gpu_e2e.json, gpu_e2e.md
-#   3. the op table (N = 4096, K = N/16 and N/4) against the standard-PyTorch composition -> ops_cuda.json
+#   3. the op table (N = 4096, K = N/16 and N/4; N = 196, K = N/4) against the standard-PyTorch composition
+#                                                                        -> ops_cuda.json
 #   4. the GPU tests, each file under its own time limit                 -> tests.log
 #   5. one line per step with its status and duration                    -> summary.txt (appended as it goes)
 # Needs a CUDA GPU with a CUDA build of torch, triton, timm and nvcc. The step limits add up to 8 min.
@@ -54,6 +56,14 @@ fi
 # the library's own report: CUDA targets, C++ CUDA kernels, whether they cover this GPU, the ops Triton serves
 timeout 60 $PY -m eventful_kernels >>"$OUT/env.txt" 2>&1 || true
 
+echo "== gates against the reference (fused and three-launch paths)"
+# a fused gate that fails its check must not spoil the tables: the rest then runs the three-launch gates
+step gates "${GATES_TIMEOUT:-30}" $PY tools/check_gates.py 2>&1 | tee -a "$OUT/env.txt" | tail -4
+if grep -q "gates \[fused\]: FAILED" "$OUT/env.txt"; then
+  export EVENTFUL_CUDA_GATE=split
+  echo "the fused gates failed their check: the rest runs with EVENTFUL_CUDA_GATE=split" | tee -a "$summary"
+fi
+
 echo "== end-to-end table"
 step e2e "${E2E_TIMEOUT:-150}" $PY benchmarks/bench_gpu.py --video "$VIDEO" --out "$OUT/gpu_e2e.json" \
   ${E2E_ARGS:-} 2>&1 | grep -v "^|" | tail -20
@@ -61,7 +71,7 @@ step e2e "${E2E_TIMEOUT:-150}" $PY benchmarks/bench_gpu.py --video "$VIDEO" --ou
   && cat "$OUT/gpu_e2e.md"
 
 echo "== op table"
-step ops "${OPS_TIMEOUT:-90}" $PY benchmarks/bench_ops.py --device cuda --dtype fp16 --sizes 4096:256,4096:1024 \
+step ops "${OPS_TIMEOUT:-90}" $PY benchmarks/bench_ops.py --device cuda --dtype fp16 --sizes 4096:256,4096:1024,196:49 \
   --rounds 30 --budget 2 --out "$OUT/ops_cuda.json"
 
 echo "== GPU tests"
@@ -72,7 +82,7 @@ $PY -c "import xdist" 2>/dev/null && xdist=(-n "${XDIST:-8}")  # parallel Triton
 # CUDA kernel where the build has one, else the Triton one registered for it), then the Triton functions called
 # directly ("triton", largely the same kernels again); each op file collects ~300-1000 items per backend, so a file
 # cut at its limit still logs (-v) what ran. The CPU backend of the same files runs anywhere.
-for spec in "test_graphs.py:40:cuda" "test_gather_scatter.py:30:cuda" "test_token_gate.py:20:cuda" \
+for spec in "test_graphs.py:30:cuda" "test_gather_scatter.py:20:cuda" "test_token_gate.py:20:cuda" \
     "test_qk_update.py:15:cuda" "test_av_delta_update.py:15:cuda" "test_backends.py:10:" "test_blocks.py:20:cuda" \
     "test_token_gate.py:10:triton" "test_gather_scatter.py:10:triton"; do
   IFS=: read -r file limit select <<<"$spec"
