@@ -18,7 +18,10 @@ keeping its own state:
 Reported per variant: median ms per frame over the steady-state frames (the first ``--skip`` frames of each
 variant are left out: the flush, the capture), synchronised before and after each frame; GFLOPs per frame from the
 operation counts; the speedup over the baseline; the ideal speedup (dense GFLOPs / eventful GFLOPs) beside it;
-the attention mode each global block ran; the relative deviation of the output from the dense model's. The JSON
+the attention mode each global block ran; the relative deviation of the output from the dense model's; the kernels
+one more steady-state frame launched (``launches``: on a GPU the CUDA kernels and copies the profiler saw, graph
+replays included where it reports their kernels; on a CPU the dispatched operators that compute, i.e. views and
+allocations left out). At small batches a GPU frame costs about its launches, whatever its FLOPs. The JSON
 is rewritten after every case, so a run cut short keeps what finished. Weights are random (seeded); timing and
 operation counts do not depend on them. Runs on CPU too (``--device cpu``: no graph variants), for a smoke test.
 """
@@ -62,6 +65,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh", "detach",
+              "alias", "set_", "resize_"}
+
+
+def count_launches(step: Callable, x: torch.Tensor, device: torch.device) -> Optional[int]:
+    """Kernels one call ``step(x)`` launches (see the module docstring); None where they cannot be counted."""
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        try:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                step(x)
+                torch.cuda.synchronize(device)
+        except RuntimeError as exc:  # no CUPTI in this build
+            print(f"bench_gpu: launches not counted ({exc})", file=sys.stderr)
+            return None
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func.overloadpacket.__name__ not in _NO_KERNEL:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step(x)
+    return Count.n
+
+
 class Variant:
     """One model under test: ``step(x) -> y``, its per-frame times, GFLOPs and deviation from dense."""
 
@@ -71,6 +106,7 @@ class Variant:
         self.gflops: List[float] = []
         self.rel_dev: List[float] = []
         self.modes: Optional[list] = None
+        self.launches: Optional[int] = None
 
     def run(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
         _sync(device)
@@ -92,6 +128,8 @@ class Variant:
             out["rel_deviation_mean"] = statistics.fmean(self.rel_dev[skip:] or self.rel_dev)
         if self.modes is not None:
             out["attention_modes"] = self.modes
+        if self.launches is not None:
+            out["launches"] = self.launches
         return out
 
 
@@ -169,6 +207,9 @@ def bench_case(name: str, batch: int, budget_text: str, frames: int, dtype: torc
                 elif v.model is not None:
                     dev = (y.float() - dense_out).norm() / dense_out.norm().clamp_min(1e-30)
                     v.rel_dev.append(float(dev))
+        x = normalize(clip[frames - 1], mean, std).to(device=device, dtype=dtype)
+        for v in variants:  # one more steady-state frame each, counted
+            v.launches = count_launches(v.step, x, device)
     dense_counter.remove()
     result = {"case": f"{name} B={batch}", "model": name, "batch": batch, "input_size": size, "budget": budget_text,
               "tokens_selected": runner.tokens_for(budget, dense_counter.n_tokens or 0),
@@ -200,8 +241,9 @@ def render(result: Dict) -> str:
     """Markdown table of a result file (one row per case, budget and variant)."""
     lines = [f"{result.get('device_name', result['device'])}, {result['dtype']}, torch {result['torch']}, "
              f"{result['timing']}", "",
-             "| case | r | variant | ms/frame | speedup | ideal | vs reference | GFLOPs | attention | rel. dev. |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+             "| case | r | variant | ms/frame | speedup | ideal | vs reference | GFLOPs | launches | attention "
+             "| rel. dev. |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for r in result["runs"]:
         for name, s in r["variants"].items():
             modes = s.get("attention_modes")
@@ -209,8 +251,9 @@ def render(result: Dict) -> str:
             mark = " (baseline)" if name == r["baseline"] else ""
             vs_ref = f"{s['vs_reference']:.2f}x" if "vs_reference" in s else ""
             dev = f"{s['rel_deviation_mean']:.1e}" if "rel_deviation_mean" in s else ""
+            launches = s.get("launches", "")
             lines.append(f"| {r['case']} | {r['budget']} | {name}{mark} | {s['ms_median']:.3f} | {s['speedup']:.2f}x "
-                         f"| {s['ideal_speedup']:.2f}x | {vs_ref} | {s['gflops']:.1f} | {attn} | {dev} |")
+                         f"| {s['ideal_speedup']:.2f}x | {vs_ref} | {s['gflops']:.1f} | {launches} | {attn} | {dev} |")
     return "\n".join(lines)
 
 
@@ -249,6 +292,8 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
         "timing": f"median ms per frame, synchronised, variants interleaved frame by frame, first {args.skip} "
                   "frames left out",
+        "launches": "CUDA kernels and copies per frame (torch.profiler)" if device.type == "cuda" else
+                    "dispatched computing operators per frame",
         "runs": [],
     }
     for case in [c.strip() for c in args.cases.split(",") if c.strip()]:

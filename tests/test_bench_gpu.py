@@ -35,6 +35,11 @@ def test_bench_gpu_smoke_on_cpu(tmp_path, capsys):
         assert v[name]["attention_modes"] and set(v[name]["attention_modes"]) <= {"eventful", "dense"}
     assert v["reference"]["attention_modes"] == ["eventful"] * 12  # the published method
     assert v["eventful"]["vs_reference"] > 0
+    # launches of one more frame: 12 blocks of LayerNorms, linears, attention, residual adds at least; the eventful
+    # frame adds three gates and three buffer updates per block, well under twice the dense frame's count
+    assert v["dense"]["launches"] >= 12 * 9
+    assert v["dense"]["launches"] < v["eventful"]["launches"] < 2 * v["dense"]["launches"]
+    assert result["launches"] == "dispatched computing operators per frame"
     table = bench.render(result)
     assert "| vit_tiny_patch16_224 B=2 | N/4 | dense (baseline) |" in table
     assert bench.main(["--report", str(out)]) == 0 and "eventful" in capsys.readouterr().out
