@@ -14,8 +14,9 @@ Shapes (ViT-B): tokens D = 768, attention H = 12 heads of d = 64, B = 1, int64 i
 ``fused_unchecked`` (GPU only) passes ``check_index=False``: no index value check, hence no host sync.
 ``triton`` (GPU only, for the ops the dispatcher sends to a C++ CUDA kernel): the Triton kernel of the same op,
 called as ``fused_unchecked`` (as ``fused`` for the gates), so the two GPU implementations are measured side by side.
-``split`` (GPU only, gates served by C++ CUDA): the gate in three launches (keys, selection, rows;
-``EVENTFUL_CUDA_GATE=split``, set outside the timed call) beside ``fused``, which is one launch where it applies.
+``one_launch`` / ``split`` (GPU only, gates served by C++ CUDA): the gate forced into one launch (a thread block
+cluster per row) / into three (keys, selection, rows), by ``EVENTFUL_CUDA_GATE=fused`` / ``split`` set outside the
+timed call, beside ``fused``, whichever of the two the cost model picks.
 """
 from __future__ import annotations
 
@@ -112,6 +113,7 @@ class Case:
             impls["triton"] = ((lambda: kernel(*self.args, check_index=False)) if self.op in TAKES_INDEX
                                else (lambda: kernel(*self.args)))
         if device != "cpu" and name in GATES and name not in _triton_served():
+            impls["one_launch"] = WithEnv(lambda: fused(*self.args), "EVENTFUL_CUDA_GATE", "fused")
             impls["split"] = WithEnv(lambda: fused(*self.args), "EVENTFUL_CUDA_GATE", "split")
         if self.copy is not None:
             impls["copy"] = self.copy

@@ -44,8 +44,8 @@ def test_gpu_cases_measure_the_triton_kernel_of_ops_served_by_cpp_cuda(monkeypat
     monkeypatch.setattr(bench_ops, "_triton_served", lambda: {"qk_update_", "token_gate_threshold"})
     gate = bench_ops.Case("token_gate", 16, 4, torch.float32, "cpu")
     impls = gate.implementations("cuda")
-    assert set(impls) == {"fused", "composition", "triton", "split"}
-    assert isinstance(impls["split"], bench_ops.WithEnv) and impls["split"].value == "split"
+    assert set(impls) == {"fused", "composition", "triton", "one_launch", "split"}
+    assert (impls["one_launch"].value, impls["split"].value) == ("fused", "split")
     c = gate.args[0]
     index, c_sel = impls["triton"]()  # the Triton gate on the case's own tensors
     assert torch.equal(gate.args[1][0, index[0]], c[0, index[0]]) and c_sel.shape == (1, 4, c.shape[-1])
@@ -56,10 +56,11 @@ def test_gpu_cases_measure_the_triton_kernel_of_ops_served_by_cpp_cuda(monkeypat
     data = {"date": "d", "device_type": "cuda", "device": "GPU", "threads": 1, "torch": "t", "dtype": "fp16",
             "command": "c", "results": [{"op": "token_gate", "n": 16, "k": 4, "bytes": 1, "times": {
                 name: {"median_ms": 1.0, "min_ms": 0.5} for name in ("fused", "composition", "triton")}}]}
+    data["results"][0]["times"]["one_launch"] = {"median_ms": 1.0, "min_ms": 0.5}
     data["results"][0]["times"]["split"] = {"median_ms": 2.0, "min_ms": 1.5}
     table = render.ops_table(data)
-    assert "| Triton kernel | gate in three launches |" in table and "| token_gate | 16 | 4 | 1.000 (0.500) | " \
-        "1.000 (0.500) | 1.00x | 1.000 (0.500) | 2.000 (1.500) |" in table
+    assert "| Triton kernel | gate in one launch | gate in three launches |" in table and "| token_gate | 16 | 4 | " \
+        "1.000 (0.500) | 1.000 (0.500) | 1.00x | 1.000 (0.500) | 1.000 (0.500) | 2.000 (1.500) |" in table
 
 
 def test_env_of_a_timed_variant_is_set_outside_the_timed_call(monkeypatch):

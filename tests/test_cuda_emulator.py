@@ -122,8 +122,10 @@ def test_every_grid_size_matches_the_reference(emu, device, dtype):
 
 def test_one_kernel_launch_per_unchecked_op(emu, monkeypatch):
     """Unchecked ops launch one kernel, a checked index adds the one validation kernel. The gates are one launch
-    (a thread block cluster per batch row) for rows of up to 4096 tokens on sm_90; three (scores, selection, rows)
-    past 4096 tokens, before sm_90, where the device cannot host the cluster, or with EVENTFUL_CUDA_GATE=split."""
+    (a thread block cluster per batch row) for rows of up to 4096 tokens on sm_90 where the cost model expects it to
+    pay (always, on the 2-SM device); three (scores, selection, rows) past 4096 tokens, before sm_90, where the
+    device cannot host the cluster, where a few clusters would stream much through few of many SMs (one SAM-sized
+    row on 132 SMs), or with EVENTFUL_CUDA_GATE=split; EVENTFUL_CUDA_GATE=fused takes one launch wherever it can."""
     ops = cuda_emulator.ops_module(emu)
     emu._set_device(2)
     x = torch.randn(2, 50, 16)
@@ -153,7 +155,11 @@ def test_one_kernel_launch_per_unchecked_op(emu, monkeypatch):
         full = torch.randn(1, 4096, 64)  # clusters of 8 blocks of 1024 threads: too many for 2 SMs at once
         assert launches(lambda: gate(full)) == 1 + split, name  # refused, then the three launches
         emu._set_device(0)
+        assert launches(lambda: gate(full)) == split, name  # 2 MB through 8 of 132 SMs: three launches pay
+        monkeypatch.setenv("EVENTFUL_CUDA_GATE", "fused")
         assert launches(lambda: gate(full)) == 1, name
+        monkeypatch.delenv("EVENTFUL_CUDA_GATE")
+        assert launches(lambda: gate(torch.randn(9, 4096, 64))) == 1, name  # 9 clusters of 8 cover half the SMs
         emu._set_device(1)  # before sm_90: no clusters
         assert launches(lambda: gate(x)) == split, name
         emu._set_device(2)
@@ -174,9 +180,8 @@ def test_gate_selection_across_token_counts(emu, n, scores, gate_path, monkeypat
     block): k largest scores, equal scores to the lower id, NaN above +inf, ids ascending; the threshold gate the
     same among the tokens above the threshold (never NaN), then -1. In the fused gate (one cluster per row, on the
     132-SM device so that every N up to 4096 runs fused) and in the three-launch path."""
-    if gate_path == "split":
-        monkeypatch.setenv("EVENTFUL_CUDA_GATE", "split")
-    elif n > 4096:
+    monkeypatch.setenv("EVENTFUL_CUDA_GATE", gate_path)
+    if gate_path == "fused" and n > 4096:
         pytest.skip("past 4096 tokens the fused gate hands over to the three launches (the split case)")
     emu._set_device(0 if gate_path == "fused" else 2)
     g = torch.Generator().manual_seed(n)
@@ -205,6 +210,18 @@ def test_gate_selection_across_token_counts(emu, n, scores, gate_path, monkeypat
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (n, k, threshold)
             assert_same(got[2], want[2])
             assert_same(got_ref, want_ref)
+
+
+def test_bad_gate_path_is_named_and_leaves_the_state(emu, monkeypatch):
+    ops = cuda_emulator.ops_module(emu)
+    c, ref = torch.randn(2, 30, 8), torch.randn(2, 30, 8)
+    before = ref.clone()
+    monkeypatch.setenv("EVENTFUL_CUDA_GATE", "fast")
+    with pytest.raises(ValueError, match="EVENTFUL_CUDA_GATE must be auto, fused or split, got 'fast'"):
+        ops.token_gate(c, ref, 4)
+    assert torch.equal(ref, before)
+    monkeypatch.setenv("EVENTFUL_CUDA_GATE", "auto")
+    assert ops.token_gate(c, ref, 4)[0].shape == (2, 4)
 
 
 def test_gpu_gate_check_passes_and_catches_a_broken_path(emu):

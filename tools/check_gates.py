@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Check the CUDA gates on this GPU against the reference, in one launch (fused) and in three (split).
 
+Each path is forced (``EVENTFUL_CUDA_GATE=fused`` / ``split``), whatever the cost model would pick for the shape.
+
 For each gate (token_gate, token_gate_threshold, token_delta_gate), model-sized shapes (ViT-B at batch 1 and 8,
 SAM ViT-B's 4096 tokens, a narrow D) and float32 / float16 / bfloat16, with integer-valued c and ref in [-4, 4]:
 every score is then an exact float32 value whatever the summation order, so index, count, c_sel, e_sel and the
@@ -65,15 +67,12 @@ def check(ops, device: str, shapes=SHAPES, dtypes=DTYPES) -> List[str]:
 
 
 def run_paths(ops, device: str, log: Callable[[str], None] = print, **kwargs) -> int:
-    """Checks the fused path (the default) and the split one; returns the exit status described above."""
+    """Checks the fused path and the split one; returns the exit status described above."""
     saved = os.environ.get(ENV)
     status = 0
     try:
         for path, code in (("fused", 1), ("split", 2)):
-            if path == "split":
-                os.environ[ENV] = "split"
-            else:
-                os.environ.pop(ENV, None)
+            os.environ[ENV] = path
             failures = check(ops, device, **kwargs)
             for f in failures:
                 log(f"FAIL [{path}] {f}")

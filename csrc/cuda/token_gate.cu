@@ -474,10 +474,21 @@ __global__ void __launch_bounds__(kFusedThreads)
 #endif
 }
 
-// Launches the fused gate; false if the launch was refused (the caller then runs the three-launch path).
+// Whether one launch is expected to beat three. The fused gate streams a row through the C <= 8 SMs of its cluster;
+// the three-launch path through every SM, for two more launches (a few microseconds) and a round trip of the keys.
+// One launch wins when the clusters cover half the SMs or more, or when a block streams little enough that its
+// single SM is done about as soon as two launches would be (256 KB: ~2 us at the ~100+ GB/s one SM sustains).
+// ViT-B rows (197 x 768) go fused at any batch; a SAM ViT-B row (4096 x 768) splits below 9 streams (on 132 SMs).
+bool fused_pays(int64_t B, unsigned cluster, int64_t bytes) {
+  constexpr int64_t kBlockBytes = 256 * 1024;
+  return B * cluster * 2 >= sm_count() || bytes <= kBlockBytes * B * cluster;
+}
+
+// Launches the fused gate; false if it does not pay (unless forced) or the launch was refused (the caller then
+// runs the three-launch path).
 template <typename scalar_t>
 bool launch_fused(const at::TensorBase& c, const at::TensorBase& ref, const SelectArgs& sel,
-                  const at::TensorBase& keys, const at::TensorBase& c_sel, const at::TensorBase* e_sel) {
+                  const at::TensorBase& keys, const at::TensorBase& c_sel, const at::TensorBase* e_sel, bool force) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   const int64_t B = c.size(0), N = c.size(1), D = c.size(2);
   bool vec = vec_ok(c, kVec) && vec_ok(ref, kVec) && vec_ok(c_sel, kVec);
@@ -491,6 +502,9 @@ bool launch_fused(const at::TensorBase& c, const at::TensorBase& ref, const Sele
   a.tpt = std::min(32, pow2_ceil(std::max<int64_t>(a.units, 1)));
   // about four loads per thread in the key pass: blocks per row up to the portable cluster size, whole warps
   a.cluster = static_cast<unsigned>(std::clamp<int64_t>(ceil_div(N * a.units, 4 * kFusedThreads), 1, kMaxCluster));
+  // bytes moved: c and ref read by the key pass; per slot c read, c_sel and ref written (e_sel and old ref: delta)
+  const int64_t bytes = (2 * N + (e_sel != nullptr ? 5 : 3) * sel.width) * B * D * c.element_size();
+  if (!force && !fused_pays(B, a.cluster, bytes)) return false;
   const int64_t loads = ceil_div(N, a.cluster) * a.units;
   const int threads = static_cast<int>(std::clamp<int64_t>(ceil_div(loads, 4 * 32) * 32, 128, kFusedThreads));
   cudaLaunchConfig_t cfg = {};
@@ -585,7 +599,7 @@ void gate_keys_cuda(const at::TensorBase& c, const at::TensorBase& ref, const at
 
 bool gate_fused_cuda(const at::TensorBase& c, const at::TensorBase& ref, int64_t k, const float* threshold,
                      const at::TensorBase& keys, const at::TensorBase& index, const at::TensorBase* count,
-                     const at::TensorBase& c_sel, const at::TensorBase* e_sel) {
+                     const at::TensorBase& c_sel, const at::TensorBase* e_sel, bool force) {
   const int64_t B = c.size(0), N = c.size(1);
   if (B == 0 || N == 0 || N > kFusedMaxTokens || B * kMaxCluster > 2147483647) return false;
   const c10::cuda::CUDAGuard guard(c.device());
@@ -597,9 +611,9 @@ bool gate_fused_cuda(const at::TensorBase& c, const at::TensorBase& ref, int64_t
     sel.count = count->mutable_data_ptr<int64_t>();
   }
   switch (c.scalar_type()) {
-    case at::kHalf: return launch_fused<c10::Half>(c, ref, sel, keys, c_sel, e_sel);
-    case at::kBFloat16: return launch_fused<c10::BFloat16>(c, ref, sel, keys, c_sel, e_sel);
-    default: return launch_fused<float>(c, ref, sel, keys, c_sel, e_sel);
+    case at::kHalf: return launch_fused<c10::Half>(c, ref, sel, keys, c_sel, e_sel, force);
+    case at::kBFloat16: return launch_fused<c10::BFloat16>(c, ref, sel, keys, c_sel, e_sel, force);
+    default: return launch_fused<float>(c, ref, sel, keys, c_sel, e_sel, force);
   }
 }
 

@@ -2,9 +2,10 @@
 // token's selection key from c and ref (float32 ||c - ref||_2, no N x D temporary; unique keys, equal scores rank the
 // lower id first), per batch row a selection in ascending id order (radix select, no sort), and the move of the
 // selected rows: c_sel (and e_sel) out, ref refreshed, zero rows at -1 slots. One launch for rows of up to 4096
-// tokens on sm_90 and later (a thread block cluster per row, gate_fused_cuda); otherwise, or with the environment
-// variable EVENTFUL_CUDA_GATE=split, three: keys, selection, rows. No host sync (a forced, checked index of
-// token_delta_gate: one read of the check's flag).
+// tokens on sm_90 and later (a thread block cluster per row, gate_fused_cuda) where its cost model expects it to be
+// faster; otherwise three: keys, selection, rows. The environment variable EVENTFUL_CUDA_GATE=fused takes one launch
+// wherever it applies, =split always three. No host sync (a forced, checked index of token_delta_gate: one read of
+// the check's flag).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -25,10 +26,17 @@ void check_index_values_all(std::initializer_list<IndexValues> checks);
 
 namespace {
 
-// The fused one-launch gate unless EVENTFUL_CUDA_GATE=split (read at every call, so a benchmark can compare both).
-bool fusion_wanted() {
+// EVENTFUL_CUDA_GATE (read at every call, so that a benchmark can compare the paths): unset or "auto" (the cost
+// model decides), "fused" (one launch wherever it applies) or "split" (three launches).
+enum class Fusion { kAuto, kForce, kNever };
+
+Fusion fusion_mode() {
   const char* v = std::getenv("EVENTFUL_CUDA_GATE");
-  return v == nullptr || std::strcmp(v, "split") != 0;
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return Fusion::kAuto;
+  if (std::strcmp(v, "fused") == 0) return Fusion::kForce;
+  if (std::strcmp(v, "split") == 0) return Fusion::kNever;
+  TORCH_CHECK_VALUE(false, "eventful: environment variable EVENTFUL_CUDA_GATE must be auto, fused or split, got '", v,
+                    "'");
 }
 
 // index [B, k] int64, ascending: the k tokens with the largest scores (ties -> lower id).
@@ -67,7 +75,8 @@ at::Tensor move_selected(const at::Tensor& c, const at::Tensor& ref, const at::T
 // The fused gate where it applies: outputs (index, count or undefined, c_sel, e_sel or undefined), or nullopt.
 std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> fused_gate(
     const at::Tensor& c, const at::Tensor& ref, int64_t width, const float* threshold, bool delta) {
-  if (!fusion_wanted() || overlap_differently(c, ref)) return std::nullopt;
+  const Fusion mode = fusion_mode();
+  if (mode == Fusion::kNever || overlap_differently(c, ref)) return std::nullopt;
   const int64_t B = c.size(0), N = c.size(1);
   const auto long_opts = c.options().dtype(at::kLong);
   const at::Tensor keys = at::empty({B, N}, long_opts);
@@ -76,7 +85,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> fused_
   at::Tensor c_sel = at::empty({B, width, c.size(2)}, c.options());
   at::Tensor e_sel = delta ? at::empty_like(c_sel) : at::Tensor();
   if (!gate_fused_cuda(c, ref, width, threshold, keys, index, threshold != nullptr ? &count : nullptr, c_sel,
-                       delta ? &e_sel : nullptr))
+                       delta ? &e_sel : nullptr, mode == Fusion::kForce))
     return std::nullopt;
   return std::make_tuple(index, count, c_sel, e_sel);
 }
