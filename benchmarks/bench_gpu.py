@@ -1,6 +1,6 @@
 """End-to-end GPU benchmark: dense timm vs eventful ViTs on a real video, frame by frame, interleaved.
 
-    python benchmarks/bench_gpu.py [--cases vit_b1,vit_b8,vit_b32,sam_b1] [--budgets N/4,N/8] [--frames 20]
+    python benchmarks/bench_gpu.py [--cases sam_b1,vit_b32,vit_b1,vit_b8] [--budgets N/4,N/8] [--frames 20]
     python benchmarks/bench_gpu.py --report results/gpu_e2e.json       # the markdown table of a result file
 
 Per case (model, batch B = B independent streams of the video, each starting at another frame) and budget, these
@@ -259,7 +259,8 @@ def render(result: Dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", default="vit_b1,vit_b8,vit_b32,sam_b1", help=f"from {sorted(CASES)}")
+    p.add_argument("--cases", default="sam_b1,vit_b32,vit_b1,vit_b8",
+                   help=f"from {sorted(CASES)}, run in this order (a run cut short keeps the first)")
     p.add_argument("--budgets", default="N/4,N/8")
     p.add_argument("--frames", type=int, default=20)
     p.add_argument("--skip", type=int, default=3, help="first frames of each variant left out of the medians")
