@@ -32,7 +32,6 @@ import datetime
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +42,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import cpu_name  # noqa: E402
 from eventful_kernels.models import convert  # noqa: E402
 from eventful_kernels.video.budgets import parse_budget  # noqa: E402
 from eventful_kernels.models.graphs import FrameGraphs  # noqa: E402
@@ -287,7 +288,7 @@ def main(argv=None) -> int:
         "date": datetime.date.today().isoformat(),
         "command": "python benchmarks/bench_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "dtype": args.dtype,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
