@@ -79,7 +79,7 @@ def count_launches(step: Callable, x: torch.Tensor, device: torch.device) -> Opt
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 step(x)
                 torch.cuda.synchronize(device)
-        except RuntimeError as exc:  # no CUPTI in this build
+        except Exception as exc:  # e.g. no CUPTI in this build: the table goes on without the count
             print(f"bench_gpu: launches not counted ({exc})", file=sys.stderr)
             return None
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)

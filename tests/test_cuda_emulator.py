@@ -212,6 +212,25 @@ def test_gate_selection_across_token_counts(emu, n, scores, gate_path, monkeypat
             assert_same(got_ref, want_ref)
 
 
+def test_fused_gate_with_blocks_that_own_no_token(emu, monkeypatch):
+    """Wide rows of few tokens: 8 blocks per cluster for 9 tokens, so three blocks own none of the key pass and must
+    still meet the others at the cluster barrier and move their share of the rows."""
+    monkeypatch.setenv("EVENTFUL_CUDA_GATE", "fused")
+    emu._set_device(0)
+    ops = cuda_emulator.ops_module(emu)
+    g = torch.Generator().manual_seed(9)
+    c, ref = torch.randn(2, 9, 16384, generator=g), torch.randn(2, 9, 16384, generator=g)
+    before = emu._launches()
+    got_ref, want_ref = ref.clone(), ref.clone()
+    got = ops.token_delta_gate(c, got_ref, 4)
+    want = R.token_delta_gate(c, want_ref, 4)
+    assert emu._launches() - before == 1
+    for a, b in zip(got, want):
+        assert_same(a, b)
+    assert_same(got_ref, want_ref)
+    emu._set_device(2)
+
+
 def test_bad_gate_path_is_named_and_leaves_the_state(emu, monkeypatch):
     ops = cuda_emulator.ops_module(emu)
     c, ref = torch.randn(2, 30, 8), torch.randn(2, 30, 8)
