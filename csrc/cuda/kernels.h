@@ -55,12 +55,13 @@ void delta_rows_cuda(const at::TensorBase& c, const at::TensorBase& ref, const a
 // c and ref into `keys` [B, N] (int64 workspace), the selection into index [B, width] (top-k: threshold == nullptr,
 // width = k; threshold mode: width = capacity, -1 padded, count [B]), c_sel [B, width, D] = c[index] (zero rows at
 // -1 slots, contiguous), ref[index] = c_sel, and with e_sel (contiguous like c_sel) e_sel = c[index] - ref_old[index]
-// (float32, rounded). c and ref must not overlap other than as one tensor. Returns false, having done nothing, where
-// it does not apply (N, device, build), where three launches are expected to be faster (unless `force`), or if the
-// launch is refused.
+// (float32, rounded). c and ref must not overlap other than as one tensor. gate_fused_wanted: whether it applies
+// (N, device, build) and, unless `force`, is expected to beat the three launches; gate_fused_cuda returns false,
+// having done nothing, if the launch is refused.
+bool gate_fused_wanted(const at::TensorBase& c, const at::TensorBase& ref, int64_t width, bool delta, bool force);
 bool gate_fused_cuda(const at::TensorBase& c, const at::TensorBase& ref, int64_t k, const float* threshold,
                      const at::TensorBase& keys, const at::TensorBase& index, const at::TensorBase* count,
-                     const at::TensorBase& c_sel, const at::TensorBase* e_sel, bool force);
+                     const at::TensorBase& c_sel, const at::TensorBase* e_sel);
 
 // Range (and uniqueness) check of a CUDA index with one device-to-host read of a 16-byte flag; on an error the
 // index is copied to the host and check_index_values_cpu raises. Defined in gather_scatter_ops.cpp; ops call it only

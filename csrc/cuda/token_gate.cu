@@ -484,11 +484,21 @@ bool fused_pays(int64_t B, unsigned cluster, int64_t bytes) {
   return B * cluster * 2 >= sm_count() || bytes <= kBlockBytes * B * cluster;
 }
 
-// Launches the fused gate; false if it does not pay (unless forced) or the launch was refused (the caller then
-// runs the three-launch path).
+// Blocks per cluster: about four loads per thread in the key pass, at most the portable cluster size.
+unsigned fused_cluster(int64_t N, int64_t units) {
+  return static_cast<unsigned>(std::clamp<int64_t>(ceil_div(N * units, 4 * kFusedThreads), 1, kMaxCluster));
+}
+
+// Loads per row of c and ref: 16-byte vectors where both allow them.
+int64_t fused_units(const at::TensorBase& c, const at::TensorBase& ref) {
+  const int64_t vec = 16 / c.element_size();
+  return vec_ok(c, vec) && vec_ok(ref, vec) ? c.size(2) / vec : c.size(2);
+}
+
+// Launches the fused gate; false if the launch was refused (the caller then runs the three-launch path).
 template <typename scalar_t>
 bool launch_fused(const at::TensorBase& c, const at::TensorBase& ref, const SelectArgs& sel,
-                  const at::TensorBase& keys, const at::TensorBase& c_sel, const at::TensorBase* e_sel, bool force) {
+                  const at::TensorBase& keys, const at::TensorBase& c_sel, const at::TensorBase* e_sel) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   const int64_t B = c.size(0), N = c.size(1), D = c.size(2);
   bool vec = vec_ok(c, kVec) && vec_ok(ref, kVec) && vec_ok(c_sel, kVec);
@@ -500,11 +510,7 @@ bool launch_fused(const at::TensorBase& c, const at::TensorBase& ref, const Sele
   a.D = D;
   a.units = vec ? D / kVec : D;
   a.tpt = std::min(32, pow2_ceil(std::max<int64_t>(a.units, 1)));
-  // about four loads per thread in the key pass: blocks per row up to the portable cluster size, whole warps
-  a.cluster = static_cast<unsigned>(std::clamp<int64_t>(ceil_div(N * a.units, 4 * kFusedThreads), 1, kMaxCluster));
-  // bytes moved: c and ref read by the key pass; per slot c read, c_sel and ref written (e_sel and old ref: delta)
-  const int64_t bytes = (2 * N + (e_sel != nullptr ? 5 : 3) * sel.width) * B * D * c.element_size();
-  if (!force && !fused_pays(B, a.cluster, bytes)) return false;
+  a.cluster = fused_cluster(N, a.units);
   const int64_t loads = ceil_div(N, a.cluster) * a.units;
   const int threads = static_cast<int>(std::clamp<int64_t>(ceil_div(loads, 4 * 32) * 32, 128, kFusedThreads));
   cudaLaunchConfig_t cfg = {};
@@ -597,13 +603,21 @@ void gate_keys_cuda(const at::TensorBase& c, const at::TensorBase& ref, const at
   }
 }
 
-bool gate_fused_cuda(const at::TensorBase& c, const at::TensorBase& ref, int64_t k, const float* threshold,
-                     const at::TensorBase& keys, const at::TensorBase& index, const at::TensorBase* count,
-                     const at::TensorBase& c_sel, const at::TensorBase* e_sel, bool force) {
+bool gate_fused_wanted(const at::TensorBase& c, const at::TensorBase& ref, int64_t width, bool delta, bool force) {
   const int64_t B = c.size(0), N = c.size(1);
   if (B == 0 || N == 0 || N > kFusedMaxTokens || B * kMaxCluster > 2147483647) return false;
   const c10::cuda::CUDAGuard guard(c.device());
   if (!gate_fusion_supported()) return false;
+  if (force) return true;
+  // bytes moved: c and ref read by the key pass; per slot c read, c_sel and ref written (e_sel and old ref: delta)
+  const int64_t bytes = (2 * N + (delta ? 5 : 3) * width) * B * c.size(2) * c.element_size();
+  return fused_pays(B, fused_cluster(N, fused_units(c, ref)), bytes);
+}
+
+bool gate_fused_cuda(const at::TensorBase& c, const at::TensorBase& ref, int64_t k, const float* threshold,
+                     const at::TensorBase& keys, const at::TensorBase& index, const at::TensorBase* count,
+                     const at::TensorBase& c_sel, const at::TensorBase* e_sel) {
+  const c10::cuda::CUDAGuard guard(c.device());
   SelectArgs sel = select_args(keys, k, index);
   if (threshold != nullptr) {
     sel.threshold = true;
@@ -611,9 +625,9 @@ bool gate_fused_cuda(const at::TensorBase& c, const at::TensorBase& ref, int64_t
     sel.count = count->mutable_data_ptr<int64_t>();
   }
   switch (c.scalar_type()) {
-    case at::kHalf: return launch_fused<c10::Half>(c, ref, sel, keys, c_sel, e_sel, force);
-    case at::kBFloat16: return launch_fused<c10::BFloat16>(c, ref, sel, keys, c_sel, e_sel, force);
-    default: return launch_fused<float>(c, ref, sel, keys, c_sel, e_sel, force);
+    case at::kHalf: return launch_fused<c10::Half>(c, ref, sel, keys, c_sel, e_sel);
+    case at::kBFloat16: return launch_fused<c10::BFloat16>(c, ref, sel, keys, c_sel, e_sel);
+    default: return launch_fused<float>(c, ref, sel, keys, c_sel, e_sel);
   }
 }
 

@@ -76,7 +76,9 @@ at::Tensor move_selected(const at::Tensor& c, const at::Tensor& ref, const at::T
 std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> fused_gate(
     const at::Tensor& c, const at::Tensor& ref, int64_t width, const float* threshold, bool delta) {
   const Fusion mode = fusion_mode();
-  if (mode == Fusion::kNever || overlap_differently(c, ref)) return std::nullopt;
+  if (mode == Fusion::kNever || overlap_differently(c, ref) ||
+      !gate_fused_wanted(c, ref, width, delta, mode == Fusion::kForce))
+    return std::nullopt;
   const int64_t B = c.size(0), N = c.size(1);
   const auto long_opts = c.options().dtype(at::kLong);
   const at::Tensor keys = at::empty({B, N}, long_opts);
@@ -85,7 +87,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> fused_
   at::Tensor c_sel = at::empty({B, width, c.size(2)}, c.options());
   at::Tensor e_sel = delta ? at::empty_like(c_sel) : at::Tensor();
   if (!gate_fused_cuda(c, ref, width, threshold, keys, index, threshold != nullptr ? &count : nullptr, c_sel,
-                       delta ? &e_sel : nullptr, mode == Fusion::kForce))
+                       delta ? &e_sel : nullptr))
     return std::nullopt;
   return std::make_tuple(index, count, c_sel, e_sel);
 }
