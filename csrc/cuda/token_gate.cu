@@ -36,13 +36,37 @@ struct GateArgs {
   int tpt;           // threads per token: a power of two <= 32
 };
 
+// This lane's share of sum_d (c[d] - ref[d])^2 over one token row: units sub, sub + tpt, ... (of VEC elements; VEC = 1
+// follows the feature strides, wider units are aligned vectors).
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ float lane_sq_dist(const scalar_t* __restrict__ cr, const scalar_t* __restrict__ rr,
+                                              const PairStrides& s, int64_t units, int sub, int tpt) {
+  using vec_t = AlignedVec<scalar_t, VEC>;
+  float acc = 0.f;
+#pragma unroll 4
+  for (int64_t j = sub; j < units; j += tpt) {
+    if constexpr (VEC == 1) {
+      const float d = static_cast<float>(cr[j * s.cs2]) - static_cast<float>(rr[j * s.rs2]);
+      acc += d * d;
+    } else {
+      const vec_t x = *reinterpret_cast<const vec_t*>(cr + j * VEC);
+      const vec_t y = *reinterpret_cast<const vec_t*>(rr + j * VEC);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const float d = static_cast<float>(x.v[i]) - static_cast<float>(y.v[i]);
+        acc += d * d;
+      }
+    }
+  }
+  return acc;
+}
+
 // Each token is reduced by a group of `tpt` lanes of one warp (32 / tpt tokens per warp and iteration). The loop
 // bound depends on the warp only, so every lane reaches the shuffles, which reduce within aligned lane groups.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kBlockThreads)
     gate_keys_kernel(GateArgs a, const scalar_t* __restrict__ c, const scalar_t* __restrict__ ref,
                      int64_t* __restrict__ keys) {
-  using vec_t = AlignedVec<scalar_t, VEC>;
   const int lane = threadIdx.x & 31;
   const int groups = 32 / a.tpt;
   const int g = lane / a.tpt, sub = lane % a.tpt;
@@ -53,23 +77,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     float acc = 0.f;
     if (t < a.total) {
       const int64_t b = t / a.N, n = t % a.N;
-      const scalar_t* cr = c + b * a.s.cs0 + n * a.s.cs1;
-      const scalar_t* rr = ref + b * a.s.rs0 + n * a.s.rs1;
-#pragma unroll 4
-      for (int64_t j = sub; j < a.units; j += a.tpt) {
-        if constexpr (VEC == 1) {
-          const float d = static_cast<float>(cr[j * a.s.cs2]) - static_cast<float>(rr[j * a.s.rs2]);
-          acc += d * d;
-        } else {
-          const vec_t x = *reinterpret_cast<const vec_t*>(cr + j * VEC);
-          const vec_t y = *reinterpret_cast<const vec_t*>(rr + j * VEC);
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) {
-            const float d = static_cast<float>(x.v[i]) - static_cast<float>(y.v[i]);
-            acc += d * d;
-          }
-        }
-      }
+      acc = lane_sq_dist<scalar_t, VEC>(c + b * a.s.cs0 + n * a.s.cs1, ref + b * a.s.rs0 + n * a.s.rs1, a.s, a.units,
+                                        sub, a.tpt);
     }
     for (int o = a.tpt >> 1; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     // __fsqrt_rn: correctly rounded whatever the fast-math flags, so equal sums give equal scores (exact ties).
@@ -405,23 +414,8 @@ __global__ void __launch_bounds__(kFusedThreads)
     const int64_t n = base + g;
     float acc = 0.f;
     if (n < n1) {
-      const scalar_t* cr = c + b * a.s.cs0 + n * a.s.cs1;
-      const scalar_t* rr = ref + b * a.s.rs0 + n * a.s.rs1;
-#pragma unroll 4
-      for (int64_t j = sub; j < a.units; j += a.tpt) {
-        if constexpr (VEC == 1) {
-          const float d = static_cast<float>(cr[j * a.s.cs2]) - static_cast<float>(rr[j * a.s.rs2]);
-          acc += d * d;
-        } else {
-          const vec_t x = *reinterpret_cast<const vec_t*>(cr + j * VEC);
-          const vec_t y = *reinterpret_cast<const vec_t*>(rr + j * VEC);
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) {
-            const float d = static_cast<float>(x.v[i]) - static_cast<float>(y.v[i]);
-            acc += d * d;
-          }
-        }
-      }
+      acc = lane_sq_dist<scalar_t, VEC>(c + b * a.s.cs0 + n * a.s.cs1, ref + b * a.s.rs0 + n * a.s.rs1, a.s, a.units,
+                                        sub, a.tpt);
     }
     for (int o = a.tpt >> 1; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     if (n < n1 && sub == 0) keys[b * a.N + n] = gate_key(__fsqrt_rn(acc), n);
