@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 from typing import Callable, List
+from unittest import mock
 
 import torch
 
@@ -68,22 +69,15 @@ def check(ops, device: str, shapes=SHAPES, dtypes=DTYPES) -> List[str]:
 
 def run_paths(ops, device: str, log: Callable[[str], None] = print, **kwargs) -> int:
     """Checks the fused path and the split one; returns the exit status described above."""
-    saved = os.environ.get(ENV)
     status = 0
-    try:
-        for path, code in (("fused", 1), ("split", 2)):
-            os.environ[ENV] = path
+    for path, code in (("fused", 1), ("split", 2)):
+        with mock.patch.dict(os.environ, {ENV: path}):
             failures = check(ops, device, **kwargs)
-            for f in failures:
-                log(f"FAIL [{path}] {f}")
-            log(f"gates [{path}]: {'FAILED' if failures else 'passed'}")
-            if failures and not status:
-                status = code
-    finally:
-        if saved is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = saved
+        for f in failures:
+            log(f"FAIL [{path}] {f}")
+        log(f"gates [{path}]: {'FAILED' if failures else 'passed'}")
+        if failures and not status:
+            status = code
     return status
 
 

@@ -16,7 +16,7 @@ from ..nn.linear import PackedGroup, PackedConv, repack
 from ..nn.placement import Workspace
 from ..nn.strategy import check_strategy
 from .graphs import FrameGraphs, TensorAddresses, autocast_dtype
-from .screen import FrameScreen
+from .screen import FrameScreen, finite_streams
 from .macs import OutsideMacCounter
 from ..nn.policies import Budget, as_policy
 
@@ -281,7 +281,7 @@ class EventfulModel(nn.Module):
             with self._outside.counting():  # layers outside the blocks run densely: same count every frame
                 out = self.model(frames)
             self._since_flush = 0
-            clean = torch.isfinite(frames).flatten(1).all(1)
+            clean = finite_streams(frames)
             if not bool(clean.all()):  # the flush is eager: it may read a value back
                 self.reset()  # nothing clean to keep: the next frame flushes again
                 return self._screen.mask(out, clean)

@@ -35,6 +35,11 @@ def _finite_sum(t: Tensor, dim=None) -> Tensor:
     return zeros.sum() if dim is None else zeros.flatten(1).sum(dim)
 
 
+def finite_streams(frames: Tensor) -> Tensor:
+    """``[B]`` bool: whether every value of stream b's frame is finite."""
+    return _finite_sum(frames, 1).eq(0)
+
+
 def _per_stream(mask: Tensor, like: Tensor) -> Tensor:
     """``[B]`` -> ``[B, 1, ..., 1]`` broadcastable against ``like``."""
     return mask.view(-1, *([1] * (like.dim() - 1)))
@@ -89,7 +94,7 @@ class FrameScreen:
 
     def screen(self, frames: Tensor) -> Tuple[Tensor, Tensor]:
         """``(x, clean [B] bool)``: non-finite streams replaced by their last clean frame, which ``x`` becomes."""
-        clean = _finite_sum(frames, 1).eq(0)
+        clean = finite_streams(frames)
         torch.where(_per_stream(clean, frames), frames, self._last, out=self._last)
         return self._last, clean
 

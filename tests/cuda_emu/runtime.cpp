@@ -80,7 +80,7 @@ thread_local BlockRun* run = nullptr;
 struct ClusterRun {
   std::mutex baton;
   std::condition_variable changed;
-  unsigned size = 1, arrived = 0, finished = 0;
+  unsigned size = 1, arrived = 0, finished = 0, first_failed = 0;
   uint64_t gen = 0;
   bool failed = false;
 };
@@ -371,6 +371,7 @@ void run_clusters(const LaunchConfig& cfg, void (*body)(void*), void* ctx) {
               run_block(r);
             } catch (...) {
               errors[rank] = std::current_exception();
+              if (!cluster.failed) cluster.first_failed = rank;
               cluster.failed = true;
             }
             run = nullptr;
@@ -382,18 +383,8 @@ void run_clusters(const LaunchConfig& cfg, void (*body)(void*), void* ctx) {
           });
         }
         pool().run_all(tasks);
-        // report the block that failed first, not the others' "another block failed"
-        std::exception_ptr first;
-        for (auto& e : errors) {
-          if (!e) continue;
-          try {
-            std::rethrow_exception(e);
-          } catch (const std::exception& x) {
-            if (!first || std::string(x.what()).find("another block") == std::string::npos) first = e;
-            if (std::string(x.what()).find("another block") == std::string::npos) break;
-          }
-        }
-        if (first) std::rethrow_exception(first);
+        // the block that failed first (blocks run one at a time: the others fail only after it)
+        if (cluster.failed) std::rethrow_exception(errors[cluster.first_failed]);
       }
 }
 
