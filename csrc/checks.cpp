@@ -16,6 +16,11 @@ void gather_rows(const at::Tensor& x, const at::Tensor& index, bool check_index)
   check_gather(x, index, /*cols=*/false, check_index);
 }
 
+void scatter_rows_residual(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src,
+                           const at::Tensor& residual, const std::optional<at::Tensor>& scale, bool check_index) {
+  check_scatter_rows_residual(dst, index, src, residual, scale, check_index);
+}
+
 void gather_cols(const at::Tensor& x, const at::Tensor& index, bool check_index) {
   check_gather(x, index, /*cols=*/true, check_index);
 }
@@ -49,6 +54,7 @@ void token_delta_gate(const at::Tensor& c, const at::Tensor& ref, int64_t k, con
 TORCH_LIBRARY_IMPL(eventful, CompositeImplicitAutograd, m) {
   m.impl("_check_gather_rows", &gather_rows);
   m.impl("_check_scatter_rows", &scatter_rows);
+  m.impl("_check_scatter_rows_residual", &scatter_rows_residual);
   m.impl("_check_gather_cols", &gather_cols);
   m.impl("_check_scatter_cols", &scatter_cols);
   m.impl("_check_token_gate", &check_token_gate);

@@ -106,6 +106,9 @@ TORCH_LIBRARY(eventful, m) {
   using eventful::define;
   define(m, "gather_rows(Tensor x, Tensor index, *, bool check_index=True) -> Tensor");
   define(m, "scatter_rows_(Tensor(a!) dst, Tensor index, Tensor src, *, bool check_index=True) -> ()");
+  define(m,
+         "scatter_rows_residual_(Tensor(a!) dst, Tensor index, Tensor src, Tensor residual, Tensor? scale=None, *,"
+         " bool check_index=True) -> Tensor");
   define(m, "gather_cols(Tensor x, Tensor index, *, bool check_index=True) -> Tensor");
   define(m, "scatter_cols_(Tensor(a!) dst, Tensor index, Tensor src, *, bool check_index=True) -> ()");
   define(m, "token_gate(Tensor c, Tensor(a!) ref, int k) -> (Tensor, Tensor)");

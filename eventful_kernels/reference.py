@@ -102,6 +102,15 @@ def scatter_rows_(dst: Tensor, index: Tensor, src: Tensor, *, check_index: bool 
     return _scatter_(dst, index, src, 2)
 
 
+def scatter_rows_residual_(dst: Tensor, index: Tensor, src: Tensor, residual: Tensor, scale: Optional[Tensor] = None,
+                           *, check_index: bool = True) -> Tensor:
+    """``dst[b, index[b, k]] = src[b, k]`` in place, then ``y = residual + dst`` (``residual + dst * scale`` with a
+    ``scale [D]``, as ``torch.addcmul``): a buffer patched and added to the residual stream. ``dst``/``residual``
+    ``[B, N, D]``, ``src [B, K, D]``; returns ``y [B, N, D]`` (a new tensor)."""
+    _scatter_(dst, index, src, 2)
+    return residual + dst if scale is None else torch.addcmul(residual, dst, scale)
+
+
 def gather_cols(x: Tensor, index: Tensor, *, check_index: bool = True) -> Tensor:
     """``y[b, (h,) m, k] = x[b, (h,) m, index[b, k]]`` (zero columns at empty slots): ``[B,(H,)M,N]`` ->
     ``[B,(H,)M,K]``."""

@@ -3,9 +3,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstring>
+#include <optional>
 #include <vector>
 
+#include "avx2.h"
 #include "eventful/checks.h"
 
 namespace eventful {
@@ -101,6 +106,83 @@ void copy_cols(const at::Tensor& src4, const at::Tensor& dst4, const at::Tensor&
   });
 }
 
+// scatter_rows_residual_: y[n] = residual[n] + v[n] (* scale), v[n] the row dst holds after the scatter; float32
+// arithmetic, the product rounded before the sum (as torch.addcmul), one rounding to the element type.
+template <typename scalar_t>
+float combine(scalar_t r, scalar_t v, const scalar_t* scale, int64_t j) {
+  const float x = static_cast<float>(v);
+  if (scale == nullptr) return static_cast<float>(r) + x;
+  const float p = x * static_cast<float>(scale[j]);
+  return static_cast<float>(r) + p;
+}
+
+#ifdef EVENTFUL_CPU_AVX2
+template <typename scalar_t>
+EVENTFUL_AVX2 void residual_row_avx2(const scalar_t* r, const scalar_t* v, const scalar_t* scale, scalar_t* y,
+                                     int64_t D) {
+  int64_t j = 0;
+  for (; j + 8 <= D; j += 8) {
+    __m256 x = avx2::load8(v + j);
+    if (scale != nullptr) x = _mm256_mul_ps(x, avx2::load8(scale + j));
+    avx2::store8(y + j, _mm256_add_ps(avx2::load8(r + j), x));
+  }
+  for (; j < D; ++j) y[j] = static_cast<scalar_t>(combine(r[j], v[j], scale, j));
+}
+#endif
+
+template <typename scalar_t, typename index_t>
+void scatter_residual_rows(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src,
+                           const at::Tensor& residual, const scalar_t* scale, const at::Tensor& y) {
+  const int64_t B = dst.size(0), N = dst.size(1), D = dst.size(2), K = index.size(1);
+  // Which slot (if any) writes each token: the inverse of the index, -1 for rows the scatter leaves alone.
+  std::vector<int32_t> slot(static_cast<size_t>(B * N), -1);
+  const index_t* ip = index.data_ptr<index_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t tok = static_cast<int64_t>(ip[b * index.stride(0) + k * index.stride(1)]);
+      if (valid_id(tok, N)) slot[b * N + tok] = static_cast<int32_t>(k);
+    }
+  }
+  scalar_t* dp = dst.data_ptr<scalar_t>();
+  const scalar_t* sp = src.data_ptr<scalar_t>();
+  const scalar_t* rp = residual.data_ptr<scalar_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();  // contiguous
+  const auto ds = dst.strides(), ss = src.strides(), rs = residual.strides();
+  const bool dense = ds[2] == 1 && ss[2] == 1 && rs[2] == 1;
+#ifdef EVENTFUL_CPU_AVX2
+  const bool fast = dense && avx2::cpu_has_avx2();
+#else
+  const bool fast = false;
+#endif
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+  at::parallel_for(0, B * N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / N, n = row % N, k = slot[row];
+      scalar_t* d = dp + b * ds[0] + n * ds[1];
+      const scalar_t* r = rp + b * rs[0] + n * rs[1];
+      const scalar_t* v = d;
+      int64_t vs = ds[2];
+      if (k >= 0) {
+        const scalar_t* s = sp + b * ss[0] + k * ss[1];
+        if (dense) {
+          std::memcpy(d, s, sizeof(scalar_t) * D);
+        } else {
+          for (int64_t j = 0; j < D; ++j) d[j * ds[2]] = s[j * ss[2]];
+        }
+        v = s;
+        vs = ss[2];
+      }
+      scalar_t* out = yp + row * D;
+#ifdef EVENTFUL_CPU_AVX2
+      if (fast) {
+        residual_row_avx2(r, v, scale, out, D);
+        continue;
+      }
+#endif
+      for (int64_t j = 0; j < D; ++j) out[j] = static_cast<scalar_t>(combine(r[j * rs[2]], v[j * vs], scale, j));
+    }
+  });
+}
 
 #define EVENTFUL_DISPATCH_COPY(FN, x, index, ...)                                             \
   do {                                                                                        \
@@ -126,6 +208,31 @@ void scatter_rows_cpu(const at::Tensor& dst, const at::Tensor& index, const at::
   if (s4.numel() > 0) EVENTFUL_DISPATCH_COPY(copy_rows, dst, index, s4, d4, index, false);
 }
 
+at::Tensor scatter_rows_residual_cpu(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src,
+                                     const at::Tensor& residual, const std::optional<at::Tensor>& scale,
+                                     bool check_index) {
+  check_scatter_rows_residual(dst, index, src, residual, scale, check_index);
+  at::Tensor y = at::empty(dst.sizes(), dst.options().memory_format(at::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return y;
+  const bool scaled = scale.has_value() && scale->defined();
+  const at::Tensor sc = scaled ? scale->contiguous() : at::Tensor();
+  auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* sp = scaled ? sc.data_ptr<scalar_t>() : nullptr;
+    if (index.scalar_type() == at::kLong) {
+      scatter_residual_rows<scalar_t, int64_t>(dst, index, src, residual, sp, y);
+    } else {
+      scatter_residual_rows<scalar_t, int32_t>(dst, index, src, residual, sp, y);
+    }
+  };
+  switch (dst.scalar_type()) {
+    case at::kHalf: run(c10::Half()); break;
+    case at::kBFloat16: run(c10::BFloat16()); break;
+    default: run(float()); break;  // float32: the checks admit no other type
+  }
+  return y;
+}
+
 at::Tensor gather_cols_cpu(const at::Tensor& x, const at::Tensor& index, bool check_index) {
   check_gather(x, index, /*cols=*/true, check_index);
   const at::Tensor x4 = as_4d(x);
@@ -145,6 +252,7 @@ void scatter_cols_cpu(const at::Tensor& dst, const at::Tensor& index, const at::
 TORCH_LIBRARY_IMPL(eventful, CPU, m) {
   m.impl("gather_rows", &gather_rows_cpu);
   m.impl("scatter_rows_", &scatter_rows_cpu);
+  m.impl("scatter_rows_residual_", &scatter_rows_residual_cpu);
   m.impl("gather_cols", &gather_cols_cpu);
   m.impl("scatter_cols_", &scatter_cols_cpu);
 }

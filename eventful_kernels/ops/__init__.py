@@ -21,10 +21,10 @@ Like PyTorch's own in-place ops, each call bumps the version counter (``t._versi
 (annotated ``Tensor(a!)`` in csrc/ops.cpp) by one. Both hold on every backend (registered once, in csrc/ops.cpp).
 """
 from .av_delta_update import av_delta_update_
-from .gather_scatter import gather_cols, gather_rows, scatter_cols_, scatter_rows_
+from .gather_scatter import gather_cols, gather_rows, scatter_cols_, scatter_rows_, scatter_rows_residual_
 from .linear_bf16 import linear_bf16, linear_bf16_pack
 from .qk_update import qk_update_
 from .token_gate import token_delta_gate, token_gate, token_gate_threshold
 
-__all__ = ["gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "token_gate", "token_gate_threshold",
+__all__ = ["gather_rows", "scatter_rows_", "scatter_rows_residual_", "gather_cols", "scatter_cols_", "token_gate", "token_gate_threshold",
            "token_delta_gate", "qk_update_", "av_delta_update_", "linear_bf16_pack", "linear_bf16"]

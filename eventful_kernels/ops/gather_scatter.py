@@ -1,6 +1,8 @@
-"""gather_rows, scatter_rows_, gather_cols, scatter_cols_: rows ``[B, (H,) N, D]`` and columns ``[B, (H,) M, N]``
-selected by ``index [B, K]``."""
+"""gather_rows, scatter_rows_, scatter_rows_residual_, gather_cols, scatter_cols_: rows ``[B, (H,) N, D]`` and
+columns ``[B, (H,) M, N]`` selected by ``index [B, K]``."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -17,6 +19,15 @@ def scatter_rows_(dst: Tensor, index: Tensor, src: Tensor, *, check_index: bool 
     """``dst[b, (h,) index[b, k]] = src[b, (h,) k]`` in place (ids in a row must be distinct)."""
     _ops.scatter_rows_(dst, index, src, check_index=check_index)
     return dst
+
+
+def scatter_rows_residual_(dst: Tensor, index: Tensor, src: Tensor, residual: Tensor, scale: Optional[Tensor] = None,
+                           *, check_index: bool = True) -> Tensor:
+    """``dst[b, index[b, k]] = src[b, k]`` in place, and returns ``y = residual + dst`` (``residual + dst * scale``
+    with ``scale [D]``, as ``torch.addcmul``) in the same pass: ``dst``/``residual [B, N, D]``, ``src [B, K, D]``,
+    ``y [B, N, D]`` contiguous; float32 arithmetic, one rounding. The residual add of an eventful block's patched
+    buffer in one kernel, where ``scatter_rows_`` and an add take two."""
+    return _ops.scatter_rows_residual_(dst, index, src, residual, scale, check_index=check_index)
 
 
 def gather_cols(x: Tensor, index: Tensor, *, check_index: bool = True) -> Tensor:
@@ -44,6 +55,11 @@ def _gather_cols_fake(x, index, *, check_index=True):
 @torch.library.register_fake("eventful::scatter_rows_")
 def _scatter_rows_fake(dst, index, src, *, check_index=True):
     return None
+
+
+@torch.library.register_fake("eventful::scatter_rows_residual_")
+def _scatter_rows_residual_fake(dst, index, src, residual, scale=None, *, check_index=True):
+    return torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
 
 
 @torch.library.register_fake("eventful::scatter_cols_")

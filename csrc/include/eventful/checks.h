@@ -268,6 +268,34 @@ inline void check_scatter(const at::Tensor& dst, const at::Tensor& index, const 
   if (check_index) values({{index, "index", dst.size(cols ? -1 : -2), /*unique=*/true}});
 }
 
+// scatter_rows_residual_: the scatter_rows_ arguments with dst and src of rank 3, residual [B, N, D] as dst, scale
+// (optional) [D]; both of dst's dtype and device. dst must not share memory with residual either (it is written
+// while residual is read).
+inline void check_scatter_rows_residual(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src,
+                                        const at::Tensor& residual, const std::optional<at::Tensor>& scale,
+                                        bool check_index, IndexValueCheck values = check_index_values) {
+  check_defined(dst, "dst");
+  check_defined(index, "index");
+  check_defined(src, "src");
+  check_defined(residual, "residual");
+  check_rank(dst, "dst", 3, 3);
+  check_scatter_args(dst, index, src, /*cols=*/false);
+  check_rank(residual, "residual", 3, 3);
+  check_same_dtype(residual, "residual", dst, "dst");
+  check_same_device(residual, "residual", dst, "dst");
+  static const char* what[3] = {"the batch size of 'dst'", "the token count of 'dst'", "the feature size of 'dst'"};
+  for (int64_t dim = 0; dim < 3; ++dim) check_size(residual, "residual", dim, dst.size(dim), what[dim]);
+  check_no_overlap(dst, "dst", residual, "residual");
+  if (scale.has_value() && scale->defined()) {
+    check_rank(*scale, "scale", 1, 1);
+    check_same_dtype(*scale, "scale", dst, "dst");
+    check_same_device(*scale, "scale", dst, "dst");
+    check_size(*scale, "scale", 0, dst.size(2), "the feature size of 'dst'");
+    check_no_overlap(dst, "dst", *scale, "scale");
+  }
+  if (check_index) values({{index, "index", dst.size(1), /*unique=*/true}});
+}
+
 inline void check_token_gate(const at::Tensor& c, const at::Tensor& ref, int64_t k) {
   check_gate_inputs(c, ref);
   check_k(k, c.size(1));
