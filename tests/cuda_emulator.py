@@ -169,17 +169,19 @@ def load(build: str = None, verbose: bool = False):
 
 def ops_module(emu) -> types.SimpleNamespace:
     """The emulated ops with the signatures (and defaults) of eventful_kernels.ops: arguments are bound to the
-    wrapper's signature and passed on in schema order; in-place ops return their first argument, as the wrappers do."""
+    wrapper's signature and passed on in schema order; in-place ops that return nothing return their first argument,
+    as the wrappers do."""
     from eventful_kernels import ops
 
     def wrap(name):
         op, sig = getattr(emu, name), inspect.signature(getattr(ops, name))
+        returns_nothing = not getattr(torch.ops.eventful, name).default._schema.returns
 
         def call(*args, **kwargs):
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
             out = op(*bound.args, **bound.kwargs)
-            return bound.args[0] if name.endswith("_") else out
+            return bound.args[0] if returns_nothing else out
 
         return call
 

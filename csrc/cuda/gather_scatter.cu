@@ -4,6 +4,8 @@
 #include <ATen/core/TensorBase.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -190,6 +192,125 @@ void launch_cols(dim3 grid, dim3 block, const ColArgs& a, const at::TensorBase& 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Scatter + residual (scatter_rows_residual_). A block owns a tile of consecutive tokens of one batch row: it
+// inverts the index over its tile in shared memory (which slot, if any, writes each token), then moves one token
+// per warp: the slot's src row into dst, and y = residual + row (* scale) from the same registers. Every row is
+// read and written by one warp only, so there is no ordering between the scatter and the add to arrange.
+
+constexpr int kResidualTileRows = 64;  // tokens per block, at most
+
+struct ResidualArgs {
+  int64_t d0, d1, d2, s0, s1, s2, r0, r1, r2;  // element strides of dst, src, residual
+  int64_t is0, is1;                            // index strides
+  int64_t N, K, units;                         // tokens, ids per batch row, loads per row (D / VEC)
+  int64_t tile_rows, tiles_per_row, tiles;
+};
+
+template <typename scalar_t, bool kScaled>
+__device__ __forceinline__ scalar_t residual_value(scalar_t r, scalar_t v, const scalar_t* __restrict__ scale,
+                                                   int64_t j) {
+  // float32, one rounding (a fused multiply-add with a scale), then one rounding to the element type.
+  const float x = static_cast<float>(v), q = static_cast<float>(r);
+  if constexpr (kScaled) return static_cast<scalar_t>(__fmaf_rn(x, static_cast<float>(scale[j]), q));
+  return static_cast<scalar_t>(__fadd_rn(q, x));
+}
+
+template <typename scalar_t, int VEC, typename index_t, bool kScaled>
+__global__ void __launch_bounds__(kBlockThreads)
+    scatter_residual_kernel(ResidualArgs a, scalar_t* __restrict__ dst, const scalar_t* __restrict__ src,
+                            const scalar_t* __restrict__ res, const scalar_t* __restrict__ scale,
+                            scalar_t* __restrict__ y, const index_t* __restrict__ index) {
+  using vec_t = AlignedVec<scalar_t, VEC>;
+  __shared__ int slot[kResidualTileRows];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  for (int64_t t = blockIdx.x; t < a.tiles; t += gridDim.x) {
+    const int64_t b = t / a.tiles_per_row, n0 = (t % a.tiles_per_row) * a.tile_rows;
+    for (int i = threadIdx.x; i < a.tile_rows; i += blockDim.x) slot[i] = -1;
+    __syncthreads();
+    for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) {
+      const int64_t tok = static_cast<int64_t>(index[b * a.is0 + k * a.is1]);
+      // Ids outside [0, N) (empty slots, or bad ids of an unchecked index) fall outside every tile.
+      if (tok >= n0 && tok < n0 + a.tile_rows && tok < a.N) slot[tok - n0] = static_cast<int>(k);
+    }
+    __syncthreads();
+    for (int64_t r = warp; r < a.tile_rows && n0 + r < a.N; r += warps) {
+      const int64_t n = n0 + r;
+      const int k = slot[r];
+      scalar_t* d = dst + b * a.d0 + n * a.d1;
+      const scalar_t* v = k >= 0 ? src + b * a.s0 + k * a.s1 : d;
+      const int64_t vs = k >= 0 ? a.s2 : a.d2;
+      const scalar_t* rr = res + b * a.r0 + n * a.r1;
+      scalar_t* out = y + (b * a.N + n) * a.units * VEC;
+      for (int64_t j = lane; j < a.units; j += 32) {
+        if constexpr (VEC == 1) {
+          const scalar_t x = v[j * vs];
+          if (k >= 0) d[j * a.d2] = x;
+          out[j] = residual_value<scalar_t, kScaled>(rr[j * a.r2], x, scale, j);
+        } else {
+          const vec_t x = *reinterpret_cast<const vec_t*>(v + j * VEC);
+          const vec_t q = *reinterpret_cast<const vec_t*>(rr + j * VEC);
+          if (k >= 0) *reinterpret_cast<vec_t*>(d + j * VEC) = x;
+          vec_t o;
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) o.v[i] = residual_value<scalar_t, kScaled>(q.v[i], x.v[i], scale, j * VEC + i);
+          *reinterpret_cast<vec_t*>(out + j * VEC) = o;
+        }
+      }
+    }
+    __syncthreads();  // the next tile rewrites slot[]
+  }
+}
+
+// Can rows of `t` ([B, rows, D]) be loaded as aligned 16-byte vectors of `vec` elements?
+bool rows_vec_ok(const at::TensorBase& t, int64_t vec) {
+  if (t.size(2) % vec != 0) return false;
+  if (t.size(2) > 1 && t.stride(2) != 1) return false;
+  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 != 0) return false;
+  for (int d = 0; d < 2; ++d) {
+    if (t.size(d) > 1 && t.stride(d) % vec != 0) return false;
+  }
+  return true;
+}
+
+template <typename scalar_t, int VEC, typename index_t>
+void launch_residual(dim3 grid, const ResidualArgs& a, const at::TensorBase& dst, const at::TensorBase& src,
+                     const at::TensorBase& res, const at::TensorBase& scale, const at::TensorBase& y,
+                     const at::TensorBase& index) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto* d = static_cast<scalar_t*>(dst.mutable_data_ptr());
+  const auto* s = static_cast<const scalar_t*>(src.const_data_ptr());
+  const auto* r = static_cast<const scalar_t*>(res.const_data_ptr());
+  auto* o = static_cast<scalar_t*>(y.mutable_data_ptr());
+  const auto* ip = static_cast<const index_t*>(index.const_data_ptr());
+  if (scale.defined()) {
+    const auto* g = static_cast<const scalar_t*>(scale.const_data_ptr());
+    scatter_residual_kernel<scalar_t, VEC, index_t, true><<<grid, kBlockThreads, 0, stream>>>(a, d, s, r, g, o, ip);
+  } else {
+    scatter_residual_kernel<scalar_t, VEC, index_t, false><<<grid, kBlockThreads, 0, stream>>>(a, d, s, r, nullptr, o,
+                                                                                                 ip);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_residual_typed(dim3 grid, ResidualArgs a, const at::TensorBase& dst, const at::TensorBase& src,
+                           const at::TensorBase& res, const at::TensorBase& scale, const at::TensorBase& y,
+                           const at::TensorBase& index) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const bool vec = rows_vec_ok(dst, kVec) && rows_vec_ok(src, kVec) && rows_vec_ok(res, kVec) &&
+                   (!scale.defined() || reinterpret_cast<uintptr_t>(scale.const_data_ptr()) % 16 == 0);
+  const bool long_index = index.scalar_type() == at::kLong;
+  if (vec) {
+    a.units /= kVec;
+    long_index ? launch_residual<scalar_t, kVec, int64_t>(grid, a, dst, src, res, scale, y, index)
+               : launch_residual<scalar_t, kVec, int32_t>(grid, a, dst, src, res, scale, y, index);
+  } else {
+    long_index ? launch_residual<scalar_t, 1, int64_t>(grid, a, dst, src, res, scale, y, index)
+               : launch_residual<scalar_t, 1, int32_t>(grid, a, dst, src, res, scale, y, index);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Index validation: grid-stride over the B*K ids. -1 (an empty slot) is accepted and never counted as a repeat.
 // Range errors keep the smallest flat position, duplicates the smallest b*n+id (both as UINT64_MAX - value under
 // atomicMax, so a zeroed workspace means "no error").
@@ -287,6 +408,33 @@ void copy_cols_cuda(const at::TensorBase& src, const at::TensorBase& dst, const 
   } else {
     two_byte ? launch_cols<uint16_t, false>(grid, block, a, src, dst, index)
              : launch_cols<uint32_t, false>(grid, block, a, src, dst, index);
+  }
+}
+
+void scatter_residual_cuda(const at::TensorBase& dst, const at::TensorBase& index, const at::TensorBase& src,
+                           const at::TensorBase& residual, const at::TensorBase& scale, const at::TensorBase& y) {
+  const int64_t B = dst.size(0), N = dst.size(1), D = dst.size(2);
+  if (B * N * D == 0) return;
+  const c10::cuda::CUDAGuard guard(dst.device());
+  ResidualArgs a;
+  a.d0 = dst.stride(0), a.d1 = dst.stride(1), a.d2 = dst.stride(2);
+  a.s0 = src.stride(0), a.s1 = src.stride(1), a.s2 = src.stride(2);
+  a.r0 = residual.stride(0), a.r1 = residual.stride(1), a.r2 = residual.stride(2);
+  a.is0 = index.stride(0), a.is1 = index.stride(1);
+  a.N = N, a.K = index.size(1), a.units = D;
+  // The largest tile (fewest index scans) that still gives every SM its resident blocks; at least one token per
+  // warp of the block.
+  const int64_t want = static_cast<int64_t>(sm_count()) * kBlocksPerSm;
+  int64_t rows = kResidualTileRows;
+  while (rows > kBlockThreads / 32 && B * ceil_div(N, rows) < want) rows /= 2;
+  a.tile_rows = rows;
+  a.tiles_per_row = ceil_div(N, rows);
+  a.tiles = B * a.tiles_per_row;
+  const dim3 grid(grid_size(a.tiles));
+  switch (dst.scalar_type()) {
+    case at::kHalf: launch_residual_typed<c10::Half>(grid, a, dst, src, residual, scale, y, index); break;
+    case at::kBFloat16: launch_residual_typed<c10::BFloat16>(grid, a, dst, src, residual, scale, y, index); break;
+    default: launch_residual_typed<float>(grid, a, dst, src, residual, scale, y, index); break;
   }
 }
 

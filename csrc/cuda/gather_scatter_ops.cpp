@@ -1,4 +1,4 @@
-// CUDA gather_rows, scatter_rows_, gather_cols, scatter_cols_ (semantics: eventful_kernels/reference.py).
+// CUDA gather_rows, scatter_rows_, scatter_rows_residual_, gather_cols, scatter_cols_ (semantics: eventful_kernels/reference.py).
 // Argument checks are the shared ones of eventful/checks.h (as csrc/cpu/gather_scatter.cpp). Index values:
 //  - check_index=true: a small kernel validates range (and, for scatters, uniqueness) and one 16-byte flag is read
 //    back (a host sync) before anything is written, so a bad index raises a clear error and leaves dst unchanged;
@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <optional>
 
 #include "eventful/checks.h"
 #include "kernels.h"
@@ -50,6 +51,16 @@ void scatter_rows_cuda(const at::Tensor& dst, const at::Tensor& index, const at:
   copy_rows_cuda(s4, d4, index, RowMode::kScatter);
 }
 
+at::Tensor scatter_rows_residual_cuda(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src,
+                                      const at::Tensor& residual, const std::optional<at::Tensor>& scale,
+                                      bool check_index) {
+  check_scatter_rows_residual(dst, index, src, residual, scale, check_index, check_index_values_all);
+  at::Tensor y = at::empty(dst.sizes(), dst.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor sc = scale.has_value() && scale->defined() ? scale->contiguous() : at::Tensor();
+  scatter_residual_cuda(dst, index, src, residual, sc, y);
+  return y;
+}
+
 at::Tensor gather_cols_cuda(const at::Tensor& x, const at::Tensor& index, bool check_index) {
   check_gather(x, index, /*cols=*/true, check_index, check_index_values_all);
   const at::Tensor x4 = as_4d(x);
@@ -69,6 +80,7 @@ void scatter_cols_cuda(const at::Tensor& dst, const at::Tensor& index, const at:
 TORCH_LIBRARY_IMPL(eventful, CUDA, m) {
   m.impl("gather_rows", &gather_rows_cuda);
   m.impl("scatter_rows_", &scatter_rows_cuda);
+  m.impl("scatter_rows_residual_", &scatter_rows_residual_cuda);
   m.impl("gather_cols", &gather_cols_cuda);
   m.impl("scatter_cols_", &scatter_cols_cuda);
 }

@@ -28,6 +28,11 @@ void copy_rows_cuda(const at::TensorBase& src, const at::TensorBase& dst, const 
 // Empty slots (ids outside [0, cols)) as in copy_rows_cuda.
 void copy_cols_cuda(const at::TensorBase& src, const at::TensorBase& dst, const at::TensorBase& index, bool gather);
 
+// scatter_rows_residual_ over [B, N, D] views: dst[b, index[b, k]] = src[b, k] (ids outside [0, N) skipped) and
+// y = residual + dst (* scale [D], contiguous, when defined) as it is after the scatter; y contiguous. One launch.
+void scatter_residual_cuda(const at::TensorBase& dst, const at::TensorBase& index, const at::TensorBase& src,
+                           const at::TensorBase& residual, const at::TensorBase& scale, const at::TensorBase& y);
+
 // Validates index [B, K] against [0, n) or -1 (and distinct ids per row if `unique`, -1 excepted) into
 // `workspace`, a zeroed int64 tensor of index_check_workspace_size(...) elements: workspace[0] = UINT64_MAX - (first
 // bad flat position b*K+j), workspace[1] = UINT64_MAX - (smallest b*n+id repeated in row b); 0 = no error.

@@ -11,7 +11,7 @@ nothing is registered, and using an op raises ImportError.
 """
 from __future__ import annotations
 
-OPS = ("gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "token_gate", "token_gate_threshold",
+OPS = ("gather_rows", "scatter_rows_", "scatter_rows_residual_", "gather_cols", "scatter_cols_", "token_gate", "token_gate_threshold",
        "token_delta_gate", "qk_update_", "av_delta_update_")
 
 try:
@@ -26,12 +26,13 @@ if AVAILABLE:
     from ._register import register_cuda_kernels, registered_ops
     from ._runtime import INTERPRET
     from .av_delta_update import av_delta_update_
-    from .gather_scatter import gather_cols, gather_rows, scatter_cols_, scatter_rows_
+    from .gather_scatter import gather_cols, gather_rows, scatter_cols_, scatter_rows_, scatter_rows_residual_
     from .qk_update import qk_update_
     from .token_gate import token_delta_gate, token_gate, token_gate_threshold
 
     __all__ = ["AVAILABLE", "IMPORT_ERROR", "INTERPRET", "av_delta_update_", "gather_cols", "gather_rows",
-               "qk_update_", "registered_ops", "scatter_cols_", "scatter_rows_", "token_delta_gate", "token_gate",
+               "qk_update_", "registered_ops", "scatter_cols_", "scatter_rows_", "scatter_rows_residual_",
+               "token_delta_gate", "token_gate",
                "token_gate_threshold"]
     register_cuda_kernels()
 else:

@@ -34,9 +34,13 @@ def _none(fn: Callable) -> Callable:
     return kernel
 
 
+def _returns_nothing(name: str) -> bool:
+    return not getattr(torch.ops.eventful, name).default._schema.returns
+
+
 # op name -> dispatcher kernel, from each family module's KERNELS (in torch.ops.eventful's order, csrc/ops.cpp)
 KERNELS: Dict[str, Callable] = {
-    name: _none(fn) if name.endswith("_") else fn
+    name: _none(fn) if _returns_nothing(name) else fn
     for family in (_GATHER_SCATTER, _TOKEN_GATE, _QK_UPDATE, _AV_DELTA_UPDATE) for name, fn in family.items()
 }
 

@@ -6,15 +6,20 @@ the JIT) and 16-element-aligned strides each row moves in 16-byte vectors. Colum
 program per (batch*head, block of M rows, block of K ids). ``index [B, K]`` (int32/int64) is shared over heads; ids
 outside ``[0, N)`` (-1: empty slots) are skipped: a gather writes a zero row/column there, a scatter nothing.
 One kernel per layout serves gather, scatter and indexed copy (``dst[idx] = src[idx]``) via constexpr flags.
+``scatter_rows_residual_``: one program per (batch row, block of tokens, block of features) inverts the index over
+its tokens (which slot, if any, writes each), so the scatter and the residual add of a token happen in one program.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._runtime import INTERPRET, as_4d, cdiv, load_ids, next_pow2, on_device, require_launchable
+from ._runtime import (INTERPRET, as_4d, cast_out, cdiv, load_ids, next_pow2, on_device, require_launchable,
+                       soft_bf16)
 
 _checks = torch.ops.eventful  # the C++ argument checks: _check_<op> (csrc/checks.cpp)
 
@@ -70,6 +75,53 @@ def _copy_cols_kernel(src_ptr, dst_ptr, idx_ptr, H, M, K, n_ids,
     st_cols = valid if DST_INDEXED else km
     tl.store(dst_ptr + b * d_b + h * d_h + rows[:, None] * d_m + dst_cols[None, :] * d_n,
              x.to(dst_ptr.dtype.element_ty), mask=rm[:, None] & st_cols[None, :])
+
+
+@triton.jit
+def _scatter_residual_kernel(dst_ptr, src_ptr, res_ptr, scale_ptr, y_ptr, idx_ptr, N, K, D,
+                             d_b, d_n, d_d, s_b, s_n, s_d, r_b, r_n, r_d, i_b, i_k, n_nb, n_db,
+                             SCALED: tl.constexpr, SOFT_BF16: tl.constexpr, EMULATED_FMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    db = pid % n_db
+    t = pid // n_db
+    nb = t % n_nb
+    b = t // n_nb
+    rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = rows < N
+    # slot[r]: the index slot writing token rows[r], -1 if none. Ids outside [0, N) match no token.
+    slot = tl.full([BLOCK_N], -1, tl.int64)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        km = ks < K
+        ids = tl.load(idx_ptr + b * i_b + ks * i_k, mask=km, other=-1).to(tl.int64)
+        hit = (ids[None, :] == rows[:, None]) & km[None, :]
+        slot = tl.maximum(slot, tl.max(tl.where(hit, ks[None, :], -1), axis=1))
+    sel = (slot >= 0) & rm
+    ds = db * BLOCK_D + tl.arange(0, BLOCK_D)
+    dm = ds < D
+    m2 = rm[:, None] & dm[None, :]
+    sel2 = sel[:, None] & dm[None, :]
+    s_rows = tl.where(sel, slot, 0)
+    new = tl.load(src_ptr + b * s_b + s_rows[:, None] * s_n + ds[None, :] * s_d, mask=sel2, other=0)
+    d_ptrs = dst_ptr + b * d_b + rows[:, None] * d_n + ds[None, :] * d_d
+    old = tl.load(d_ptrs, mask=m2 & ~sel[:, None], other=0)
+    v = tl.where(sel[:, None], new, old)
+    tl.store(d_ptrs, v, mask=sel2)
+    x = v.to(tl.float32)
+    r = tl.load(res_ptr + b * r_b + rows[:, None] * r_n + ds[None, :] * r_d, mask=m2, other=0).to(tl.float32)
+    if SCALED:
+        g = tl.load(scale_ptr + ds, mask=dm, other=0).to(tl.float32)[None, :]
+        # The interpreter's fma rounds twice. In float64 the float32 product is exact and the sum then rounds twice
+        # (to float64, to float32), which equals one rounding but for ties at one part in 2^29.
+        if EMULATED_FMA:
+            r = (x.to(tl.float64) * g.to(tl.float64) + r.to(tl.float64)).to(tl.float32)
+        else:
+            r = tl.fma(x, g, r)
+    else:
+        r = r + x
+    tl.store(y_ptr + (b * N + rows)[:, None] * D + ds[None, :], cast_out(r, y_ptr.dtype.element_ty, SOFT_BF16),
+             mask=m2)
 
 
 def feature_block(d: int, cap: int = 512) -> int:
@@ -140,6 +192,31 @@ def scatter_rows_(dst: Tensor, index: Tensor, src: Tensor, *, check_index: bool 
 
 
 @on_device
+def scatter_rows_residual_(dst: Tensor, index: Tensor, src: Tensor, residual: Tensor, scale: Optional[Tensor] = None,
+                           *, check_index: bool = True) -> Tensor:
+    """``dst[b, index[b, k]] = src[b, k]`` in place, and ``y = residual + dst`` (``* scale [D]`` first, if given)
+    from the same loads: ``dst``/``residual [B, N, D]``, ``src [B, K, D]``; returns ``y`` contiguous."""
+    _checks._check_scatter_rows_residual(dst, index, src, residual, scale, check_index=check_index)
+    require_launchable(dst)
+    B, N, D = dst.shape
+    K = index.size(1)
+    y = torch.empty((B, N, D), dtype=dst.dtype, device=dst.device)
+    if B * N * D == 0:
+        return y
+    block_d = feature_block(D, cap=256)
+    block_n = 16 if INTERPRET else 8
+    block_k = max(1, min(next_pow2(max(K, 1)), 128 if INTERPRET else 64))
+    n_nb, n_db = cdiv(N, block_n), cdiv(D, block_d)
+    scaled = scale is not None
+    g = scale.contiguous() if scaled else dst
+    _scatter_residual_kernel[(B * n_nb * n_db,)](
+        dst, src, residual, g, y, index, N, K, D, *dst.stride(), *src.stride(), *residual.stride(),
+        index.stride(0), index.stride(1), n_nb, n_db,
+        SCALED=scaled, SOFT_BF16=soft_bf16(dst.dtype), EMULATED_FMA=INTERPRET, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
+    return y
+
+
+@on_device
 def gather_cols(x: Tensor, index: Tensor, *, check_index: bool = True) -> Tensor:
     """``y[b, (h,) m, k] = x[b, (h,) m, index[b, k]]``: ``x [B,(H,)M,N]`` -> ``y [B,(H,)M,K]`` contiguous (zero
     columns at empty slots)."""
@@ -160,5 +237,5 @@ def scatter_cols_(dst: Tensor, index: Tensor, src: Tensor, *, check_index: bool 
     return dst
 
 
-KERNELS = {"gather_rows": gather_rows, "scatter_rows_": scatter_rows_, "gather_cols": gather_cols,
-           "scatter_cols_": scatter_cols_}
+KERNELS = {"gather_rows": gather_rows, "scatter_rows_": scatter_rows_,
+           "scatter_rows_residual_": scatter_rows_residual_, "gather_cols": gather_cols, "scatter_cols_": scatter_cols_}

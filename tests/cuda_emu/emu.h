@@ -227,6 +227,8 @@ inline float __uint_as_float(unsigned u) { return ::emu::from_bits<float>(::emu:
 inline int __float_as_int(float f) { return ::emu::from_bits<int>(::emu::to_bits(f)); }
 inline float __int_as_float(int i) { return ::emu::from_bits<float>(::emu::to_bits(i)); }
 inline float __fsqrt_rn(float x) { return std::sqrt(x); }  // IEEE sqrt: correctly rounded, like __fsqrt_rn
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }  // one rounding, as on the GPU
 template <typename T>
 inline T __ldg(const T* p) {
   return *p;
