@@ -19,8 +19,8 @@ import eventful_kernels  # noqa: F401  (registers torch.ops.eventful)
 
 from op_support import CUDA, ROOT, T
 
-OPS = ("gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "token_gate", "token_gate_threshold",
-       "token_delta_gate", "qk_update_", "av_delta_update_")
+OPS = ("gather_rows", "scatter_rows_", "scatter_rows_residual_", "gather_cols", "scatter_cols_", "token_gate",
+       "token_gate_threshold", "token_delta_gate", "qk_update_", "av_delta_update_")
 needs_triton = pytest.mark.skipif(T is None, reason="needs triton")
 
 

@@ -23,10 +23,10 @@ import eventful_kernels  # noqa: F401  (registers torch.ops.eventful)
 from eventful_kernels import reference as R
 
 E = torch.ops.eventful
-OPS = ("gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "token_gate", "token_gate_threshold",
-       "token_delta_gate", "qk_update_", "av_delta_update_")
+OPS = ("gather_rows", "scatter_rows_", "scatter_rows_residual_", "gather_cols", "scatter_cols_", "token_gate",
+       "token_gate_threshold", "token_delta_gate", "qk_update_", "av_delta_update_")
 # the arguments each op writes in place (Tensor(a!) in csrc/ops.cpp)
-MUTATED = {"gather_rows": (), "scatter_rows_": ("dst",), "gather_cols": (), "scatter_cols_": ("dst",),
+MUTATED = {"gather_rows": (), "scatter_rows_": ("dst",), "scatter_rows_residual_": ("dst",), "gather_cols": (), "scatter_cols_": ("dst",),
            "token_gate": ("ref",), "token_gate_threshold": ("ref",), "token_delta_gate": ("ref",),
            "qk_update_": ("logits",), "av_delta_update_": ("out", "a_ref", "v_ref")}
 
@@ -62,7 +62,8 @@ def backend(request):
 
 def _sample(name: str, seed: int = 0, variant: str = "") -> dict:
     """Valid arguments of ``name`` as {schema name: value}, in schema order (positional arguments only).
-    variant: "relpos" (qk_update_ with rel_h/rel_w), "topk" (token_delta_gate without an index)."""
+    variant: "relpos" (qk_update_ with rel_h/rel_w), "topk" (token_delta_gate without an index), "scaled"
+    (scatter_rows_residual_ with a scale)."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -73,6 +74,9 @@ def _sample(name: str, seed: int = 0, variant: str = "") -> dict:
         return {"x": randn(2, 3, 6) if name == "gather_cols" else randn(2, 6, 4), "index": idx}
     if name == "scatter_rows_":
         return {"dst": randn(2, 6, 4), "index": idx, "src": randn(2, 2, 4)}
+    if name == "scatter_rows_residual_":
+        args = {"dst": randn(2, 6, 4), "index": idx, "src": randn(2, 2, 4), "residual": randn(2, 6, 4)}
+        return {**args, "scale": randn(4) if variant == "scaled" else None}
     if name == "scatter_cols_":
         return {"dst": randn(2, 3, 6), "index": idx, "src": randn(2, 3, 2)}
     if name == "token_gate":
@@ -95,7 +99,8 @@ def _sample(name: str, seed: int = 0, variant: str = "") -> dict:
     raise ValueError(name)
 
 
-SAMPLES = [(name, "") for name in OPS] + [("token_delta_gate", "topk"), ("qk_update_", "relpos")]
+SAMPLES = [(name, "") for name in OPS] + [("token_delta_gate", "topk"), ("qk_update_", "relpos"),
+                                          ("scatter_rows_residual_", "scaled")]
 SAMPLE_IDS = [f"{n}-{v}" if v else n for n, v in SAMPLES]
 
 
@@ -129,7 +134,7 @@ def _reference(name: str, args: dict):
     ref_args = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     out = getattr(R, name)(*ref_args.values())
     outs = out if isinstance(out, tuple) else (out,)
-    if name.endswith("_"):  # the reference returns the mutated tensor; the op returns nothing
+    if not getattr(E, name).default._schema.returns:  # the reference returns the mutated tensor; the op nothing
         outs = ()
     return list(outs), {k: ref_args[k] for k in MUTATED[name]}
 
@@ -304,7 +309,7 @@ def test_inference_tensor_written_outside_inference_mode_is_refused(backend):
 # ---------------------------------------------------------------- None for a tensor argument
 
 NONE_CASES = [(n, v, arg) for n, v in SAMPLES for arg in _tensors(_sample(n, variant=v))
-              if not (n == "token_delta_gate" and arg == "index") and arg not in ("rel_h", "rel_w")]
+              if not (n == "token_delta_gate" and arg == "index") and arg not in ("rel_h", "rel_w", "scale")]
 
 
 @pytest.mark.parametrize("name,variant,arg", NONE_CASES,
