@@ -20,6 +20,11 @@ void scatter_rows_(const Tensor& dst, const Tensor& index, const Tensor& src, bo
   eventful::scatter_rows_(dst, index, src, check_index);
 }
 
+Tensor scatter_rows_residual_(const Tensor& dst, const Tensor& index, const Tensor& src, const Tensor& residual,
+                              const std::optional<Tensor>& scale, bool check_index) {
+  return eventful::scatter_rows_residual_(dst, index, src, residual, scale, check_index);
+}
+
 Tensor gather_cols(const Tensor& x, const Tensor& index, bool check_index) {
   return eventful::gather_cols(x, index, check_index);
 }
@@ -75,6 +80,9 @@ Tensor checked_rows(const Tensor& x, const Tensor& index) {
 TORCH_LIBRARY(eventful_client, m) {
   m.def("gather_rows(Tensor x, Tensor index, *, bool check_index=True) -> Tensor", &gather_rows);
   m.def("scatter_rows_(Tensor(a!) dst, Tensor index, Tensor src, *, bool check_index=True) -> ()", &scatter_rows_);
+  m.def("scatter_rows_residual_(Tensor(a!) dst, Tensor index, Tensor src, Tensor residual, Tensor? scale=None, *,"
+        " bool check_index=True) -> Tensor",
+        &scatter_rows_residual_);
   m.def("gather_cols(Tensor x, Tensor index, *, bool check_index=True) -> Tensor", &gather_cols);
   m.def("scatter_cols_(Tensor(a!) dst, Tensor index, Tensor src, *, bool check_index=True) -> ()", &scatter_cols_);
   m.def("token_gate(Tensor c, Tensor(a!) ref, int k) -> (Tensor, Tensor)", &token_gate);

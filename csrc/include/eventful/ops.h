@@ -54,6 +54,20 @@ inline const at::Tensor& scatter_rows_(const at::Tensor& dst, const at::Tensor& 
   return dst;
 }
 
+// dst[b, index[b, k]] = src[b, k] in place, and y = residual + dst (residual + dst * scale with scale [D]) in the
+// same pass: dst / residual [B, N, D], src [B, K, D]; y [B, N, D] is a new contiguous tensor.
+inline at::Tensor scatter_rows_residual_(const at::Tensor& dst, const at::Tensor& index, const at::Tensor& src,
+                                         const at::Tensor& residual,
+                                         const std::optional<at::Tensor>& scale = std::nullopt,
+                                         bool check_index = true) {
+  using detail::OptTensor;
+  using detail::Tensor;
+  static const auto op =
+      detail::op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, bool)>(
+          "eventful::scatter_rows_residual_");
+  return op.call(dst, index, src, residual, scale, check_index);
+}
+
 // y[b, (h,) m, k] = x[b, (h,) m, index[b, k]]: [B,(H,)M,N] -> [B,(H,)M,K] (zero columns at empty slots).
 inline at::Tensor gather_cols(const at::Tensor& x, const at::Tensor& index, bool check_index = true) {
   using detail::Tensor;
