@@ -32,16 +32,25 @@ _IDENTITY = nn.Identity()
 GATE_PLACEMENTS = ("after_norm", "before_norm")
 
 
-def _residual(x: Tensor, ls: nn.Module, y: Tensor) -> Tensor:
-    """``x + ls(y)`` without mutating ``y`` (a buffer state); a layer scale (timm ``LayerScale``, or a module whose
-    class sets ``scales_by_gamma``: ``ls(y) = y * ls.gamma``) is fused as ``addcmul(x, y, gamma)``."""
+def _layer_scale(ls: nn.Module):
+    """How ``ls`` scales a branch: None for an identity, the ``gamma`` tensor of a layer scale ``ls(y) = y * gamma``
+    (timm ``LayerScale``, or a module whose class sets ``scales_by_gamma``), False for any other module."""
     if isinstance(ls, nn.Identity):
-        return x + y
+        return None
     gamma = getattr(ls, "gamma", None)
     if (type(ls).__name__ == "LayerScale" or getattr(type(ls), "scales_by_gamma", False)) and \
             isinstance(gamma, Tensor):
-        return torch.addcmul(x, y, gamma)
-    return x + ls(y.clone())
+        return gamma
+    return False
+
+
+def _patched_residual(buffer: TokenBuffer, x: Tensor, ls: nn.Module, y_sel: Tensor, index: Optional[Tensor]) -> Tensor:
+    """``x + ls(buffer(y_sel, index))`` without mutating the buffer's state; an identity or a layer scale (fused as
+    ``addcmul(x, state, gamma)``) lets the buffer patch its state and add in one op (``TokenBuffer.add_to``)."""
+    scale = _layer_scale(ls)
+    if scale is False:
+        return x + ls(buffer(y_sel, index).clone())
+    return buffer.add_to(x, y_sel, index, scale)
 
 
 class _EventfulBlockBase(EventfulModule):
@@ -271,7 +280,7 @@ class _EventfulBlockBase(EventfulModule):
             idx2, o_sel = self.proj_gate(o)
             o_sel = norm(o_sel)
         p_sel = self._linear("proj", attn.proj, o_sel)
-        x1 = _residual(x, getattr(block, "ls1", _IDENTITY), self.proj_buffer(p_sel, idx2))
+        x1 = _patched_residual(self.proj_buffer, x, getattr(block, "ls1", _IDENTITY), p_sel, idx2)
 
         if after:
             idx3, m_in = self.mlp_gate(block.norm2(x1))
@@ -279,7 +288,7 @@ class _EventfulBlockBase(EventfulModule):
             idx3, h_sel = self.mlp_gate(x1)
             m_in = block.norm2(h_sel)
         m_sel = self._linear("mlp", block.mlp, m_in)
-        y = _residual(x1, getattr(block, "ls2", _IDENTITY), self.mlp_buffer(m_sel, idx3))
+        y = _patched_residual(self.mlp_buffer, x1, getattr(block, "ls2", _IDENTITY), m_sel, idx3)
         self.last_macs = (
             b * (idx1.shape[1] * self._macs_qkv + idx2.shape[1] * self._macs_proj + idx3.shape[1] * self._macs_mlp)
             + self.attention.last_macs

@@ -16,7 +16,8 @@ class TokenBuffer(EventfulModule):
     Scatters ``x_sel`` into the stored state at ``index`` (in place; ``-1`` slots are skipped) and returns the state
     tensor itself (callers must not mutate it). The flush call (state empty) stores ``x_sel`` as the state (with
     ``index`` given, the state is filled through it, so any permutation of ``arange(N)`` works); ``n_tokens = K`` of
-    that call.
+    that call. ``add_to(residual, x_sel, index, scale)`` returns ``residual + forward(x_sel, index)`` (scaled), in one
+    op after the flush.
     """
 
     state_attrs = ("state",)
@@ -29,17 +30,21 @@ class TokenBuffer(EventfulModule):
     def n_tokens(self) -> Optional[int]:
         return None if self.state is None else self.state.shape[1]
 
+    @staticmethod
+    def _check_index_arg(x_sel: Tensor, index) -> None:
+        if not isinstance(index, Tensor) or index.dtype not in (torch.int32, torch.int64) or index.dim() != 2:
+            raise ValueError("eventful: argument 'index' must be an int32/int64 tensor of shape [B, K]")
+        if tuple(index.shape) != tuple(x_sel.shape[:2]):
+            raise ValueError(
+                f"eventful: argument 'index' has shape {tuple(index.shape)} but 'x_sel' is {tuple(x_sel.shape)}"
+            )
+
     @torch.no_grad()
     def forward(self, x_sel: Tensor, index: Optional[Tensor] = None) -> Tensor:
         check_tokens(x_sel, "x_sel")
         self.last_macs = 0
         if index is not None:
-            if not isinstance(index, Tensor) or index.dtype not in (torch.int32, torch.int64) or index.dim() != 2:
-                raise ValueError("eventful: argument 'index' must be an int32/int64 tensor of shape [B, K]")
-            if tuple(index.shape) != tuple(x_sel.shape[:2]):
-                raise ValueError(
-                    f"eventful: argument 'index' has shape {tuple(index.shape)} but 'x_sel' is {tuple(x_sel.shape)}"
-                )
+            self._check_index_arg(x_sel, index)
         if self.state is None or self._refresh:
             if index is None:
                 self.state = refill(self.state, x_sel)
@@ -52,6 +57,12 @@ class TokenBuffer(EventfulModule):
                 self.state = state
             self._refresh = False
             return self.state
+        self._check_steady(x_sel, index)
+        if index.shape[1]:
+            self.k_ops.scatter_rows_(self.state, index, x_sel, check_index=self.check_index)
+        return self.state
+
+    def _check_steady(self, x_sel: Tensor, index: Optional[Tensor]) -> None:
         s = self.state
         if index is None:
             raise ValueError("eventful: argument 'index' is required after the flush call")
@@ -61,6 +72,26 @@ class TokenBuffer(EventfulModule):
                 f"eventful: argument 'x_sel' is {tuple(x_sel.shape)} {x_sel.dtype} on {x_sel.device} but the buffer "
                 f"holds {tuple(s.shape)} {s.dtype} on {s.device}; call reset() before starting a new stream"
             )
-        if index.shape[1]:
-            self.k_ops.scatter_rows_(s, index, x_sel, check_index=self.check_index)
-        return s
+
+    @torch.no_grad()
+    def add_to(self, residual: Tensor, x_sel: Tensor, index: Optional[Tensor] = None,
+               scale: Optional[Tensor] = None) -> Tensor:
+        """``residual + forward(x_sel, index)``, the state multiplied by ``scale [D']`` first if given (as
+        ``torch.addcmul``); a new tensor. After the flush, with ``residual`` shaped like the state and every operand
+        in its dtype and device, one op patches the state and adds (``scatter_rows_residual_``): the state is read
+        once, no separate add runs."""
+        s = self.state
+        fused = (
+            s is not None and not self._refresh and isinstance(index, Tensor)
+            and isinstance(residual, Tensor) and residual.shape == s.shape and residual.dtype == s.dtype
+            and residual.device == s.device
+            and (scale is None or scale.shape == s.shape[-1:] and scale.dtype == s.dtype and scale.device == s.device)
+        )
+        if not fused:
+            full = self.forward(x_sel, index)
+            return residual + full if scale is None else torch.addcmul(residual, full, scale)
+        check_tokens(x_sel, "x_sel")
+        self._check_index_arg(x_sel, index)
+        self._check_steady(x_sel, index)
+        self.last_macs = 0
+        return self.k_ops.scatter_rows_residual_(s, index, x_sel, residual, scale, check_index=self.check_index)
