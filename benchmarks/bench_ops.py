@@ -4,7 +4,9 @@ for the ops that move data, a plain copy of the bytes the op must move.
 The implementations of one case run interleaved, round by round (fused, composition, copy, fused, ...), so load on
 a shared machine hits them alike; each reports the median and the minimum of its rounds. Like is compared with
 like: an op that returns a new tensor (gather_rows, gather_cols) is measured against a copy that allocates its
-output too, an in-place op against a copy into a preallocated tensor.
+output too, an in-place op against a copy into a preallocated tensor. ``scatter_rows_residual_`` (a buffer patched
+and added to the residual stream) is measured against the composition scatter + add, and against a copy of as many
+bytes as it moves.
 
     python benchmarks/bench_ops.py --out benchmarks/results/ops_cpu.json            # CPU, 2 threads
     python benchmarks/bench_ops.py --device cuda --dtype fp16 --sizes 4096:256 --out results/ops_cuda.json
@@ -36,11 +38,11 @@ import compositions as comp  # noqa: E402
 from machine import cpu_name  # noqa: E402
 
 D, H, HD = 768, 12, 64
-OPS = ["gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "token_gate", "token_gate_threshold",
+OPS = ["gather_rows", "scatter_rows_", "scatter_rows_residual_", "gather_cols", "scatter_cols_", "token_gate", "token_gate_threshold",
        "token_delta_gate", "qk_update_", "qk_update_relpos_", "av_delta_update_"]
 FUNCTION = {"qk_update_relpos_": "qk_update_"}  # case -> op name
 GATES = {"token_gate", "token_gate_threshold", "token_delta_gate"}
-TAKES_INDEX = {"gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "qk_update_", "qk_update_relpos_",
+TAKES_INDEX = {"gather_rows", "scatter_rows_", "scatter_rows_residual_", "gather_cols", "scatter_cols_", "qk_update_", "qk_update_relpos_",
                "av_delta_update_"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SIZES = "196:12,196:49,1024:64,1024:256,4096:256,4096:1024"
@@ -65,6 +67,14 @@ class Case:
             self.args = (x, idx) if op == "gather_rows" else (x, idx, src)
             self.nbytes = 2 * k * D * es
             self.copy = (lambda: x[:, :k].clone()) if op == "gather_rows" else (lambda: x[:, :k].copy_(src))
+        elif op == "scatter_rows_residual_":
+            state, src, res = rnd(1, n, D), rnd(1, k, D), rnd(1, n, D)
+            self.args = (state, idx, src, res)
+            # read residual, the N - K kept rows of the state and src; write the K patched rows and y
+            self.nbytes = (3 * n + k) * D * es
+            half = (3 * n + k) * D // 2
+            a, b = rnd(half), rnd(half)
+            self.copy = lambda: a.copy_(b)
         elif op in ("gather_cols", "scatter_cols_"):
             a, src = rnd(1, H, n, n), rnd(1, H, n, k)
             self.args = (a, idx) if op == "gather_cols" else (a, idx, src)

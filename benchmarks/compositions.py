@@ -21,6 +21,11 @@ def scatter_rows_(dst, index, src):
     dst.scatter_(1, index[..., None].expand(b, index.shape[1], d), src)
 
 
+def scatter_rows_residual_(dst, index, src, residual):
+    scatter_rows_(dst, index, src)
+    return residual + dst
+
+
 def gather_cols(x, index):
     b, h, m, n = x.shape
     return x.gather(3, index[:, None, None, :].expand(b, h, m, index.shape[1]))

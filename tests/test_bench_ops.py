@@ -16,13 +16,15 @@ import render  # noqa: E402
 
 def test_harness_writes_every_case_with_like_for_like_yardsticks(tmp_path):
     out = tmp_path / "ops.json"
-    assert bench_ops.main(["--ops", "gather_rows,scatter_rows_,token_gate,qk_update_relpos_", "--sizes", "16:4,15:15",
+    assert bench_ops.main(["--ops", "gather_rows,scatter_rows_,scatter_rows_residual_,token_gate,qk_update_relpos_",
+                           "--sizes", "16:4,15:15",
                            "--rounds", "3", "--threads", "1", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     cases = {(r["op"], r["n"], r["k"]) for r in data["results"]}
     # qk_update_relpos_ needs a square grid: N = 16 runs, N = 15 is skipped
     assert cases == {("gather_rows", 16, 4), ("gather_rows", 15, 15), ("scatter_rows_", 16, 4),
-                     ("scatter_rows_", 15, 15), ("token_gate", 16, 4), ("token_gate", 15, 15),
+                     ("scatter_rows_", 15, 15), ("scatter_rows_residual_", 16, 4), ("scatter_rows_residual_", 15, 15),
+                     ("token_gate", 16, 4), ("token_gate", 15, 15),
                      ("qk_update_relpos_", 16, 4)}
     for r in data["results"]:
         expect = {"fused", "composition"} | ({"copy"} if "rows" in r["op"] else set())

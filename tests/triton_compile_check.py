@@ -93,6 +93,12 @@ def jobs(all_configs: bool):
                    {"src_ptr": fl, "dst_ptr": fl, "idx_ptr": "i32"},
                    {"SRC_INDEXED": src_i, "DST_INDEXED": dst_i, "BLOCK_M": 128, "BLOCK_K": 32}, 4, 3)
     for fl in FLOATS:
+        for scaled in (False, True):
+            yield (f"scatter_residual {fl} scaled={scaled} unit-stride", gather_scatter._scatter_residual_kernel,
+                   {"dst_ptr": fl, "src_ptr": fl, "res_ptr": fl, "scale_ptr": fl, "y_ptr": fl, "idx_ptr": "i64"},
+                   {"SCALED": scaled, "SOFT_BF16": False, "EMULATED_FMA": False, "BLOCK_N": 8, "BLOCK_K": 64,
+                    "BLOCK_D": gather_scatter.feature_block(768, cap=256), "d_d": 1, "s_d": 1, "r_d": 1}, 4, 3,
+                   ("D", "d_b", "d_n", "s_b", "s_n", "r_b", "r_n"), _VEC)
         for thr in (False, True):
             yield (f"gate scores {fl} threshold={thr}", token_gate._scores_kernel,
                    {"c_ptr": fl, "r_ptr": fl, "out_ptr": "fp32"},
