@@ -83,8 +83,9 @@ $PY -c "import xdist" 2>/dev/null && xdist=(-n "${XDIST:-8}")  # parallel Triton
 # kernel where the build has one, else the Triton one registered for it); each op file collects ~300-1000 items per
 # backend, so a file cut at its limit still logs (-v) what ran. The CPU backend of the same files runs anywhere, the
 # Triton kernels under the interpreter and the C++ CUDA kernels under the emulator (tests/cuda_emulator.py).
-for spec in "test_graphs.py:20:cuda" "test_gather_scatter.py:15:cuda" "test_token_gate.py:15:cuda" \
-    "test_qk_update.py:10:cuda" "test_av_delta_update.py:10:cuda" "test_blocks.py:10:cuda"; do
+for spec in "test_graphs.py:15:cuda" "test_gather_scatter.py:15:cuda" "test_token_gate.py:15:cuda" \
+    "test_scatter_rows_residual.py:5:cuda" "test_qk_update.py:10:cuda" "test_av_delta_update.py:10:cuda" \
+    "test_blocks.py:10:cuda"; do
   IFS=: read -r file limit select <<<"$spec"
   step "tests/$file${select:+ [$select]}" "$limit" $PY -m pytest -v -p no:cacheprovider "${xdist[@]}" --maxfail=20 \
     "tests/$file" ${select:+-k "$select and not cuda_emu"} >>"$OUT/tests.log" 2>&1

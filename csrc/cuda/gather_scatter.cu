@@ -261,17 +261,6 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-// Can rows of `t` ([B, rows, D]) be loaded as aligned 16-byte vectors of `vec` elements?
-bool rows_vec_ok(const at::TensorBase& t, int64_t vec) {
-  if (t.size(2) % vec != 0) return false;
-  if (t.size(2) > 1 && t.stride(2) != 1) return false;
-  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 != 0) return false;
-  for (int d = 0; d < 2; ++d) {
-    if (t.size(d) > 1 && t.stride(d) % vec != 0) return false;
-  }
-  return true;
-}
-
 template <typename scalar_t, int VEC, typename index_t>
 void launch_residual(dim3 grid, const ResidualArgs& a, const at::TensorBase& dst, const at::TensorBase& src,
                      const at::TensorBase& res, const at::TensorBase& scale, const at::TensorBase& y,
@@ -297,7 +286,7 @@ void launch_residual_typed(dim3 grid, ResidualArgs a, const at::TensorBase& dst,
                            const at::TensorBase& res, const at::TensorBase& scale, const at::TensorBase& y,
                            const at::TensorBase& index) {
   constexpr int kVec = 16 / sizeof(scalar_t);
-  const bool vec = rows_vec_ok(dst, kVec) && rows_vec_ok(src, kVec) && rows_vec_ok(res, kVec) &&
+  const bool vec = vec_ok(dst, kVec) && vec_ok(src, kVec) && vec_ok(res, kVec) &&
                    (!scale.defined() || reinterpret_cast<uintptr_t>(scale.const_data_ptr()) % 16 == 0);
   const bool long_index = index.scalar_type() == at::kLong;
   if (vec) {

@@ -2,6 +2,7 @@
 // Deliberately light on headers (no ATen.h, no cuBLAS/cuSPARSE) so every .cu compiles quickly.
 #pragma once
 
+#include <ATen/core/TensorBase.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/macros/Macros.h>
@@ -56,6 +57,18 @@ template <>
 struct CopyUnit<4> { using type = uint32_t; };
 template <>
 struct CopyUnit<2> { using type = uint16_t; };
+
+// Whether rows of `t` ([B, rows, D]) can be accessed as aligned 16-byte vectors of `vec` elements: a unit-stride
+// feature dim, D a multiple of vec, a 16-byte aligned base and every used stride a multiple of vec.
+inline bool vec_ok(const at::TensorBase& t, int64_t vec) {
+  if (t.size(2) % vec != 0) return false;
+  if (t.size(2) > 1 && t.stride(2) != 1) return false;
+  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 != 0) return false;
+  for (int d = 0; d < 2; ++d) {
+    if (t.size(d) > 1 && t.stride(d) % vec != 0) return false;
+  }
+  return true;
+}
 
 // `N` elements loaded or stored as one aligned access (N * sizeof(T) <= 16 bytes).
 template <typename T, int N>

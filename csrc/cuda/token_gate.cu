@@ -86,17 +86,6 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-// 16-byte loads need a unit-stride feature dim, D a multiple of VEC, and 16-byte aligned rows.
-bool vec_ok(const at::TensorBase& t, int64_t vec) {
-  if (t.size(2) % vec != 0) return false;
-  if (t.size(2) > 1 && t.stride(2) != 1) return false;
-  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 != 0) return false;
-  for (int d = 0; d < 2; ++d) {
-    if (t.size(d) > 1 && t.stride(d) % vec != 0) return false;
-  }
-  return true;
-}
-
 template <typename scalar_t>
 void launch_keys(const at::TensorBase& c, const at::TensorBase& ref, const at::TensorBase& keys) {
   constexpr int kVec = 16 / sizeof(scalar_t);
