@@ -6,8 +6,9 @@ the JIT) and 16-element-aligned strides each row moves in 16-byte vectors. Colum
 program per (batch*head, block of M rows, block of K ids). ``index [B, K]`` (int32/int64) is shared over heads; ids
 outside ``[0, N)`` (-1: empty slots) are skipped: a gather writes a zero row/column there, a scatter nothing.
 One kernel per layout serves gather, scatter and indexed copy (``dst[idx] = src[idx]``) via constexpr flags.
-``scatter_rows_residual_``: one program per (batch row, block of tokens, block of features) inverts the index over
-its tokens (which slot, if any, writes each), so the scatter and the residual add of a token happen in one program.
+``scatter_rows_residual_``: one program per (batch row, block of tokens) inverts the index over its tokens (which
+slot, if any, writes each), then moves them block of features by block of features, so the scatter and the residual
+add of a token happen in one program.
 """
 from __future__ import annotations
 
@@ -79,14 +80,12 @@ def _copy_cols_kernel(src_ptr, dst_ptr, idx_ptr, H, M, K, n_ids,
 
 @triton.jit
 def _scatter_residual_kernel(dst_ptr, src_ptr, res_ptr, scale_ptr, y_ptr, idx_ptr, N, K, D,
-                             d_b, d_n, d_d, s_b, s_n, s_d, r_b, r_n, r_d, i_b, i_k, n_nb, n_db,
-                             SCALED: tl.constexpr, SOFT_BF16: tl.constexpr, EMULATED_FMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             BLOCK_D: tl.constexpr):
+                             d_b, d_n, d_d, s_b, s_n, s_d, r_b, r_n, r_d, i_b, i_k, n_nb,
+                             SCALED: tl.constexpr, SOFT_BF16: tl.constexpr, EMULATED_FMA: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    db = pid % n_db
-    t = pid // n_db
-    nb = t % n_nb
-    b = t // n_nb
+    nb = pid % n_nb
+    b = pid // n_nb
     rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = rows < N
     # slot[r]: the index slot writing token rows[r], -1 if none. Ids outside [0, N) match no token.
@@ -98,30 +97,31 @@ def _scatter_residual_kernel(dst_ptr, src_ptr, res_ptr, scale_ptr, y_ptr, idx_pt
         hit = (ids[None, :] == rows[:, None]) & km[None, :]
         slot = tl.maximum(slot, tl.max(tl.where(hit, ks[None, :], -1), axis=1))
     sel = (slot >= 0) & rm
-    ds = db * BLOCK_D + tl.arange(0, BLOCK_D)
-    dm = ds < D
-    m2 = rm[:, None] & dm[None, :]
-    sel2 = sel[:, None] & dm[None, :]
     s_rows = tl.where(sel, slot, 0)
-    new = tl.load(src_ptr + b * s_b + s_rows[:, None] * s_n + ds[None, :] * s_d, mask=sel2, other=0)
-    d_ptrs = dst_ptr + b * d_b + rows[:, None] * d_n + ds[None, :] * d_d
-    old = tl.load(d_ptrs, mask=m2 & ~sel[:, None], other=0)
-    v = tl.where(sel[:, None], new, old)
-    tl.store(d_ptrs, v, mask=sel2)
-    x = v.to(tl.float32)
-    r = tl.load(res_ptr + b * r_b + rows[:, None] * r_n + ds[None, :] * r_d, mask=m2, other=0).to(tl.float32)
-    if SCALED:
-        g = tl.load(scale_ptr + ds, mask=dm, other=0).to(tl.float32)[None, :]
-        # The interpreter's fma rounds twice. In float64 the float32 product is exact and the sum then rounds twice
-        # (to float64, to float32), which equals one rounding but for ties at one part in 2^29.
-        if EMULATED_FMA:
-            r = (x.to(tl.float64) * g.to(tl.float64) + r.to(tl.float64)).to(tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        dm = ds < D
+        m2 = rm[:, None] & dm[None, :]
+        sel2 = sel[:, None] & dm[None, :]
+        new = tl.load(src_ptr + b * s_b + s_rows[:, None] * s_n + ds[None, :] * s_d, mask=sel2, other=0)
+        d_ptrs = dst_ptr + b * d_b + rows[:, None] * d_n + ds[None, :] * d_d
+        old = tl.load(d_ptrs, mask=m2 & ~sel[:, None], other=0)
+        v = tl.where(sel[:, None], new, old)
+        tl.store(d_ptrs, v, mask=sel2)
+        x = v.to(tl.float32)
+        r = tl.load(res_ptr + b * r_b + rows[:, None] * r_n + ds[None, :] * r_d, mask=m2, other=0).to(tl.float32)
+        if SCALED:
+            g = tl.load(scale_ptr + ds, mask=dm, other=0).to(tl.float32)[None, :]
+            # The interpreter's fma rounds twice. In float64 the float32 product is exact and the sum then rounds
+            # twice (to float64, to float32), which equals one rounding but for ties at one part in 2^29.
+            if EMULATED_FMA:
+                r = (x.to(tl.float64) * g.to(tl.float64) + r.to(tl.float64)).to(tl.float32)
+            else:
+                r = tl.fma(x, g, r)
         else:
-            r = tl.fma(x, g, r)
-    else:
-        r = r + x
-    tl.store(y_ptr + (b * N + rows)[:, None] * D + ds[None, :], cast_out(r, y_ptr.dtype.element_ty, SOFT_BF16),
-             mask=m2)
+            r = r + x
+        tl.store(y_ptr + (b * N + rows)[:, None] * D + ds[None, :], cast_out(r, y_ptr.dtype.element_ty, SOFT_BF16),
+                 mask=m2)
 
 
 def feature_block(d: int, cap: int = 512) -> int:
@@ -206,12 +206,12 @@ def scatter_rows_residual_(dst: Tensor, index: Tensor, src: Tensor, residual: Te
     block_d = feature_block(D, cap=256)
     block_n = 16 if INTERPRET else 8
     block_k = max(1, min(next_pow2(max(K, 1)), 128 if INTERPRET else 64))
-    n_nb, n_db = cdiv(N, block_n), cdiv(D, block_d)
+    n_nb = cdiv(N, block_n)
     scaled = scale is not None
     g = scale.contiguous() if scaled else dst
-    _scatter_residual_kernel[(B * n_nb * n_db,)](
+    _scatter_residual_kernel[(B * n_nb,)](
         dst, src, residual, g, y, index, N, K, D, *dst.stride(), *src.stride(), *residual.stride(),
-        index.stride(0), index.stride(1), n_nb, n_db,
+        index.stride(0), index.stride(1), n_nb,
         SCALED=scaled, SOFT_BF16=soft_bf16(dst.dtype), EMULATED_FMA=INTERPRET, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
     return y
 
