@@ -38,12 +38,12 @@ import compositions as comp  # noqa: E402
 from machine import cpu_name  # noqa: E402
 
 D, H, HD = 768, 12, 64
-OPS = ["gather_rows", "scatter_rows_", "scatter_rows_residual_", "gather_cols", "scatter_cols_", "token_gate", "token_gate_threshold",
-       "token_delta_gate", "qk_update_", "qk_update_relpos_", "av_delta_update_"]
+OPS = ["gather_rows", "scatter_rows_", "scatter_rows_residual_", "gather_cols", "scatter_cols_", "token_gate",
+       "token_gate_threshold", "token_delta_gate", "qk_update_", "qk_update_relpos_", "av_delta_update_"]
 FUNCTION = {"qk_update_relpos_": "qk_update_"}  # case -> op name
 GATES = {"token_gate", "token_gate_threshold", "token_delta_gate"}
-TAKES_INDEX = {"gather_rows", "scatter_rows_", "scatter_rows_residual_", "gather_cols", "scatter_cols_", "qk_update_", "qk_update_relpos_",
-               "av_delta_update_"}
+TAKES_INDEX = {"gather_rows", "scatter_rows_", "scatter_rows_residual_", "gather_cols", "scatter_cols_", "qk_update_",
+               "qk_update_relpos_", "av_delta_update_"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SIZES = "196:12,196:49,1024:64,1024:256,4096:256,4096:1024"
 

@@ -26,8 +26,9 @@ E = torch.ops.eventful
 OPS = ("gather_rows", "scatter_rows_", "scatter_rows_residual_", "gather_cols", "scatter_cols_", "token_gate",
        "token_gate_threshold", "token_delta_gate", "qk_update_", "av_delta_update_")
 # the arguments each op writes in place (Tensor(a!) in csrc/ops.cpp)
-MUTATED = {"gather_rows": (), "scatter_rows_": ("dst",), "scatter_rows_residual_": ("dst",), "gather_cols": (), "scatter_cols_": ("dst",),
-           "token_gate": ("ref",), "token_gate_threshold": ("ref",), "token_delta_gate": ("ref",),
+MUTATED = {"gather_rows": (), "scatter_rows_": ("dst",), "scatter_rows_residual_": ("dst",), "gather_cols": (),
+           "scatter_cols_": ("dst",), "token_gate": ("ref",), "token_gate_threshold": ("ref",),
+           "token_delta_gate": ("ref",),
            "qk_update_": ("logits",), "av_delta_update_": ("out", "a_ref", "v_ref")}
 
 

@@ -26,5 +26,6 @@ from .linear_bf16 import linear_bf16, linear_bf16_pack
 from .qk_update import qk_update_
 from .token_gate import token_delta_gate, token_gate, token_gate_threshold
 
-__all__ = ["gather_rows", "scatter_rows_", "scatter_rows_residual_", "gather_cols", "scatter_cols_", "token_gate", "token_gate_threshold",
-           "token_delta_gate", "qk_update_", "av_delta_update_", "linear_bf16_pack", "linear_bf16"]
+__all__ = ["gather_rows", "scatter_rows_", "scatter_rows_residual_", "gather_cols", "scatter_cols_", "token_gate",
+           "token_gate_threshold", "token_delta_gate", "qk_update_", "av_delta_update_", "linear_bf16_pack",
+           "linear_bf16"]

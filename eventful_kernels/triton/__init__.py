@@ -11,8 +11,8 @@ nothing is registered, and using an op raises ImportError.
 """
 from __future__ import annotations
 
-OPS = ("gather_rows", "scatter_rows_", "scatter_rows_residual_", "gather_cols", "scatter_cols_", "token_gate", "token_gate_threshold",
-       "token_delta_gate", "qk_update_", "av_delta_update_")
+OPS = ("gather_rows", "scatter_rows_", "scatter_rows_residual_", "gather_cols", "scatter_cols_", "token_gate",
+       "token_gate_threshold", "token_delta_gate", "qk_update_", "av_delta_update_")
 
 try:
     import triton as _triton  # noqa: F401  (the top-level package, not this one)

@@ -212,7 +212,8 @@ def scatter_rows_residual_(dst: Tensor, index: Tensor, src: Tensor, residual: Te
     _scatter_residual_kernel[(B * n_nb,)](
         dst, src, residual, g, y, index, N, K, D, *dst.stride(), *src.stride(), *residual.stride(),
         index.stride(0), index.stride(1), n_nb,
-        SCALED=scaled, SOFT_BF16=soft_bf16(dst.dtype), EMULATED_FMA=INTERPRET, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
+        SCALED=scaled, SOFT_BF16=soft_bf16(dst.dtype), EMULATED_FMA=INTERPRET, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_D=block_d, num_warps=4)
     return y
 
 
