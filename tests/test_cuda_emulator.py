@@ -8,6 +8,7 @@ on the ``cuda_emu`` backend of the op tests (tests/op_support.py).
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -84,7 +85,7 @@ def test_rewrite_of_launches_and_casts():
 
 def test_every_cuda_op_is_emulated():
     names = cuda_emulator.op_names()
-    assert {"gather_rows", "scatter_rows_", "gather_cols", "scatter_cols_", "token_gate",
+    assert {"gather_rows", "scatter_rows_", "scatter_rows_residual_", "gather_cols", "scatter_cols_", "token_gate",
             "token_gate_threshold", "token_delta_gate"} <= set(names)
     assert set(vars(cuda_emulator.ops_module(cuda_emulator.load()))) == set(names)
 
@@ -105,6 +106,8 @@ def _run_ops(ops, case):
     out = [ops.gather_rows(x, idx), ops.gather_cols(xt, idx)]
     out.append(ops.scatter_rows_(x.clone(), idx, src_rows))
     out.append(ops.scatter_cols_(xt.clone(), idx, src_rows.transpose(-1, -2)))
+    dst, res = x[:, 0].clone(), x[:, 1].clone()
+    out += [ops.scatter_rows_residual_(dst, idx, src_rows[:, 0], res, x[0, 2, 0]), dst]
     index, c_sel = ops.token_gate(c, ref, 97)
     return out + [index, c_sel, ref]
 
@@ -141,6 +144,9 @@ def test_one_kernel_launch_per_unchecked_op(emu, monkeypatch):
     assert launches(lambda: ops.scatter_rows_(x, idx, torch.randn(2, 3, 16), check_index=False)) == 1
     assert launches(lambda: ops.gather_cols(x, idx[:, :2] % 16, check_index=False)) == 1
     assert launches(lambda: ops.scatter_cols_(x, idx[:, :2] % 16, torch.randn(2, 50, 2), check_index=False)) == 1
+    src, res = torch.randn(2, 3, 16), torch.randn(2, 50, 16)
+    assert launches(lambda: ops.scatter_rows_residual_(x, idx, src, res, check_index=False)) == 1
+    assert launches(lambda: ops.scatter_rows_residual_(x, idx, src, res, torch.randn(16))) == 2
     gates = {
         "top-k": lambda t: ops.token_gate(t, torch.zeros_like(t), 5),
         "top-k, k = N": lambda t: ops.token_gate(t, torch.zeros_like(t), t.size(1)),
@@ -330,3 +336,30 @@ def test_aligned_rows_move_as_16_byte_vectors(emu, dtype, gate_path, monkeypatch
     ops.token_delta_gate(narrow, torch.zeros_like(narrow), 5)
     gates = [esize, esize] if gate_path == "fused" else [0, 0, esize, 0, 0, esize]
     assert emu._launch_log() == [esize] + gates
+
+
+@pytest.mark.parametrize("policy", ["top-k", "threshold"])
+def test_eventful_vit_frames_on_the_emulated_cuda_kernels(emu, monkeypatch, policy):
+    """A converted ViT whose ops run on the C++ CUDA kernels (gates, scatters, the fused residual add; any op without
+    one on the CPU kernels), on the emulated H200, gives the frames of the CPU kernels bit for bit, two streams."""
+    from eventful_kernels import ops
+    from eventful_kernels.models import convert
+    from eventful_kernels.nn import BACKENDS, Threshold
+    from tiny_timm import tiny_vit, video
+
+    emu._set_device(0)
+    emulated = types.SimpleNamespace(**{name: getattr(ops, name) for name in ops.__all__})
+    vars(emulated).update(vars(cuda_emulator.ops_module(emu)))
+    dense = tiny_vit()
+    budget = Threshold(0.5) if policy == "threshold" else 6
+    cpu, cuda = convert(dense, budget, cuda_graphs=False), convert(dense, budget, cuda_graphs=False)
+    before = emu._launches()
+    with torch.no_grad():
+        for x in video(6, 32, batch=2):
+            want = cpu(x)
+            monkeypatch.setitem(BACKENDS, "ops", emulated)
+            got = cuda(x)
+            monkeypatch.setitem(BACKENDS, "ops", ops)
+            assert torch.equal(got, want)
+    steady = 5 * 2  # frames after the flush x blocks
+    assert emu._launches() - before >= steady * (3 + 2)  # at least the gates and the fused residual adds
