@@ -292,8 +292,9 @@ def test_op_tests_under_address_sanitizer(tmp_path):
         pytest.skip("the compiler has no AddressSanitizer runtime")
     root = cuda_emulator.ROOT
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-           os.path.join(root, "tests", "test_gather_scatter.py"), os.path.join(root, "tests", "test_token_gate.py"),
-           os.path.join(root, "tests", "test_cuda_emulator.py"), "-k", "cuda_emu or grid_size or selection"]
+           *(os.path.join(root, "tests", f) for f in ("test_gather_scatter.py", "test_scatter_rows_residual.py",
+                                                      "test_token_gate.py", "test_cuda_emulator.py")),
+           "-k", "cuda_emu or grid_size or selection"]
     proc = subprocess.run(cmd, cwd=root, env=cuda_emulator.asan_env(str(tmp_path)), capture_output=True, text=True,
                           timeout=2400)
     reports = "".join(p.read_text() for p in sorted(tmp_path.glob("asan*")))
