@@ -32,3 +32,15 @@ def test_named_test_files_exist_and_limits_fit():
     assert len(steps) == 4
     total = sum(steps) + sum(int(limit) for _, limit, _ in specs)
     assert total <= 8 * 60, f"step limits add up to {total} s"
+
+
+def test_op_table_names_every_benchmarked_op_once():
+    """The GPU op table lists its ops (targets first); a new op of benchmarks/bench_ops.py must not be left out."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_ops
+
+    joined = _text().replace("\\\n", "")  # bash line continuations
+    listed = re.search(r"--ops (\S+)", joined).group(1).split(",")
+    assert sorted(listed) == sorted(bench_ops.OPS)
+    assert listed[:3] == ["token_gate", "token_gate_threshold", "token_delta_gate"]
