@@ -106,7 +106,9 @@ def scatter_rows_residual_(dst: Tensor, index: Tensor, src: Tensor, residual: Te
                            *, check_index: bool = True) -> Tensor:
     """``dst[b, index[b, k]] = src[b, k]`` in place, then ``y = residual + dst`` (``residual + dst * scale`` with a
     ``scale [D]``, as ``torch.addcmul``): a buffer patched and added to the residual stream. ``dst``/``residual``
-    ``[B, N, D]``, ``src [B, K, D]``; returns ``y [B, N, D]`` (a new tensor)."""
+    ``[B, N, D]``, ``src [B, K, D]``; returns ``y [B, N, D]`` (a new tensor). The kernels round ``dst * scale +
+    residual`` once (a fused multiply-add), as torch.addcmul's CUDA and vectorized CPU kernels do; float16/bfloat16
+    products are exact in float32, so only float32 could see a CPU whose torch.addcmul rounds twice."""
     _scatter_(dst, index, src, 2)
     return residual + dst if scale is None else torch.addcmul(residual, dst, scale)
 
