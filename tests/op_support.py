@@ -17,6 +17,7 @@ the test looks) and returns outputs on the host, an in-place op's mutated argume
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -146,6 +147,11 @@ def backend_params(names=tuple(BACKENDS)):
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def seed_of(*parts) -> int:
+    """A seed fixed by a test case's parameters (the same on every run and process)."""
+    return zlib.crc32(repr(parts).encode())
 
 
 def randn(shape, dtype, g, device="cpu"):

@@ -6,7 +6,6 @@ slots (zero rows / columns in a gather, no write in a scatter); with check_index
 One bad-input table per kind of op (GATHER_BAD, SCATTER_BAD, BAD) runs against every backend.
 """
 import re
-import zlib
 
 import pytest
 import torch
@@ -17,11 +16,7 @@ from eventful_kernels import reference as R
 
 from op_support import (FLOATS, INDEX_DTYPES, assert_same, assert_same_guards, clone_layout, gen,
                         guarded, index_with_empty, make_index, out_of_range, out_of_range_ids, over, randn,
-                        run_bad_case, skip_meta_on_dispatcher, strided, strided_index, with_empty_slots)
-
-
-def seed_of(*parts):
-    return zlib.crc32(repr(parts).encode())
+                        run_bad_case, seed_of, skip_meta_on_dispatcher, strided, strided_index, with_empty_slots)
 
 
 # Shapes: leading dims (B,) or (B, H), then N (token / column count), D (feature or row count), K.

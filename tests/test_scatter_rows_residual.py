@@ -4,7 +4,6 @@ eventful_kernels.reference: ``dst[b, index[b, k]] = src[b, k]`` in place, ``y = 
 Every comparison is exact (torch.equal, NaN equal to NaN), for every dtype: each kernel computes in float32 with one
 rounding (a fused multiply-add with a scale, as the reference's torch.addcmul) and rounds once to the element type.
 """
-import zlib
 
 import pytest
 import torch
@@ -13,12 +12,8 @@ from hypothesis import given, settings, strategies as st
 from eventful_kernels import reference as R
 
 from op_support import (FLOATS, INDEX_DTYPES, assert_same, assert_same_guards, clone_layout, gen, guarded,
-                        index_with_empty, make_index, opcheck, out_of_range, over, randn, run_bad_case, strided,
-                        strided_index)
-
-
-def seed_of(*parts):
-    return zlib.crc32(repr(parts).encode())
+                        index_with_empty, make_index, opcheck, out_of_range, over, randn, run_bad_case, seed_of,
+                        strided, strided_index)
 
 
 # (B, N, D, K)
