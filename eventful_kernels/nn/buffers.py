@@ -30,8 +30,12 @@ class TokenBuffer(EventfulModule):
     def n_tokens(self) -> Optional[int]:
         return None if self.state is None else self.state.shape[1]
 
-    @staticmethod
-    def _check_index_arg(x_sel: Tensor, index) -> None:
+    def _check_call(self, x_sel: Tensor, index: Optional[Tensor]) -> None:
+        """The arguments of a call, checked before anything is written (``index`` may be None: the flush)."""
+        check_tokens(x_sel, "x_sel")
+        self.last_macs = 0
+        if index is None:
+            return
         if not isinstance(index, Tensor) or index.dtype not in (torch.int32, torch.int64) or index.dim() != 2:
             raise ValueError("eventful: argument 'index' must be an int32/int64 tensor of shape [B, K]")
         if tuple(index.shape) != tuple(x_sel.shape[:2]):
@@ -41,10 +45,7 @@ class TokenBuffer(EventfulModule):
 
     @torch.no_grad()
     def forward(self, x_sel: Tensor, index: Optional[Tensor] = None) -> Tensor:
-        check_tokens(x_sel, "x_sel")
-        self.last_macs = 0
-        if index is not None:
-            self._check_index_arg(x_sel, index)
+        self._check_call(x_sel, index)
         if self.state is None or self._refresh:
             if index is None:
                 self.state = refill(self.state, x_sel)
@@ -90,8 +91,6 @@ class TokenBuffer(EventfulModule):
         if not fused:
             full = self.forward(x_sel, index)
             return residual + full if scale is None else torch.addcmul(residual, full, scale)
-        check_tokens(x_sel, "x_sel")
-        self._check_index_arg(x_sel, index)
+        self._check_call(x_sel, index)
         self._check_steady(x_sel, index)
-        self.last_macs = 0
         return self.k_ops.scatter_rows_residual_(s, index, x_sel, residual, scale, check_index=self.check_index)
